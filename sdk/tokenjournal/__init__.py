@@ -1,0 +1,1 @@
+"""tokenjournal: keep a device signed in."""
