@@ -1,1 +1,73 @@
-"""tokenjournal: keep a device signed in."""
+"""tokenjournal: keep a device signed in.
+
+Tokens live in a crash-safe SQLite journal; concurrent callers share one refresh; transient
+failures are retried with backoff; a refresh interrupted by a crash is replayed into the
+server's grace window on the next start. Start with :class:`TokenManager`.
+"""
+
+from ._clock import Clock, SystemClock
+from ._errors import (
+    JournalError,
+    NetworkError,
+    NotSignedIn,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    SessionEnded,
+    SignInFailed,
+    TokenJournalError,
+    TransientError,
+)
+from ._events import EventKind, SessionState, TokenEvent
+from ._journal import Journal, MemoryJournal, SQLiteJournal
+from ._manager import TokenManager
+from ._middleware import TokenMiddleware
+from ._protocols import (
+    AuthProtocol,
+    DeviceCode,
+    DeviceInfo,
+    Failure,
+    FailureKind,
+    HttpRequest,
+    ManaProtocol,
+    OAuth2Protocol,
+)
+from ._retry import RetryPolicy
+from ._tokens import TokenSet, fingerprint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthProtocol",
+    "Clock",
+    "DeviceCode",
+    "DeviceInfo",
+    "EventKind",
+    "Failure",
+    "FailureKind",
+    "HttpRequest",
+    "Journal",
+    "JournalError",
+    "ManaProtocol",
+    "MemoryJournal",
+    "NetworkError",
+    "NotSignedIn",
+    "OAuth2Protocol",
+    "ProtocolError",
+    "RateLimited",
+    "RetryPolicy",
+    "SQLiteJournal",
+    "ServerError",
+    "SessionEnded",
+    "SessionState",
+    "SignInFailed",
+    "SystemClock",
+    "TokenEvent",
+    "TokenJournalError",
+    "TokenManager",
+    "TokenMiddleware",
+    "TokenSet",
+    "TransientError",
+    "__version__",
+    "fingerprint",
+]

@@ -1,0 +1,49 @@
+"""Named crash points for the torture harness: the process dies hard at a chosen step.
+
+Off unless ``TOKENJOURNAL_CRASH_AT`` names points (comma separated) when the module is
+imported, or a test calls :func:`arm`. When off, :func:`crash_point` is one global lookup
+and a ``None`` test.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+#: Every point the SDK passes through, in the order a refresh meets them.
+CRASH_POINTS: Final = (
+    "before_intent",  # the refresh is decided, nothing journaled yet
+    "after_intent",  # intent and lease durable, request not sent
+    "after_send",  # the request body went out; no answer yet
+    "after_response",  # the new pair arrived, not yet committed
+    "after_commit",  # committed, waiters not yet woken
+    "mid_sign_out",  # sign-out journaled, server not yet told
+)
+
+_armed: frozenset[str] | None = None
+
+
+def arm(points: str | None) -> None:
+    """Arm the comma-separated ``points`` (``None`` or empty disarms). Unknown names are errors."""
+    global _armed
+    names = frozenset(p.strip() for p in (points or "").split(",") if p.strip())
+    unknown = names - set(CRASH_POINTS)
+    if unknown:
+        raise ValueError(
+            f"unknown crash points {sorted(unknown)}; known: {', '.join(CRASH_POINTS)}"
+        )
+    _armed = names or None
+
+
+def armed() -> bool:
+    """Whether any crash point is armed."""
+    return _armed is not None
+
+
+def crash_point(name: str) -> None:
+    """Die at once, with no cleanup, if ``name`` is armed: the closest thing to a power cut."""
+    if _armed is not None and name in _armed:
+        os._exit(137)
+
+
+arm(os.environ.get("TOKENJOURNAL_CRASH_AT"))

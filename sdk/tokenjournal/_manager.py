@@ -1,0 +1,630 @@
+"""TokenManager: one account's session, its single-flight refresh, recovery and events.
+
+The data path: ``access_token()`` answers a fresh token from memory with no I/O; a stale one
+joins (or starts) the account's one refresh task. That task takes the journal's lease (the
+cross-process single flight), writes the intent, sends the old refresh token, commits the
+successor durably and only then wakes every waiter. A crash anywhere leaves an intent that
+the next start replays first, paced to land inside the server's grace window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Final
+
+import aiohttp
+from yarl import URL
+
+from . import _faults
+from ._clock import Clock, SystemClock
+from ._errors import (
+    JournalError,
+    NetworkError,
+    NotSignedIn,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    SessionEnded,
+    SignInFailed,
+    TokenJournalError,
+)
+from ._events import Callback, EventHub, EventKind, SessionState, TokenEvent
+from ._journal import AccountRecord, Busy, Holder, Journal, SQLiteJournal, Stale, Started
+from ._protocols import (
+    MAX_BODY,
+    AuthProtocol,
+    DeviceCode,
+    DeviceInfo,
+    Failure,
+    FailureKind,
+    HttpRequest,
+    ManaProtocol,
+    OAuth2Protocol,
+)
+from ._retry import RetryPolicy, is_retryable
+from ._tokens import TokenSet, fingerprint
+
+log = logging.getLogger("tokenjournal")
+
+#: How long ``close()`` lets an in-flight refresh finish its commit before leaving its intent.
+CLOSE_WAIT: Final = 5.0
+#: A lease outlives one try by this much, so a slow answer does not hand the refresh over.
+LEASE_SLACK: Final = 5.0
+#: Polling for another process's commit: first and longest pause.
+WAIT_FIRST: Final = 0.01
+WAIT_MAX: Final = 0.25
+
+Raw = tuple[int, Mapping[str, str], bytes]
+
+
+class _NetworkFailure(Exception):
+    """An exchange got no answer (connect/read error or timeout). Carries no token."""
+
+
+def _origin(url: str | URL) -> tuple[str, str, int | None]:
+    u = URL(url) if isinstance(url, str) else url
+    return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def _transient_error(failure: Failure | None, detail: str) -> TokenJournalError:
+    if failure is None:
+        return NetworkError(f"the auth server could not be reached: {detail}")
+    if failure.kind is FailureKind.RATE_LIMITED:
+        return RateLimited(
+            f"the auth server keeps rate limiting ({failure.status})", failure.retry_after
+        )
+    if failure.kind is FailureKind.MALFORMED:
+        return ProtocolError(f"the auth server answered {failure.status} with a malformed body")
+    return ServerError(f"the auth server keeps failing: {failure.code} ({failure.status})")
+
+
+class TokenManager:
+    """Keeps one account signed in. Use it as an async context manager.
+
+    ``journal`` is a path (``~`` allowed) or a :class:`~tokenjournal.SQLiteJournal` /
+    :class:`~tokenjournal.MemoryJournal`. ``protocol`` defaults to
+    ``ManaProtocol(auth_url)``. ``refresh_margin`` seconds before expiry a call starts a
+    background refresh while still answering with the valid token (clamped to half the
+    token's lifetime). ``grace_period`` is the server's grace window: it paces the recovery
+    of a refresh interrupted by a crash. ``allowed_origins`` are the origins the middleware
+    may send the bearer to (default: the auth server's origin only).
+    """
+
+    def __init__(
+        self,
+        auth_url: str,
+        journal: str | os.PathLike[str] | Journal,
+        account: str = "default",
+        protocol: AuthProtocol | None = None,
+        refresh_margin: float = 60.0,
+        grace_period: float = 300.0,
+        allowed_origins: list[str] | tuple[str, ...] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        lease_ttl: float | None = None,
+        allow_insecure_http: bool = False,
+        device_name: str | None = None,
+        device_type: str = "python",
+        user_agent: str = "tokenjournal",
+    ) -> None:
+        url = URL(auth_url) if isinstance(auth_url, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"auth_url must be an http(s) URL, got {auth_url!r}")
+        if not isinstance(account, str) or not account:
+            raise ValueError("account must be a non-empty string")
+        if refresh_margin < 0:
+            raise ValueError("refresh_margin must be >= 0")
+        if grace_period <= 0:
+            raise ValueError("grace_period must be > 0")
+        self.auth_url = auth_url
+        self.account = account
+        self.protocol: AuthProtocol = protocol or ManaProtocol(auth_url)
+        self.refresh_margin = float(refresh_margin)
+        self.grace_period = float(grace_period)
+        self.retry = retry or RetryPolicy()
+        self.lease_ttl = lease_ttl or self.retry.attempt_timeout + LEASE_SLACK
+        self.allow_insecure_http = allow_insecure_http
+        self._clock: Clock = clock or SystemClock()
+        if isinstance(journal, str | os.PathLike):
+            self.journal: Journal = SQLiteJournal(journal)
+        elif isinstance(journal, Journal):
+            self.journal = journal
+        else:
+            raise TypeError("journal must be a path, a SQLiteJournal or a MemoryJournal")
+        origins = allowed_origins if allowed_origins is not None else [auth_url]
+        if isinstance(origins, str):
+            raise TypeError("allowed_origins must be a list of URLs, not one string")
+        self.allowed_origins = frozenset(_origin(o) for o in origins)
+        self._device_meta = (device_name or platform.node() or "device", device_type, user_agent)
+        self._device: DeviceInfo | None = None
+        self._holder = Holder.for_this_process()
+        self._hub = EventHub()
+        self._state = SessionState.SIGNED_OUT
+        self._tokens: TokenSet | None = None
+        self._generation = 0
+        self._ended_code: str | None = None
+        self._task: asyncio.Task[TokenSet] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._open = False
+        self._quiet_until = 0.0  # no proactive refresh before this (after a failed one)
+        self.refresh_requests = 0  # refresh requests this manager sent (a figure for tests/bench)
+        from ._middleware import TokenMiddleware
+
+        self.middleware = TokenMiddleware(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenManager(account={self.account!r}, state={self._state.value}, "
+            f"tokens={self._tokens!r})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> TokenManager:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the journal and resume what an earlier run left pending (invariant 6)."""
+        if self._open:
+            return
+        await self.journal.open()
+        try:
+            name, kind, agent = self._device_meta
+            self._device = DeviceInfo(await self.journal.device_id(), name, kind, agent)
+            record = await self.journal.load(self.account)
+        except BaseException:
+            await self.journal.close()
+            raise
+        self._http = aiohttp.ClientSession(trace_configs=self._trace_configs())
+        self._open = True
+        self._adopt(record, announce=False)
+        intent = record.intent
+        if intent is not None and intent.kind == "refresh" and record.tokens is not None:
+            log.info(
+                "resuming an interrupted refresh of account %s (token %s)",
+                self.account,
+                intent.refresh_fingerprint,
+            )
+            self._emit(EventKind.RECOVERING)
+            self._start_refresh(None, force=True)
+        elif intent is not None and intent.kind == "sign_out":
+            self._spawn(self._finish_sign_out(record.tokens))
+
+    @staticmethod
+    def _trace_configs() -> list[aiohttp.TraceConfig]:
+        if not _faults.armed():
+            return []
+        trace = aiohttp.TraceConfig()
+
+        async def sent(*_: object) -> None:
+            _faults.crash_point("after_send")
+
+        trace.on_request_chunk_sent.append(sent)
+        return [trace]
+
+    async def close(self) -> None:
+        """Let an in-flight refresh commit (bounded wait), then close. Safe to call twice."""
+        if not self._open:
+            return
+        self._open = False
+        pending = [t for t in (self._task, *self._background) if t is not None and not t.done()]
+        if pending:
+            done, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
+            for task in still:  # its intent stays in the journal for the next start
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        await self.journal.close()
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def state(self) -> SessionState:
+        """The session's state."""
+        return self._state
+
+    @property
+    def tokens(self) -> TokenSet | None:
+        """The current pair (its repr shows fingerprints only)."""
+        return self._tokens
+
+    @property
+    def ended_code(self) -> str | None:
+        """Why the server ended the session, when it did."""
+        return self._ended_code
+
+    def subscribe(self, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(TokenEvent)`` on every event; returns the unsubscribe function."""
+        return self._hub.subscribe(callback)
+
+    def events(self) -> AsyncIterator[TokenEvent]:
+        """Every event from now on, as an async iterator."""
+        return self._hub.stream()
+
+    def client_session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """An ``aiohttp.ClientSession`` with this manager's middleware installed."""
+        middlewares = (self.middleware, *kwargs.pop("middlewares", ()))
+        return aiohttp.ClientSession(middlewares=middlewares, **kwargs)
+
+    async def access_token(self) -> str:
+        """A valid access token: from memory when fresh, else from the one shared refresh."""
+        tokens = self._tokens
+        if tokens is not None:
+            now = self._clock.time()
+            if not tokens.needs_refresh(now, self.refresh_margin):
+                return tokens.access_token
+            if not tokens.is_expired(now):
+                # Inside the margin: answer now, refresh behind the caller's back.
+                if now >= self._quiet_until:
+                    self._start_refresh(None, force=False)
+                return tokens.access_token
+        return (await self._join(None, force=False)).access_token
+
+    async def refresh(self) -> TokenSet:
+        """Force a refresh now (or join the one in flight); returns the new pair."""
+        return await self._join(None, force=True)
+
+    async def refresh_for(self, rejected_access_token: str) -> TokenSet:
+        """The server rejected ``rejected_access_token`` (a 401): make sure we move past it.
+
+        If the account's token already changed, the current pair is returned with no refresh
+        (invariant 10); otherwise this joins or starts the refresh.
+        """
+        return await self._join(rejected_access_token, force=True)
+
+    async def set_tokens(self, tokens: TokenSet) -> None:
+        """Store a pair obtained elsewhere, as a sign-in."""
+        if not isinstance(tokens, TokenSet):
+            raise TypeError("set_tokens takes a TokenSet")
+        await self._store_sign_in(tokens)
+
+    async def sign_in(self, **credentials: str) -> TokenSet:
+        """Sign in with the protocol's credentials (Mana: ``email``, ``password``;
+        OAuth 2.0 password grant: ``username``, ``password``)."""
+        self._require_open()
+        request = self.protocol.build_sign_in(credentials, self._device_info())
+        answer = await self._exchange(lambda: request, None, grace_deadline=None)
+        if isinstance(answer, Failure):
+            raise SignInFailed(answer.code)
+        await self._store_sign_in(answer)
+        return answer
+
+    async def sign_in_device(
+        self, on_code: Callable[[DeviceCode], Awaitable[None] | None]
+    ) -> TokenSet:
+        """Sign in with the OAuth 2.0 device flow (RFC 8628); see :mod:`tokenjournal._device`."""
+        from ._device import run_device_flow
+
+        self._require_open()
+        if not isinstance(self.protocol, OAuth2Protocol):
+            raise TypeError("sign_in_device needs an OAuth2Protocol with device_authorization_url")
+        tokens = await run_device_flow(self, self.protocol, on_code)
+        await self._store_sign_in(tokens)
+        return tokens
+
+    async def sign_out(self) -> None:
+        """Tell the server (journaled first, so a crash finishes it next start), then clear."""
+        self._require_open()
+        if self._task is not None and not self._task.done():
+            await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+        record = await self.journal.load(self.account)
+        if record.tokens is None:
+            self._adopt(record)
+            return
+        await self.journal.begin_sign_out(self.account, self._clock.time())
+        _faults.crash_point("mid_sign_out")
+        await self._finish_sign_out(record.tokens)
+
+    # ------------------------------------------------------------------ internals: state
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise RuntimeError(
+                "the TokenManager is not open: use `async with tm:` or `await tm.open()`"
+            )
+
+    def _device_info(self) -> DeviceInfo:
+        assert self._device is not None
+        return self._device
+
+    def _emit(self, kind: EventKind, code: str | None = None) -> None:
+        fp = fingerprint(self._tokens.access_token) if self._tokens else "-"
+        self._hub.emit(TokenEvent(kind, self.account, self._state, self._clock.time(), fp, code))
+
+    def _set_state(self, state: SessionState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._emit(EventKind.STATE)
+
+    def _adopt(self, record: AccountRecord, *, announce: bool = True) -> bool:
+        """Take the journal's view if it is newer than ours; returns whether it was."""
+        if record.generation == self._generation and record.tokens == self._tokens:
+            return False
+        newer = record.generation > self._generation
+        self._generation = record.generation
+        self._tokens = record.tokens
+        if record.tokens is not None:
+            self._ended_code = None
+            self._set_state(SessionState.VALID)
+            if announce and newer:
+                self._emit(EventKind.ADOPTED)
+        elif record.ended_code is not None and record.ended_code != "signed_out":
+            self._ended_code = record.ended_code
+            self._set_state(SessionState.ENDED)
+        else:
+            self._set_state(SessionState.SIGNED_OUT)
+        return True
+
+    async def _store_sign_in(self, tokens: TokenSet) -> None:
+        self._require_open()
+        generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
+        self._tokens, self._generation, self._ended_code = tokens, generation, None
+        self._quiet_until = 0.0
+        self._set_state(SessionState.VALID)
+        self._emit(EventKind.SIGNED_IN)
+        log.info("signed in account %s (token %s)", self.account, fingerprint(tokens.access_token))
+
+    async def _end(self, code: str) -> SessionEnded:
+        self._generation = await self.journal.end_session(self.account, code, self._clock.time())
+        self._tokens, self._ended_code = None, code
+        self._set_state(SessionState.ENDED)
+        self._emit(EventKind.ENDED, code)
+        log.warning("the server ended the session of account %s: %s", self.account, code)
+        return SessionEnded(code)
+
+    async def _finish_sign_out(self, tokens: TokenSet | None) -> None:
+        request = self.protocol.build_sign_out(tokens, self._device_info()) if tokens else None
+        if request is not None:
+            try:
+                status, headers, body = await self._send(request)
+                failure = self.protocol.parse_sign_out(status, headers, body)
+                if failure is not None:
+                    log.warning(
+                        "the server refused the logout (%s); signing out locally", failure.code
+                    )
+            except _NetworkFailure as exc:
+                # The user asked to sign out: honour it locally even if the server is away.
+                log.warning("logout could not reach the server (%s); signing out locally", exc)
+        self._generation = await self.journal.finish_sign_out(self.account, self._clock.time())
+        self._tokens, self._ended_code = None, None
+        self._set_state(SessionState.SIGNED_OUT)
+        self._emit(EventKind.SIGNED_OUT)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background work of account %s failed: %s", self.account, task.exception())
+
+    # ------------------------------------------------------------------ internals: refresh
+
+    def _start_refresh(self, keyed_on: str | None, *, force: bool) -> asyncio.Task[TokenSet]:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._refresh_flow(keyed_on, force))
+            self._task.add_done_callback(self._refresh_done)
+        return self._task
+
+    def _refresh_done(self, task: asyncio.Task[TokenSet]) -> None:
+        # Retrieve the outcome so a refresh nobody awaited (proactive, recovery) is not
+        # reported as "exception never retrieved"; joiners get it through the shield.
+        if not task.cancelled() and task.exception() is not None:
+            self._quiet_until = self._clock.time() + self.retry.max_delay
+
+    async def _join(self, keyed_on: str | None, *, force: bool) -> TokenSet:
+        self._require_open()
+        if self._tokens is None and self._ended_code is not None:
+            raise SessionEnded(self._ended_code)  # ended once; never ask the server again
+        # The shield is invariant 7: a caller's cancellation or timeout never reaches the
+        # shared refresh that every other caller is waiting on.
+        return await asyncio.shield(self._start_refresh(keyed_on, force=force))
+
+    async def _refresh_flow(self, keyed_on: str | None, force: bool) -> TokenSet:
+        try:
+            tokens = await self._refresh_once(keyed_on, force)
+        except (SessionEnded, NotSignedIn):
+            raise
+        except TokenJournalError as exc:
+            expired = self._tokens is None or self._tokens.is_expired(self._clock.time())
+            self._set_state(SessionState.OFFLINE if expired else SessionState.VALID)
+            self._emit(EventKind.REFRESH_FAILED, exc.code)
+            raise
+        if self._tokens is not None:
+            self._set_state(SessionState.VALID)
+        return tokens
+
+    async def _refresh_once(self, keyed_on: str | None, force: bool) -> TokenSet:
+        while True:
+            record = await self.journal.load(self.account)
+            adopted = self._adopt(record)
+            tokens = record.tokens
+            if tokens is None:
+                if record.ended_code is not None and record.ended_code != "signed_out":
+                    raise SessionEnded(record.ended_code)
+                raise NotSignedIn(f"account {self.account!r} is not signed in")
+            if keyed_on is not None and tokens.access_token != keyed_on:
+                return tokens  # the rejected token was already replaced (invariant 10)
+            now = self._clock.time()
+            if (
+                adopted
+                and record.intent is None
+                and not tokens.needs_refresh(now, self.refresh_margin)
+            ):
+                return tokens  # another process refreshed while we were deciding
+            if (
+                not force
+                and record.intent is None
+                and not tokens.needs_refresh(now, self.refresh_margin)
+            ):
+                return tokens
+            _faults.crash_point("before_intent")
+            began = await self.journal.begin_refresh(
+                self.account, self._holder, record.generation, now, self.lease_ttl
+            )
+            if isinstance(began, Stale):
+                continue
+            if isinstance(began, Busy):
+                await self._await_other(record.generation, began.lease.expires_at)
+                force = False  # the other process's commit is the refresh we wanted
+                continue
+            assert isinstance(began, Started)
+            _faults.crash_point("after_intent")
+            self._set_state(SessionState.REFRESHING)
+            return await self._rotate(tokens, record.generation, began.intent.started_at)
+
+    async def _await_other(self, generation: int, lease_expires_at: float) -> None:
+        """Another process holds the lease: poll the journal until it commits or lapses."""
+        pause = WAIT_FIRST
+        while True:
+            await self._clock.sleep(pause)
+            record = await self.journal.load(self.account)
+            if record.generation != generation or record.lease is None:
+                return
+            if (
+                record.lease.expires_at <= self._clock.time()
+                or record.lease.holder == self._holder.id
+            ):
+                return
+            pause = min(pause * 1.5, WAIT_MAX)
+
+    async def _rotate(self, tokens: TokenSet, generation: int, started_at: float) -> TokenSet:
+        """Spend the refresh token, commit the successor, wake the waiters."""
+        device = self._device_info()
+
+        async def renew() -> None:
+            await self.journal.renew_lease(
+                self.account, self._holder, self._clock.time(), self.lease_ttl
+            )
+
+        def build() -> HttpRequest:
+            self.refresh_requests += 1
+            return self.protocol.build_refresh(tokens, device)
+
+        try:
+            answer = await self._exchange(
+                build, tokens, grace_deadline=started_at + self.grace_period, before_retry=renew
+            )
+        except BaseException:
+            # Budget spent, cancelled, or the journal failed: the intent stays for the next try.
+            await asyncio.shield(self._release())
+            raise
+        if isinstance(answer, Failure):
+            if answer.kind is FailureKind.PERMANENT:
+                raise await self._end(answer.code)
+            await self._release()
+            raise ProtocolError(
+                f"the auth server rejected the refresh request: {answer.code} ({answer.status})"
+            )
+        _faults.crash_point("after_response")
+        committed = await self.journal.commit_refresh(
+            self.account, self._holder, generation, answer, self._clock.time()
+        )
+        if committed is None:
+            # We were paused past our lease and another process committed first: its pair
+            # is the newer one; ours is a grace replay of the same rotation. Never overwrite.
+            record = await self.journal.load(self.account)
+            self._adopt(record)
+            if record.tokens is None:
+                raise NotSignedIn(f"account {self.account!r} was signed out meanwhile")
+            return record.tokens
+        _faults.crash_point("after_commit")
+        self._tokens, self._generation = answer, committed
+        self._quiet_until = 0.0
+        self._set_state(SessionState.VALID)
+        self._emit(EventKind.REFRESHED)
+        log.info("refreshed account %s (token %s)", self.account, fingerprint(answer.access_token))
+        return answer
+
+    async def _release(self) -> None:
+        try:
+            await self.journal.release(self.account, self._holder)
+        except JournalError as exc:  # the lease lapses on its own
+            log.warning("could not release the refresh lease: %s", exc)
+
+    # ------------------------------------------------------------------ internals: I/O
+
+    async def _exchange(
+        self,
+        build: Callable[[], HttpRequest],
+        previous: TokenSet | None,
+        *,
+        grace_deadline: float | None,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
+    ) -> TokenSet | Failure:
+        """Send until a pair or a final failure arrives, within the retry policy.
+
+        Returns the pair or a non-retryable :class:`Failure`; raises a
+        :class:`TransientError` (or :class:`ProtocolError` for malformed answers) when the
+        budget runs out.
+        """
+        policy = self.retry
+        started = self._clock.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > 1 and before_retry is not None:
+                await before_retry()
+            failure: Failure | None
+            try:
+                status, headers, body = await self._send(build())
+            except _NetworkFailure as exc:
+                failure, detail = None, str(exc)
+            else:
+                answer = self.protocol.parse_tokens(
+                    status, headers, body, self._clock.time(), previous
+                )
+                if isinstance(answer, TokenSet) or not is_retryable(answer):
+                    return answer
+                failure, detail = answer, answer.code
+            elapsed = self._clock.monotonic() - started
+            delay = policy.delay(
+                attempt, failure, now=self._clock.time(), grace_deadline=grace_deadline
+            )
+            if attempt >= policy.max_attempts or elapsed + delay > policy.max_elapsed:
+                raise _transient_error(failure, detail)
+            log.info("auth call failed (%s); try %d again in %.2fs", detail, attempt + 1, delay)
+            await self._clock.sleep(delay)
+
+    async def _send(self, request: HttpRequest) -> Raw:
+        """One HTTP exchange with the auth server; the body is read up to MAX_BODY + 1 bytes."""
+        if self._http is None:
+            raise RuntimeError("the TokenManager is closed")
+        timeout = aiohttp.ClientTimeout(total=self.retry.attempt_timeout)
+        try:
+            async with self._http.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=dict(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        break  # the protocol refuses it; no need to read the rest
+                return response.status, dict(response.headers), bytes(body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _NetworkFailure(type(exc).__name__) from None

@@ -1,0 +1,593 @@
+"""Sans-IO wire protocols: build requests, parse answers. No sockets, no clock reads.
+
+A protocol turns a :class:`TokenSet` into an :class:`HttpRequest` and an answer (status,
+headers, body, receipt time) into a new :class:`TokenSet` or a :class:`Failure` that says
+what kind of failure it is. The manager does all I/O and decides what to do with the kind.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Protocol, runtime_checkable
+from urllib.parse import quote, urlencode
+
+import jwt
+
+from ._tokens import TokenSet, to_datetime
+
+#: Answers larger than this are refused unread: a token answer is a few KiB at most.
+MAX_BODY: Final = 1024 * 1024
+#: How long to wait after a ``rotation_in_progress`` that came without ``Retry-After``.
+CONFLICT_WAIT: Final = 1.0
+
+_JSON: Final = (("Content-Type", "application/json"), ("Accept", "application/json"))
+_FORM: Final = (
+    ("Content-Type", "application/x-www-form-urlencoded"),
+    ("Accept", "application/json"),
+)
+
+
+class FailureKind(enum.Enum):
+    """What a failed answer means for the session."""
+
+    #: The server says the refresh token is dead: end the session.
+    PERMANENT = "permanent"
+    #: Another request is rotating this token: wait ~1 s, retry the same token.
+    CONFLICT = "conflict"
+    #: 429: wait (Retry-After), retry.
+    RATE_LIMITED = "rate_limited"
+    #: 5xx or ``temporarily_unavailable``: back off, retry.
+    SERVER = "server"
+    #: A 2xx whose body does not parse: the server may have rotated, so retry like a transient.
+    MALFORMED = "malformed"
+    #: Any other 4xx: our request was wrong. No retry, tokens kept.
+    REJECTED = "rejected"
+    #: Device flow: the person has not approved yet (``authorization_pending``).
+    PENDING = "pending"
+    #: Device flow: poll slower (``slow_down``).
+    SLOW_DOWN = "slow_down"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed answer, classified. ``message`` never holds a token."""
+
+    kind: FailureKind
+    code: str
+    status: int
+    message: str = ""
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A request to send, as plain data."""
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """Who is asking: Mana binds refresh tokens to ``device_id`` (a UUID4 kept in the journal)."""
+
+    device_id: str
+    device_name: str = "tokenjournal"
+    device_type: str = "python"
+    user_agent: str = "tokenjournal"
+
+    def as_json(self) -> dict[str, str]:
+        """The ``deviceInfo`` object of the Mana protocol."""
+        return {
+            "deviceId": self.device_id,
+            "deviceName": self.device_name,
+            "deviceType": self.device_type,
+            "userAgent": self.user_agent,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCode:
+    """An RFC 8628 device authorization, as the person is shown it and the device polls it."""
+
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_at: float
+    interval: float
+
+
+Answer = TokenSet | Failure
+
+
+@runtime_checkable
+class AuthProtocol(Protocol):
+    """A pluggable, pure wire protocol. ``received_at`` is epoch seconds at receipt."""
+
+    #: The origin whose endpoints this protocol calls (the default allowed origin).
+    @property
+    def auth_url(self) -> str:
+        """The auth server's base URL."""
+        ...
+
+    def build_sign_in(self, credentials: Mapping[str, str], device: DeviceInfo) -> HttpRequest:
+        """The sign-in request for ``credentials``."""
+        ...
+
+    def build_refresh(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest:
+        """The refresh request that spends ``tokens.refresh_token``."""
+        ...
+
+    def build_sign_out(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest | None:
+        """The logout request, or ``None`` when the protocol has none."""
+        ...
+
+    def parse_tokens(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        received_at: float,
+        previous: TokenSet | None,
+    ) -> Answer:
+        """Parse a sign-in or refresh answer."""
+        ...
+
+    def parse_sign_out(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> Failure | None:
+        """``None`` when the logout was accepted, else the failure."""
+        ...
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), or ``None``."""
+    raw = _header(headers, "Retry-After")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, val in headers.items():
+        if key.lower() == lowered:
+            return val
+    return None
+
+
+def _load_json_object(body: bytes) -> dict[str, Any] | None:
+    if len(body) > MAX_BODY:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _nonempty_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def _transport_failure(status: int, headers: Mapping[str, str], now: float) -> Failure | None:
+    """The classes every protocol shares: 429 and 5xx."""
+    if status == 429:
+        return Failure(
+            FailureKind.RATE_LIMITED,
+            "rate_limited",
+            status,
+            "rate limited",
+            parse_retry_after(headers, now),
+        )
+    if status >= 500:
+        return Failure(
+            FailureKind.SERVER,
+            "server_error",
+            status,
+            f"server error {status}",
+            parse_retry_after(headers, now),
+        )
+    return None
+
+
+def jwt_lifetime(token: str) -> tuple[float | None, float | None]:
+    """The ``(exp, iat)`` claims of a JWT, decoded without verification, or ``(None, None)``.
+
+    The claims are used for timing only; the SDK never trusts them for anything else.
+    """
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+    except (jwt.PyJWTError, ValueError, binascii.Error):
+        return None, None
+    exp, iat = claims.get("exp"), claims.get("iat")
+    exp_f = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    iat_f = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None
+    return exp_f, iat_f
+
+
+def expiry_from_lifetime(received_at: float, lifetime: float | None) -> datetime | None:
+    """Expiry measured from receipt: immune to a device clock that is off (IoT boxes often are)."""
+    if lifetime is None or lifetime <= 0:
+        return None
+    return to_datetime(received_at + lifetime)
+
+
+# --------------------------------------------------------------------------- Mana
+
+#: Codes that mean the refresh token is dead (design.md 3.1).
+MANA_PERMANENT: Final = frozenset(
+    {"invalid_token", "token_expired", "invalid_token_state", "token_collision"}
+)
+MANA_CONFLICT: Final = frozenset({"rotation_in_progress", "refresh_in_progress"})
+DEVICE_CHANGED: Final = "device_id_changed"
+
+
+def mana_error_code(data: Mapping[str, Any] | None) -> str | None:
+    """The machine code of a NestJS-shaped error: it may sit in ``error``, ``code`` or ``message``."""
+    if data is None:
+        return None
+    known = MANA_PERMANENT | MANA_CONFLICT
+    texts: list[str] = []
+    for key in ("code", "error", "message"):
+        value = data.get(key)
+        if isinstance(value, list):  # NestJS validation errors put a list in `message`
+            texts.extend(v for v in value if isinstance(v, str))
+        elif isinstance(value, str):
+            texts.append(value)
+    for text in texts:
+        if text.strip().lower() in known:
+            return text.strip().lower()
+    for text in texts:
+        if "device id has changed" in text.lower():
+            return DEVICE_CHANGED
+    for text in texts:
+        lowered = text.lower()
+        for code in sorted(known):
+            if code in lowered:
+                return code
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ManaProtocol:
+    """The Mana protocol (design.md 3.1): JSON bodies, JWT access tokens, device binding."""
+
+    auth_url: str
+
+    def _url(self, path: str) -> str:
+        return self.auth_url.rstrip("/") + path
+
+    @staticmethod
+    def _json(url: str, payload: Mapping[str, Any]) -> HttpRequest:
+        return HttpRequest("POST", url, _JSON, json.dumps(payload).encode())
+
+    def build_sign_in(self, credentials: Mapping[str, str], device: DeviceInfo) -> HttpRequest:
+        """``POST /auth/signin {email, password, deviceInfo}``."""
+        email, password = credentials.get("email"), credentials.get("password")
+        if not isinstance(email, str) or not email or not isinstance(password, str):
+            raise ValueError("Mana sign-in needs email= and password= (strings)")
+        payload = {"email": email, "password": password, "deviceInfo": device.as_json()}
+        return self._json(self._url("/auth/signin"), payload)
+
+    def build_refresh(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest:
+        """``POST /auth/refresh {refreshToken, deviceInfo}``."""
+        if tokens.refresh_token is None:
+            raise ValueError("no refresh token to refresh with")
+        payload = {"refreshToken": tokens.refresh_token, "deviceInfo": device.as_json()}
+        return self._json(self._url("/auth/refresh"), payload)
+
+    def build_sign_out(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest | None:
+        """``POST /auth/logout {refreshToken}``."""
+        if tokens.refresh_token is None:
+            return None
+        return self._json(self._url("/auth/logout"), {"refreshToken": tokens.refresh_token})
+
+    def build_validate(self, access_token: str) -> HttpRequest:
+        """``POST /auth/validate {appToken}``."""
+        return self._json(self._url("/auth/validate"), {"appToken": access_token})
+
+    def parse_tokens(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        received_at: float,
+        previous: TokenSet | None,
+    ) -> Answer:
+        """Parse a sign-in or refresh answer (design.md 3.1 error table)."""
+        if 200 <= status < 300:
+            data = _load_json_object(body)
+            if data is None:
+                return Failure(
+                    FailureKind.MALFORMED, "malformed_body", status, "body is not a JSON object"
+                )
+            access, refresh = _nonempty_str(data, "appToken"), _nonempty_str(data, "refreshToken")
+            if access is None or refresh is None:
+                return Failure(
+                    FailureKind.MALFORMED,
+                    "malformed_body",
+                    status,
+                    "appToken and refreshToken must be non-empty strings",
+                )
+            exp, iat = jwt_lifetime(access)
+            if exp is not None and iat is not None and exp > iat:
+                expires_at = expiry_from_lifetime(received_at, exp - iat)
+            else:
+                expires_at = to_datetime(exp)
+            return TokenSet(access, refresh, expires_at, to_datetime(received_at))
+        return self._classify_error(status, headers, body, received_at)
+
+    def _classify_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, now: float
+    ) -> Failure:
+        code = mana_error_code(_load_json_object(body))
+        if code in MANA_CONFLICT:
+            wait = parse_retry_after(headers, now)
+            return Failure(
+                FailureKind.CONFLICT, code, status, code, CONFLICT_WAIT if wait is None else wait
+            )
+        shared = _transport_failure(status, headers, now)
+        if shared is not None:
+            return shared
+        if code is not None and (code in MANA_PERMANENT or code == DEVICE_CHANGED):
+            return Failure(FailureKind.PERMANENT, code, status, code)
+        return Failure(
+            FailureKind.REJECTED, code or f"http_{status}", status, f"unexpected status {status}"
+        )
+
+    def parse_sign_out(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> Failure | None:
+        """Logout is done on any 2xx; a dead token is as good as logged out."""
+        if 200 <= status < 300:
+            return None
+        failure = self._classify_error(status, headers, body, 0.0)
+        return None if failure.kind is FailureKind.PERMANENT else failure
+
+
+# --------------------------------------------------------------------------- OAuth 2.0
+
+OAUTH_TRANSIENT: Final = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Protocol:
+    """OAuth 2.0 (RFC 6749 section 6; RFC 8628 for devices), for Keycloak, Auth0, Okta, Hydra, ...
+
+    ``client_auth`` is ``"basic"`` (HTTP Basic), ``"body"`` (client_id/client_secret in the
+    form) or ``"none"`` (a public client: client_id in the form, no secret).
+    """
+
+    token_url: str
+    client_id: str
+    client_secret: str | None = None
+    scope: str | None = None
+    client_auth: str = "basic"
+    device_authorization_url: str | None = None
+    revocation_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_auth not in ("basic", "body", "none"):
+            raise ValueError("client_auth must be 'basic', 'body' or 'none'")
+        if self.client_auth != "none" and self.client_secret is None:
+            object.__setattr__(self, "client_auth", "none")
+
+    def __repr__(self) -> str:
+        return f"OAuth2Protocol(token_url={self.token_url!r}, client_id={self.client_id!r})"
+
+    @property
+    def auth_url(self) -> str:
+        """The token endpoint's URL; its origin is the default allowed origin."""
+        return self.token_url
+
+    def _form(self, url: str, fields: dict[str, str]) -> HttpRequest:
+        headers = list(_FORM)
+        if self.client_auth == "basic":
+            # RFC 6749 2.3.1: form-encode id and secret before joining them.
+            raw = f"{quote(self.client_id, safe='')}:{quote(self.client_secret or '', safe='')}"
+            headers.append(("Authorization", "Basic " + base64.b64encode(raw.encode()).decode()))
+        else:
+            fields["client_id"] = self.client_id
+            if self.client_auth == "body" and self.client_secret is not None:
+                fields["client_secret"] = self.client_secret
+        return HttpRequest("POST", url, tuple(headers), urlencode(fields).encode())
+
+    def _with_scope(self, fields: dict[str, str]) -> dict[str, str]:
+        if self.scope:
+            fields["scope"] = self.scope
+        return fields
+
+    def build_sign_in(self, credentials: Mapping[str, str], device: DeviceInfo) -> HttpRequest:
+        """The password grant (for servers that still allow it)."""
+        username = credentials.get("username") or credentials.get("email")
+        password = credentials.get("password")
+        if not isinstance(username, str) or not username or not isinstance(password, str):
+            raise ValueError("the password grant needs username= and password= (strings)")
+        fields = {"grant_type": "password", "username": username, "password": password}
+        return self._form(self.token_url, self._with_scope(fields))
+
+    def build_refresh(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest:
+        """``grant_type=refresh_token``."""
+        if tokens.refresh_token is None:
+            raise ValueError("no refresh token to refresh with")
+        fields = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
+        return self._form(self.token_url, self._with_scope(fields))
+
+    def build_sign_out(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest | None:
+        """RFC 7009 revocation of the refresh token, where a revocation URL is configured."""
+        if self.revocation_url is None or tokens.refresh_token is None:
+            return None
+        fields = {"token": tokens.refresh_token, "token_type_hint": "refresh_token"}
+        return self._form(self.revocation_url, fields)
+
+    def build_device_authorization(self) -> HttpRequest:
+        """RFC 8628 3.1: ask for a device code."""
+        if self.device_authorization_url is None:
+            raise ValueError("OAuth2Protocol needs device_authorization_url for the device flow")
+        return self._form(self.device_authorization_url, self._with_scope({}))
+
+    def parse_device_authorization(
+        self, status: int, headers: Mapping[str, str], body: bytes, received_at: float
+    ) -> DeviceCode | Failure:
+        """RFC 8628 3.2."""
+        if not 200 <= status < 300:
+            return self._classify_error(status, headers, body, received_at)
+        data = _load_json_object(body)
+        if data is None:
+            return Failure(
+                FailureKind.MALFORMED, "malformed_body", status, "body is not a JSON object"
+            )
+        device_code = _nonempty_str(data, "device_code")
+        user_code = _nonempty_str(data, "user_code")
+        uri = _nonempty_str(data, "verification_uri") or _nonempty_str(data, "verification_url")
+        expires_in = _positive_number(data.get("expires_in"))
+        interval = _positive_number(data.get("interval")) or 5.0
+        if device_code is None or user_code is None or uri is None or expires_in is None:
+            return Failure(
+                FailureKind.MALFORMED,
+                "malformed_body",
+                status,
+                "device_code, user_code, verification_uri and expires_in are required",
+            )
+        return DeviceCode(
+            device_code,
+            user_code,
+            uri,
+            _nonempty_str(data, "verification_uri_complete"),
+            received_at + expires_in,
+            interval,
+        )
+
+    def build_device_token(self, device_code: str) -> HttpRequest:
+        """RFC 8628 3.4: poll the token endpoint."""
+        fields = {"grant_type": DEVICE_GRANT, "device_code": device_code}
+        return self._form(self.token_url, fields)
+
+    def parse_tokens(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        received_at: float,
+        previous: TokenSet | None,
+    ) -> Answer:
+        """RFC 6749 5.1/5.2. A missing ``refresh_token`` keeps the previous one."""
+        if 200 <= status < 300:
+            data = _load_json_object(body)
+            if data is None:
+                return Failure(
+                    FailureKind.MALFORMED, "malformed_body", status, "body is not a JSON object"
+                )
+            access = _nonempty_str(data, "access_token")
+            token_type = data.get("token_type", "Bearer")
+            refresh_raw = data.get("refresh_token")
+            expires_in_raw = data.get("expires_in")
+            if (
+                access is None
+                or not isinstance(token_type, str)
+                or (refresh_raw is not None and not (isinstance(refresh_raw, str) and refresh_raw))
+                or (expires_in_raw is not None and _positive_number(expires_in_raw) is None)
+            ):
+                return Failure(
+                    FailureKind.MALFORMED,
+                    "malformed_body",
+                    status,
+                    "access_token, token_type, expires_in or refresh_token has the wrong type",
+                )
+            refresh = refresh_raw if isinstance(refresh_raw, str) else None
+            if refresh is None and previous is not None:
+                refresh = previous.refresh_token
+            lifetime = _positive_number(expires_in_raw)
+            if lifetime is None:  # no expires_in: fall back to a JWT access token's own claims
+                exp, iat = jwt_lifetime(access)
+                lifetime = exp - iat if exp is not None and iat is not None else None
+            scope = data.get("scope")
+            return TokenSet(
+                access,
+                refresh,
+                expiry_from_lifetime(received_at, lifetime),
+                to_datetime(received_at),
+                "Bearer" if token_type.lower() == "bearer" else token_type,
+                scope if isinstance(scope, str) else self.scope,
+            )
+        return self._classify_error(status, headers, body, received_at)
+
+    def _classify_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, now: float
+    ) -> Failure:
+        data = _load_json_object(body)
+        code = data.get("error") if data is not None else None
+        code = code if isinstance(code, str) else None
+        if code == "invalid_grant":  # permanent whether it comes as 400, 401 or 403
+            return Failure(FailureKind.PERMANENT, code, status, "invalid_grant")
+        if code == "authorization_pending":
+            return Failure(FailureKind.PENDING, code, status, code)
+        if code == "slow_down":
+            return Failure(FailureKind.SLOW_DOWN, code, status, code)
+        if code in ("access_denied", "expired_token"):
+            return Failure(FailureKind.PERMANENT, code, status, code)
+        if code in MANA_CONFLICT:
+            wait = parse_retry_after(headers, now)
+            return Failure(
+                FailureKind.CONFLICT, code, status, code, CONFLICT_WAIT if wait is None else wait
+            )
+        shared = _transport_failure(status, headers, now)
+        if shared is not None:
+            return shared
+        if code in OAUTH_TRANSIENT:
+            return Failure(FailureKind.SERVER, code, status, code, parse_retry_after(headers, now))
+        return Failure(
+            FailureKind.REJECTED, code or f"http_{status}", status, f"unexpected status {status}"
+        )
+
+    def parse_sign_out(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> Failure | None:
+        """RFC 7009: 200 means revoked (an unknown token is revoked too)."""
+        if 200 <= status < 300:
+            return None
+        failure = self._classify_error(status, headers, body, 0.0)
+        return None if failure.kind is FailureKind.PERMANENT else failure
+
+
+def _positive_number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, str):  # some servers send expires_in as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        else:
+            return None
+    number = float(value)
+    return number if number > 0 and number == number and number != float("inf") else None

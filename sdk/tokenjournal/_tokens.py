@@ -1,0 +1,88 @@
+"""TokenSet, the value the journal stores and callers receive, and its expiry arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+#: A token that lives shorter than this is refreshed at half its life at most, never on every call.
+MARGIN_FRACTION: Final = 0.5
+
+
+def fingerprint(secret: str | None) -> str:
+    """A short, stable, non-reversible name for a token: safe for logs, events and CLI output."""
+    if not secret:
+        return "-"
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """Epoch seconds to an aware UTC datetime (``None`` stays ``None``)."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSet:
+    """An access token and the refresh token that renews it.
+
+    ``expires_at`` is the access token's expiry as an aware UTC datetime (``None`` when the
+    server gave no expiry: such a token is refreshed only when the server answers 401).
+    ``received_at`` is when the client received the pair; with ``expires_at`` it gives the
+    token's lifetime, which bounds the refresh margin. ``repr`` shows fingerprints only.
+    """
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_at: datetime | None = None
+    received_at: datetime | None = None
+    token_type: str = "Bearer"
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.access_token, str) or not self.access_token:
+            raise ValueError("TokenSet.access_token must be a non-empty string")
+        if self.refresh_token is not None and (
+            not isinstance(self.refresh_token, str) or not self.refresh_token
+        ):
+            raise ValueError("TokenSet.refresh_token must be a non-empty string or None")
+        for name in ("expires_at", "received_at"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+                raise ValueError(f"TokenSet.{name} must be an aware datetime or None")
+
+    def __repr__(self) -> str:
+        expires = self.expires_at.isoformat() if self.expires_at else None
+        return (
+            f"TokenSet(access={fingerprint(self.access_token)}, "
+            f"refresh={fingerprint(self.refresh_token)}, expires_at={expires})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def expires_at_epoch(self) -> float | None:
+        """``expires_at`` as epoch seconds."""
+        return None if self.expires_at is None else self.expires_at.timestamp()
+
+    def is_expired(self, now: float) -> bool:
+        """Whether the access token has expired at epoch time ``now``."""
+        exp = self.expires_at_epoch
+        return exp is not None and now >= exp
+
+    def margin(self, refresh_margin: float) -> float:
+        """The refresh margin clamped to a fraction of the token's lifetime.
+
+        Without the clamp a token that lives 60 s under a 60 s margin would be refreshed on
+        every call (google-auth's refresh storm).
+        """
+        if self.expires_at is None or self.received_at is None:
+            return refresh_margin
+        lifetime = (self.expires_at - self.received_at).total_seconds()
+        return max(0.0, min(refresh_margin, lifetime * MARGIN_FRACTION))
+
+    def needs_refresh(self, now: float, refresh_margin: float) -> bool:
+        """Whether the access token is inside the refresh margin (or expired) at ``now``."""
+        exp = self.expires_at_epoch
+        return exp is not None and now >= exp - self.margin(refresh_margin)

@@ -1,0 +1,59 @@
+"""Shared fixtures: the reference server on loopback, a fake clock, a journal path.
+
+aioresponses 0.7.9 builds ``ClientResponse`` without the ``stream_writer`` argument that
+aiohttp 3.14 made mandatory (aioresponses issue 289). Rather than pin aiohttp below its
+security release, the shim below supplies the missing argument. aioresponses patches
+``ClientSession._request``, so client middlewares never run under it: it is used only for
+the manager's own calls to the auth server; the middleware is tested on real servers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aioresponses.core
+import pytest
+
+from tokenjournal.server import ReferenceServer, ServerConfig
+from tokenjournal.testing import FakeClock
+
+if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters:
+
+    class _CompatResponse(aiohttp.ClientResponse):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("stream_writer", None)
+            super().__init__(*args, **kwargs)
+
+    aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]
+
+DEMO = {"email": "demo@example.com", "password": "demo"}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock that moves only when told (or when the SDK sleeps)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def journal_path(tmp_path: Path) -> Path:
+    """A journal file in a fresh folder."""
+    return tmp_path / "state" / "tokens.db"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ReferenceServer]:
+    """The reference server in test mode on a free 127.0.0.1 port (access TTL 900 s)."""
+    async with ReferenceServer(ServerConfig(test_mode=True)) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def server409() -> AsyncIterator[ReferenceServer]:
+    """The reference server answering concurrent rotations with 409 rotation_in_progress."""
+    async with ReferenceServer(ServerConfig(test_mode=True, conflict="409")) as srv:
+        yield srv
