@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,8 @@ if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).paramet
 
     class _CompatResponse(aiohttp.ClientResponse):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("stream_writer", None)
+            # A mocked response was never written: nothing was sent on any stream.
+            kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
             super().__init__(*args, **kwargs)
 
     aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]

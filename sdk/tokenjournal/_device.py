@@ -3,6 +3,10 @@
 A kiosk or IoT box shows a code, a person approves it on a phone, the device polls. The
 pending device code is written to the journal before it is shown: a process restarted
 during the wait resumes polling the same code (and shows it again) until it expires.
+
+What cannot be recovered: a crash after the server issued the tokens but before the
+journal stored them. The device code is single use, so the next poll gets
+``invalid_grant`` and the person has to approve a new code.
 """
 
 from __future__ import annotations
@@ -14,79 +18,141 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Final
 
-from ._errors import ProtocolError, SignInFailed
+from ._errors import SignInFailed
+from ._manager import _NetworkFailure, _transient_error
 from ._protocols import DeviceCode, Failure, FailureKind, OAuth2Protocol
+from ._retry import is_retryable
 from ._tokens import TokenSet
-
-from ._manager import _NetworkFailure
 
 if TYPE_CHECKING:
     from ._manager import TokenManager
 
 log = logging.getLogger("tokenjournal")
 
-#: RFC 8628 3.5: on ``slow_down`` the interval grows by 5 seconds.
+#: RFC 8628 3.5: on ``slow_down`` the interval grows by 5 seconds, for good.
 SLOW_DOWN_STEP: Final = 5.0
+#: After failed polls (network, 5xx, 429) the wait doubles, but never exceeds the interval
+#: by more than this: RFC 8628 3.5 asks for backoff, and the code still has to be polled
+#: before it expires.
+MAX_EXTRA_WAIT: Final = 60.0
+
+OnCode = Callable[[DeviceCode], Awaitable[None] | None]
 
 
-def _decode(payload: str | None) -> DeviceCode | None:
+def _encode(protocol: OAuth2Protocol, code: DeviceCode) -> str:
+    # The client and endpoint go with the code: a code issued to another client is not resumed.
+    return json.dumps(
+        {"client_id": protocol.client_id, "token_url": protocol.token_url, "code": asdict(code)}
+    )
+
+
+def _decode(protocol: OAuth2Protocol, payload: str | None) -> DeviceCode | None:
     try:
-        return DeviceCode(**json.loads(payload or ""))
-    except (ValueError, TypeError):
+        data = json.loads(payload or "")
+        if data["client_id"] != protocol.client_id or data["token_url"] != protocol.token_url:
+            return None
+        return DeviceCode(**data["code"])
+    except (ValueError, TypeError, KeyError):
         return None  # an unreadable pending code is simply not resumed
 
 
+async def _authorize(manager: TokenManager, protocol: OAuth2Protocol) -> DeviceCode:
+    """RFC 8628 3.1 under the manager's retry policy: transient failures are retried."""
+    request = protocol.build_device_authorization()
+    policy, clock = manager.retry, manager._clock
+    started = clock.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        failure: Failure | None = None
+        try:
+            status, headers, body = await manager._send(request)
+        except _NetworkFailure as exc:
+            detail = str(exc)
+        else:
+            parsed = protocol.parse_device_authorization(status, headers, body, clock.time())
+            if isinstance(parsed, DeviceCode):
+                return parsed
+            if not is_retryable(parsed):
+                raise SignInFailed(parsed.code)
+            failure, detail = parsed, parsed.code
+        delay = policy.delay(attempt, failure, now=clock.time(), grace_deadline=None)
+        elapsed = clock.monotonic() - started
+        if attempt >= policy.max_attempts or elapsed + delay > policy.max_elapsed:
+            raise _transient_error(failure, detail)
+        log.info("device authorization failed (%s); try %d in %.2fs", detail, attempt + 1, delay)
+        await clock.sleep(delay)
+
+
 async def _pending_code(manager: TokenManager, protocol: OAuth2Protocol) -> DeviceCode:
-    now = manager._clock.time()
+    """The journaled code if it is still alive, else a new one, journaled before it is shown."""
     record = await manager.journal.load(manager.account)
     if record.intent is not None and record.intent.kind == "device_code":
-        code = _decode(record.intent.payload)
-        if code is not None and code.expires_at > now:
+        code = _decode(protocol, record.intent.payload)
+        if code is not None and code.expires_at > manager._clock.time():
             log.info("resuming a pending device sign-in of account %s", manager.account)
             return code
-    status, headers, body = await manager._send(protocol.build_device_authorization())
-    parsed = protocol.parse_device_authorization(status, headers, body, manager._clock.time())
-    if isinstance(parsed, Failure):
-        if parsed.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
-            raise SignInFailed(parsed.code)
-        raise ProtocolError(f"device authorization failed: {parsed.code} ({parsed.status})")
+    code = await _authorize(manager, protocol)
     await manager.journal.save_device_code(
-        manager.account, json.dumps(asdict(parsed)), manager._clock.time()
+        manager.account, _encode(protocol, code), manager._clock.time()
     )
-    return parsed
+    return code
+
+
+async def _give_up(manager: TokenManager, code: str, message: str | None = None) -> SignInFailed:
+    await manager.journal.clear_device_code(manager.account)
+    return SignInFailed(code, message)
 
 
 async def run_device_flow(
-    manager: TokenManager,
-    protocol: OAuth2Protocol,
-    on_code: Callable[[DeviceCode], Awaitable[None] | None],
+    manager: TokenManager, protocol: OAuth2Protocol, on_code: OnCode
 ) -> TokenSet:
-    """Show the code through ``on_code``, poll until approved; returns the new pair."""
+    """Show the code through ``on_code``, poll until approved; returns the new pair.
+
+    The caller stores the pair; storing it clears the journaled code in the same
+    transaction. ``SignInFailed`` carries ``access_denied``, ``expired_token`` or the
+    server's code; the journaled code is then forgotten, so the next call starts afresh.
+    Closing the manager during the wait raises ``RuntimeError`` and keeps the code.
+    """
+    clock = manager._clock
     code = await _pending_code(manager, protocol)
     shown = on_code(code)
     if inspect.isawaitable(shown):
         await shown
-    attempt = 0
+    failures = 0  # consecutive polls that got no usable answer
+    extra = 0.0  # what a Retry-After asked for beyond the interval
     while True:
-        await manager._clock.sleep(code.interval)
-        if manager._clock.time() >= code.expires_at:
-            await manager.journal.clear_device_code(manager.account)
-            raise SignInFailed("expired_token", "the device code expired before it was approved")
+        backoff = min(code.interval * 2**failures, code.interval + MAX_EXTRA_WAIT)
+        await clock.sleep(max(backoff, extra))  # a Retry-After is honoured in full
+        if not manager._open:
+            raise RuntimeError(
+                "the TokenManager was closed during the device sign-in; the code stays "
+                "journaled and the next sign_in_device resumes it"
+            )
+        if clock.time() >= code.expires_at:
+            raise await _give_up(manager, "expired_token", "the device code expired unapproved")
+        poll = protocol.build_device_token(code.device_code)
         try:
-            status, headers, body = await manager._send(protocol.build_device_token(code.device_code))
+            status, headers, body = await manager._send(poll)
         except _NetworkFailure as exc:  # keep polling the same code until it expires
             log.info("device poll failed (%s); polling on", exc)
+            failures, extra = failures + 1, 0.0
             continue
-        answer = protocol.parse_tokens(status, headers, body, manager._clock.time(), None)
+        answer = protocol.parse_tokens(status, headers, body, clock.time(), None)
         if isinstance(answer, TokenSet):
-            return answer  # storing it clears the journaled device code in the same transaction
+            return answer
         if answer.kind is FailureKind.PENDING:
-            continue
-        if answer.kind is FailureKind.SLOW_DOWN:
-            code = replace(code, interval=code.interval + SLOW_DOWN_STEP)
-            continue
-        if answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
-            await manager.journal.clear_device_code(manager.account)
-            raise SignInFailed(answer.code)
-        attempt += 1  # 5xx, 429, malformed: wait a poll interval more, as RFC 8628 asks
-        code = replace(code, interval=code.interval + min(attempt, 5))
+            failures, extra = 0, 0.0
+        elif answer.kind is FailureKind.SLOW_DOWN:
+            interval = max(code.interval + SLOW_DOWN_STEP, answer.retry_after or 0.0)
+            code = replace(code, interval=interval)
+            failures, extra = 0, 0.0
+            # Journaled, so a restart polls at the slower pace the server asked for.
+            await manager.journal.save_device_code(
+                manager.account, _encode(protocol, code), clock.time()
+            )
+        elif answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
+            raise await _give_up(manager, answer.code)
+        else:  # 5xx, 429, malformed: back off, as RFC 8628 3.5 asks
+            failures, extra = failures + 1, answer.retry_after or 0.0
+            log.info("device poll failed (%s); polling on", answer.code)

@@ -16,6 +16,9 @@ The journal makes the invariants of design.md hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
 import os
 import socket
 import sqlite3
@@ -347,6 +350,25 @@ def _kept_or_new_intent(rec: AccountRecord, now: float) -> Intent:
 
 # --------------------------------------------------------------------------- SQLite
 
+
+class _HideSqlParameters(logging.Filter):
+    """aiosqlite logs every call with its parameters at DEBUG, and ours are tokens
+    (invariant 8). This keeps the record but replaces its arguments with the call's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, functools.partial) for a in args):
+            record.args = tuple(
+                f"{getattr(a.func, '__name__', 'call')}(<parameters hidden>)"
+                if isinstance(a, functools.partial)
+                else a
+                for a in args
+            )
+        return True
+
+
+logging.getLogger("aiosqlite").addFilter(_HideSqlParameters())
+
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS accounts (
@@ -473,10 +495,8 @@ class SQLiteJournal:
 
     @staticmethod
     async def _rollback(db: aiosqlite.Connection) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             await db.rollback()
-        except sqlite3.Error:
-            pass
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -499,10 +519,15 @@ class SQLiteJournal:
             raise
 
     def _prepare_file(self) -> None:
-        folder = self.path.parent
-        if not folder.exists():
+        # Every folder we have to create is 0700 (os.makedirs applies its mode to the leaf
+        # only); folders that already exist are never touched.
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        for folder in reversed(missing):
             try:
-                os.makedirs(folder, mode=0o700)
+                os.mkdir(folder, 0o700)
+                os.chmod(folder, 0o700)  # the umask may have taken bits away; not added any
+            except FileExistsError:
+                pass  # another process created it meanwhile: theirs, leave it alone
             except OSError as exc:
                 raise JournalError(f"cannot create the journal folder {folder}: {exc}") from exc
         try:
@@ -557,10 +582,8 @@ class SQLiteJournal:
         """Close the connection; safe to call twice."""
         db, self._db = self._db, None
         if db is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 await db.close()
-            except sqlite3.Error:
-                pass
 
     # -- reads -------------------------------------------------------------------------
 

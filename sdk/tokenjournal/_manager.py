@@ -213,7 +213,10 @@ class TokenManager:
         trace = aiohttp.TraceConfig()
 
         async def sent(*_: object) -> None:
-            _faults.crash_point("after_send")
+            # aiohttp fires this hook *before* it writes the chunk to the socket; dying here
+            # would be "after_intent" again. The write that follows runs in the same loop
+            # step, so die on the next one, when the request is already with the kernel.
+            asyncio.get_running_loop().call_soon(_faults.crash_point, "after_send")
 
         trace.on_request_chunk_sent.append(sent)
         return [trace]
@@ -225,7 +228,7 @@ class TokenManager:
         self._open = False
         pending = [t for t in (self._task, *self._background) if t is not None and not t.done()]
         if pending:
-            done, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
+            _, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
             for task in still:  # its intent stays in the journal for the next start
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -43,9 +43,10 @@ class TokenMiddleware:
     """Attach ``Authorization: Bearer`` to allowed origins; on a 401 for the token sent,
     refresh keyed on that token (invariant 10) and replay the request once.
 
-    A request that already carries an ``Authorization`` header is left alone. If the
-    refresh after a 401 fails, the 401 is released and the error (``SessionEnded``,
-    ``TransientError``, ...) is raised to the caller.
+    A request that already carries an ``Authorization`` header is left alone. A request
+    whose body cannot be replayed (a stream) gets its 401 back after the refresh. If the
+    refresh after a 401 fails, the error (``SessionEnded``, ``TransientError``, ...) is
+    raised to the caller.
     """
 
     __slots__ = ("_manager",)
@@ -68,7 +69,12 @@ class TokenMiddleware:
         token = await self._manager.access_token()
         request.headers[hdrs.AUTHORIZATION] = BEARER + token
         response = await handler(request)
-        if response.status != 401 or not _replayable(request):
+        if response.status != 401:
+            return response
+        if not _replayable(request):
+            # The body cannot be sent again: hand back the 401, but move past the rejected
+            # token so the caller's own retry carries a fresh one (invariant 10).
+            await self._manager.refresh_for(token)
             return response
         response.release()
         fresh = await self._manager.refresh_for(token)

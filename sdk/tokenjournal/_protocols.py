@@ -12,7 +12,7 @@ import binascii
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol, runtime_checkable
@@ -99,7 +99,7 @@ class DeviceInfo:
 class DeviceCode:
     """An RFC 8628 device authorization, as the person is shown it and the device polls it."""
 
-    device_code: str
+    device_code: str = field(repr=False)  # polling it yields tokens: a secret
     user_code: str
     verification_uri: str
     verification_uri_complete: str | None
@@ -252,7 +252,7 @@ DEVICE_CHANGED: Final = "device_id_changed"
 
 
 def mana_error_code(data: Mapping[str, Any] | None) -> str | None:
-    """The machine code of a NestJS-shaped error: it may sit in ``error``, ``code`` or ``message``."""
+    """The machine code of a NestJS error: it may sit in ``error``, ``code`` or ``message``."""
     if data is None:
         return None
     known = MANA_PERMANENT | MANA_CONFLICT
@@ -349,7 +349,8 @@ class ManaProtocol:
     def _classify_error(
         self, status: int, headers: Mapping[str, str], body: bytes, now: float
     ) -> Failure:
-        code = mana_error_code(_load_json_object(body))
+        data = _load_json_object(body)
+        code = mana_error_code(data)
         if code in MANA_CONFLICT:
             wait = parse_retry_after(headers, now)
             return Failure(
@@ -360,8 +361,11 @@ class ManaProtocol:
             return shared
         if code is not None and (code in MANA_PERMANENT or code == DEVICE_CHANGED):
             return Failure(FailureKind.PERMANENT, code, status, code)
+        # A code the table does not know (``invalid_credentials`` at sign-in) is still named.
+        raw = data.get("code") if data is not None else None
+        named = code or (raw if isinstance(raw, str) and raw else None)
         return Failure(
-            FailureKind.REJECTED, code or f"http_{status}", status, f"unexpected status {status}"
+            FailureKind.REJECTED, named or f"http_{status}", status, f"unexpected status {status}"
         )
 
     def parse_sign_out(
@@ -376,16 +380,69 @@ class ManaProtocol:
 
 # --------------------------------------------------------------------------- OAuth 2.0
 
-OAUTH_TRANSIENT: Final = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+#: Error codes that mean "try again later" rather than "your request is wrong" (RFC 6749 5.2).
+OAUTH_TRANSIENT: Final = frozenset({"temporarily_unavailable", "server_error"})
+#: Error codes that end a session or a device sign-in, whatever 4xx status carries them.
+OAUTH_PERMANENT: Final = frozenset({"invalid_grant", "access_denied", "expired_token"})
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+CLIENT_AUTH_METHODS: Final = ("basic", "body", "none")
+#: RFC 8628 3.2: the polling interval when the server names none.
+DEVICE_INTERVAL: Final = 5.0
+
+
+def oauth_error_code(data: Mapping[str, Any] | None) -> str | None:
+    """The RFC 6749 5.2 ``error`` code, trimmed and lower-cased, or ``None``."""
+    code = data.get("error") if data is not None else None
+    if not isinstance(code, str) or not code.strip():
+        return None
+    return code.strip().lower()
+
+
+def positive_seconds(value: object) -> float | None:
+    """A positive, finite number of seconds, or ``None``.
+
+    Accepts numbers and numeric strings (some servers send ``"expires_in": "3600"``);
+    booleans, zero, negatives, NaN and infinities are ``None``: unusable, not fatal.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if 0 < number < float("inf") else None
+
+
+def basic_credentials(client_id: str, client_secret: str) -> str:
+    """The ``Authorization`` value for HTTP Basic client authentication (RFC 6749 2.3.1).
+
+    Both parts are form-urlencoded before they are joined, so a ``:`` or a non-ASCII
+    character in either survives. A space becomes ``%20`` rather than ``+``: form decoders
+    read both, and a server that only percent-decodes still reads ``%20`` right.
+    """
+    raw = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}"
+    return "Basic " + base64.b64encode(raw.encode("ascii")).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
 class OAuth2Protocol:
-    """OAuth 2.0 (RFC 6749 section 6; RFC 8628 for devices), for Keycloak, Auth0, Okta, Hydra, ...
+    """OAuth 2.0 (RFC 6749; RFC 8628 for devices) for Keycloak, Auth0, Okta, Hydra, ...
 
-    ``client_auth`` is ``"basic"`` (HTTP Basic), ``"body"`` (client_id/client_secret in the
-    form) or ``"none"`` (a public client: client_id in the form, no secret).
+    ``client_auth`` is ``"basic"`` (HTTP Basic, the RFC's default for confidential
+    clients), ``"body"`` (``client_id`` and ``client_secret`` in the form) or ``"none"``
+    (a public client: ``client_id`` in the form, no secret). Without a ``client_secret``
+    the client is public whatever ``client_auth`` says.
+
+    ``scope`` is requested at sign-in (password grant, device authorization). A refresh
+    sends no ``scope``: RFC 6749 section 6 reads an omitted scope as "what was granted",
+    which is always allowed, while repeating the requested scope fails with
+    ``invalid_scope`` on a server that granted less.
+
+    ``revocation_url`` (RFC 7009), when given, is told about a sign-out.
     """
 
     token_url: str
@@ -397,13 +454,31 @@ class OAuth2Protocol:
     revocation_url: str | None = None
 
     def __post_init__(self) -> None:
-        if self.client_auth not in ("basic", "body", "none"):
+        for name in ("token_url", "device_authorization_url", "revocation_url"):
+            url = getattr(self, name)
+            if url is not None and not (
+                isinstance(url, str) and url.lower().startswith(("https://", "http://"))
+            ):
+                raise ValueError(f"OAuth2Protocol.{name} must be an http(s) URL")
+        if not isinstance(self.client_id, str) or not self.client_id:
+            raise ValueError("OAuth2Protocol.client_id must be a non-empty string")
+        if self.client_auth not in CLIENT_AUTH_METHODS:
             raise ValueError("client_auth must be 'basic', 'body' or 'none'")
-        if self.client_auth != "none" and self.client_secret is None:
+        if self.client_secret is not None and not isinstance(self.client_secret, str):
+            raise TypeError("client_secret must be a string or None")
+        if self.client_auth == "none" and self.client_secret:
+            raise ValueError(
+                "client_auth='none' never sends the client_secret; "
+                "use client_auth='basic' or 'body' for a confidential client"
+            )
+        if self.client_secret is None and self.client_auth != "none":
             object.__setattr__(self, "client_auth", "none")
 
     def __repr__(self) -> str:
-        return f"OAuth2Protocol(token_url={self.token_url!r}, client_id={self.client_id!r})"
+        return (
+            f"OAuth2Protocol(token_url={self.token_url!r}, client_id={self.client_id!r}, "
+            f"client_auth={self.client_auth!r})"
+        )
 
     @property
     def auth_url(self) -> str:
@@ -413,14 +488,13 @@ class OAuth2Protocol:
     def _form(self, url: str, fields: dict[str, str]) -> HttpRequest:
         headers = list(_FORM)
         if self.client_auth == "basic":
-            # RFC 6749 2.3.1: form-encode id and secret before joining them.
-            raw = f"{quote(self.client_id, safe='')}:{quote(self.client_secret or '', safe='')}"
-            headers.append(("Authorization", "Basic " + base64.b64encode(raw.encode()).decode()))
+            assert self.client_secret is not None  # __post_init__ made it "none" otherwise
+            headers.append(("Authorization", basic_credentials(self.client_id, self.client_secret)))
         else:
             fields["client_id"] = self.client_id
             if self.client_auth == "body" and self.client_secret is not None:
                 fields["client_secret"] = self.client_secret
-        return HttpRequest("POST", url, tuple(headers), urlencode(fields).encode())
+        return HttpRequest("POST", url, tuple(headers), urlencode(fields).encode("ascii"))
 
     def _with_scope(self, fields: dict[str, str]) -> dict[str, str]:
         if self.scope:
@@ -428,7 +502,7 @@ class OAuth2Protocol:
         return fields
 
     def build_sign_in(self, credentials: Mapping[str, str], device: DeviceInfo) -> HttpRequest:
-        """The password grant (for servers that still allow it)."""
+        """The password grant (RFC 6749 4.3), for servers that still allow it."""
         username = credentials.get("username") or credentials.get("email")
         password = credentials.get("password")
         if not isinstance(username, str) or not username or not isinstance(password, str):
@@ -437,11 +511,11 @@ class OAuth2Protocol:
         return self._form(self.token_url, self._with_scope(fields))
 
     def build_refresh(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest:
-        """``grant_type=refresh_token``."""
+        """``grant_type=refresh_token`` (RFC 6749 6), without ``scope`` (see the class doc)."""
         if tokens.refresh_token is None:
             raise ValueError("no refresh token to refresh with")
         fields = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token}
-        return self._form(self.token_url, self._with_scope(fields))
+        return self._form(self.token_url, fields)
 
     def build_sign_out(self, tokens: TokenSet, device: DeviceInfo) -> HttpRequest | None:
         """RFC 7009 revocation of the refresh token, where a revocation URL is configured."""
@@ -459,7 +533,7 @@ class OAuth2Protocol:
     def parse_device_authorization(
         self, status: int, headers: Mapping[str, str], body: bytes, received_at: float
     ) -> DeviceCode | Failure:
-        """RFC 8628 3.2."""
+        """RFC 8628 3.2. ``expires_in`` and ``interval`` are measured from ``received_at``."""
         if not 200 <= status < 300:
             return self._classify_error(status, headers, body, received_at)
         data = _load_json_object(body)
@@ -469,9 +543,9 @@ class OAuth2Protocol:
             )
         device_code = _nonempty_str(data, "device_code")
         user_code = _nonempty_str(data, "user_code")
+        # Google names it verification_url; the RFC says verification_uri.
         uri = _nonempty_str(data, "verification_uri") or _nonempty_str(data, "verification_url")
-        expires_in = _positive_number(data.get("expires_in"))
-        interval = _positive_number(data.get("interval")) or 5.0
+        expires_in = positive_seconds(data.get("expires_in"))
         if device_code is None or user_code is None or uri is None or expires_in is None:
             return Failure(
                 FailureKind.MALFORMED,
@@ -485,7 +559,7 @@ class OAuth2Protocol:
             uri,
             _nonempty_str(data, "verification_uri_complete"),
             received_at + expires_in,
-            interval,
+            positive_seconds(data.get("interval")) or DEVICE_INTERVAL,
         )
 
     def build_device_token(self, device_code: str) -> HttpRequest:
@@ -501,62 +575,76 @@ class OAuth2Protocol:
         received_at: float,
         previous: TokenSet | None,
     ) -> Answer:
-        """RFC 6749 5.1/5.2. A missing ``refresh_token`` keeps the previous one."""
-        if 200 <= status < 300:
-            data = _load_json_object(body)
-            if data is None:
-                return Failure(
-                    FailureKind.MALFORMED, "malformed_body", status, "body is not a JSON object"
-                )
-            access = _nonempty_str(data, "access_token")
-            token_type = data.get("token_type", "Bearer")
-            refresh_raw = data.get("refresh_token")
-            expires_in_raw = data.get("expires_in")
-            if (
-                access is None
-                or not isinstance(token_type, str)
-                or (refresh_raw is not None and not (isinstance(refresh_raw, str) and refresh_raw))
-                or (expires_in_raw is not None and _positive_number(expires_in_raw) is None)
-            ):
-                return Failure(
-                    FailureKind.MALFORMED,
-                    "malformed_body",
-                    status,
-                    "access_token, token_type, expires_in or refresh_token has the wrong type",
-                )
-            refresh = refresh_raw if isinstance(refresh_raw, str) else None
-            if refresh is None and previous is not None:
-                refresh = previous.refresh_token
-            lifetime = _positive_number(expires_in_raw)
-            if lifetime is None:  # no expires_in: fall back to a JWT access token's own claims
-                exp, iat = jwt_lifetime(access)
-                lifetime = exp - iat if exp is not None and iat is not None else None
-            scope = data.get("scope")
-            return TokenSet(
-                access,
-                refresh,
-                expiry_from_lifetime(received_at, lifetime),
-                to_datetime(received_at),
-                "Bearer" if token_type.lower() == "bearer" else token_type,
-                scope if isinstance(scope, str) else self.scope,
+        """RFC 6749 5.1/5.2.
+
+        A 2xx that carries a usable ``access_token`` is never thrown away for a bad
+        optional field, because the server has already rotated: an unusable
+        ``expires_in`` falls back to the JWT's own lifetime (else no expiry, so the next
+        401 refreshes); an absent or empty ``refresh_token`` keeps the previous one; an
+        absent ``scope`` keeps the previous (or the requested) one. ``token_type`` is
+        compared case-insensitively; anything but Bearer is refused, because the
+        middleware can only send Bearer (RFC 6749 7.1).
+        """
+        if not 200 <= status < 300:
+            return self._classify_error(status, headers, body, received_at)
+        data = _load_json_object(body)
+        if data is None:
+            return Failure(
+                FailureKind.MALFORMED, "malformed_body", status, "body is not a JSON object"
             )
-        return self._classify_error(status, headers, body, received_at)
+        if "access_token" not in data and oauth_error_code(data) is not None:
+            # GitHub answers device polls with 200 {"error": "authorization_pending"}.
+            return self._classify_error(status, headers, body, received_at)
+        access = _nonempty_str(data, "access_token")
+        token_type = data.get("token_type")
+        refresh_raw = data.get("refresh_token")
+        if (
+            access is None
+            or not isinstance(token_type, str | None)
+            or not isinstance(refresh_raw, str | None)
+        ):
+            return Failure(
+                FailureKind.MALFORMED,
+                "malformed_body",
+                status,
+                "access_token, token_type or refresh_token has the wrong type",
+            )
+        if token_type is not None and token_type.strip().lower() != "bearer":
+            return Failure(
+                FailureKind.REJECTED,
+                "unsupported_token_type",
+                status,
+                f"token_type {token_type.strip()[:32]!r} is not Bearer",
+            )
+        refresh = refresh_raw or (previous.refresh_token if previous is not None else None)
+        lifetime = positive_seconds(data.get("expires_in"))
+        if lifetime is None:
+            exp, iat = jwt_lifetime(access)
+            lifetime = exp - iat if exp is not None and iat is not None else None
+        scope = data.get("scope")
+        if not isinstance(scope, str) or not scope.strip():
+            scope = previous.scope if previous is not None else self.scope
+        return TokenSet(
+            access,
+            refresh,
+            expiry_from_lifetime(received_at, lifetime),
+            to_datetime(received_at),
+            "Bearer",
+            scope,
+        )
 
     def _classify_error(
         self, status: int, headers: Mapping[str, str], body: bytes, now: float
     ) -> Failure:
+        """RFC 6749 5.2 and RFC 8628 3.5 codes, under the SDK's rules.
+
+        429 and 5xx are transient whatever the body says (invariant 5); ``invalid_grant``,
+        ``access_denied`` and ``expired_token`` are permanent in any other status (servers
+        use 400, 401 and 403); an unknown code in a 4xx means our request was wrong.
+        """
         data = _load_json_object(body)
-        code = data.get("error") if data is not None else None
-        code = code if isinstance(code, str) else None
-        if code == "invalid_grant":  # permanent whether it comes as 400, 401 or 403
-            return Failure(FailureKind.PERMANENT, code, status, "invalid_grant")
-        if code == "authorization_pending":
-            return Failure(FailureKind.PENDING, code, status, code)
-        if code == "slow_down":
-            return Failure(FailureKind.SLOW_DOWN, code, status, code)
-        if code in ("access_denied", "expired_token"):
-            return Failure(FailureKind.PERMANENT, code, status, code)
-        if code in MANA_CONFLICT:
+        code = oauth_error_code(data)
+        if code in MANA_CONFLICT:  # the reference server's concurrent-rotation answer
             wait = parse_retry_after(headers, now)
             return Failure(
                 FailureKind.CONFLICT, code, status, code, CONFLICT_WAIT if wait is None else wait
@@ -564,6 +652,14 @@ class OAuth2Protocol:
         shared = _transport_failure(status, headers, now)
         if shared is not None:
             return shared
+        if code in OAUTH_PERMANENT:
+            return Failure(FailureKind.PERMANENT, code, status, code)
+        if code == "authorization_pending":
+            return Failure(FailureKind.PENDING, code, status, code)
+        if code == "slow_down":
+            # GitHub sends the new interval along; RFC 8628 servers leave it to the client.
+            new_interval = positive_seconds(data.get("interval")) if data else None
+            return Failure(FailureKind.SLOW_DOWN, code, status, code, new_interval)
         if code in OAUTH_TRANSIENT:
             return Failure(FailureKind.SERVER, code, status, code, parse_retry_after(headers, now))
         return Failure(
@@ -573,21 +669,8 @@ class OAuth2Protocol:
     def parse_sign_out(
         self, status: int, headers: Mapping[str, str], body: bytes
     ) -> Failure | None:
-        """RFC 7009: 200 means revoked (an unknown token is revoked too)."""
+        """RFC 7009: 200 means revoked (an unknown or dead token counts as revoked)."""
         if 200 <= status < 300:
             return None
         failure = self._classify_error(status, headers, body, 0.0)
         return None if failure.kind is FailureKind.PERMANENT else failure
-
-
-def _positive_number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        if isinstance(value, str):  # some servers send expires_in as a string
-            try:
-                value = float(value)
-            except ValueError:
-                return None
-        else:
-            return None
-    number = float(value)
-    return number if number > 0 and number == number and number != float("inf") else None

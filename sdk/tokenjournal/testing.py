@@ -1,14 +1,14 @@
 """Helpers for users' own tests: a fake clock, an in-memory journal, the reference server.
 
-    from tokenjournal.testing import FakeClock, MemoryJournal, reference_server
+from tokenjournal.testing import FakeClock, MemoryJournal, reference_server
 
-    async def test_my_app() -> None:
-        clock = FakeClock()
-        async with reference_server(access_ttl=60) as server:
-            async with TokenManager(server.url, MemoryJournal(), clock=clock) as tm:
-                await tm.sign_in(email="demo@example.com", password="demo")
-                clock.advance(61)          # the token is now stale, with no sleeping
-                await tm.access_token()    # one refresh
+async def test_my_app() -> None:
+    clock = FakeClock()
+    async with reference_server(access_ttl=60) as server:
+        async with TokenManager(server.url, MemoryJournal(), clock=clock) as tm:
+            await tm.sign_in(email="demo@example.com", password="demo")
+            clock.advance(61)          # the token is now stale, with no sleeping
+            await tm.access_token()    # one refresh
 """
 
 from __future__ import annotations
