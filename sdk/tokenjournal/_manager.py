@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import platform
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -147,6 +148,7 @@ class TokenManager:
         self._hub = EventHub()
         self._state = SessionState.SIGNED_OUT
         self._tokens: TokenSet | None = None
+        self._refresh_at = self._expires_at = math.inf  # see _use()
         self._generation = 0
         self._ended_code: str | None = None
         self._task: asyncio.Task[TokenSet] | None = None
@@ -272,9 +274,9 @@ class TokenManager:
         tokens = self._tokens
         if tokens is not None:
             now = self._clock.time()
-            if not tokens.needs_refresh(now, self.refresh_margin):
+            if now < self._refresh_at:
                 return tokens.access_token
-            if not tokens.is_expired(now):
+            if now < self._expires_at:
                 # Inside the margin: answer now, refresh behind the caller's back.
                 if now >= self._quiet_until:
                     self._start_refresh(None, force=False)
@@ -357,13 +359,23 @@ class TokenManager:
             self._state = state
             self._emit(EventKind.STATE)
 
+    def _use(self, tokens: TokenSet | None) -> None:
+        """Hold ``tokens`` in memory, with the two instants the hot path compares against."""
+        self._tokens = tokens
+        expires = tokens.expires_at_epoch if tokens is not None else None
+        if tokens is None or expires is None:
+            self._refresh_at = self._expires_at = math.inf
+        else:
+            self._expires_at = expires
+            self._refresh_at = expires - tokens.margin(self.refresh_margin)
+
     def _adopt(self, record: AccountRecord, *, announce: bool = True) -> bool:
         """Take the journal's view if it is newer than ours; returns whether it was."""
         if record.generation == self._generation and record.tokens == self._tokens:
             return False
         newer = record.generation > self._generation
         self._generation = record.generation
-        self._tokens = record.tokens
+        self._use(record.tokens)
         if record.tokens is not None:
             self._ended_code = None
             self._set_state(SessionState.VALID)
@@ -379,7 +391,8 @@ class TokenManager:
     async def _store_sign_in(self, tokens: TokenSet) -> None:
         self._require_open()
         generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
-        self._tokens, self._generation, self._ended_code = tokens, generation, None
+        self._use(tokens)
+        self._generation, self._ended_code = generation, None
         self._quiet_until = 0.0
         self._set_state(SessionState.VALID)
         self._emit(EventKind.SIGNED_IN)
@@ -387,7 +400,8 @@ class TokenManager:
 
     async def _end(self, code: str) -> SessionEnded:
         self._generation = await self.journal.end_session(self.account, code, self._clock.time())
-        self._tokens, self._ended_code = None, code
+        self._use(None)
+        self._ended_code = code
         self._set_state(SessionState.ENDED)
         self._emit(EventKind.ENDED, code)
         log.warning("the server ended the session of account %s: %s", self.account, code)
@@ -407,7 +421,8 @@ class TokenManager:
                 # The user asked to sign out: honour it locally even if the server is away.
                 log.warning("logout could not reach the server (%s); signing out locally", exc)
         self._generation = await self.journal.finish_sign_out(self.account, self._clock.time())
-        self._tokens, self._ended_code = None, None
+        self._use(None)
+        self._ended_code = None
         self._set_state(SessionState.SIGNED_OUT)
         self._emit(EventKind.SIGNED_OUT)
 
@@ -552,7 +567,8 @@ class TokenManager:
                 raise NotSignedIn(f"account {self.account!r} was signed out meanwhile")
             return record.tokens
         _faults.crash_point("after_commit")
-        self._tokens, self._generation = answer, committed
+        self._use(answer)
+        self._generation = committed
         self._quiet_until = 0.0
         self._set_state(SessionState.VALID)
         self._emit(EventKind.REFRESHED)
