@@ -1,0 +1,850 @@
+"""Routes of the reference server: Mana, OAuth 2.0 (RFC 6749, RFC 8628), API, test hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any, Final, Literal, NoReturn
+from urllib.parse import parse_qsl, unquote_plus
+
+from aiohttp import web
+
+from ._clock import ServerClock
+from ._config import ServerConfig
+from ._faults import Fault, FaultScript
+from ._stats import Stats
+from ._store import RefreshResult, TokenStore
+from ._tokens import FamilyKind, IssuedPair, TokenMinter, fingerprint, token_hash, user_id_for
+
+log = logging.getLogger("tokenjournal.server")
+
+DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 8628 section 6.1: no vowels (no words), no easily confused characters.
+_USER_CODE_ALPHABET: Final = "BCDFGHJKLMNPQRSTVWXZ"
+_MAX_STRING: Final = 4096
+_MAX_FORM_FIELDS: Final = 64
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ------------------------------------------------------------------------------ state
+
+
+class _LockEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class RotationLocks:
+    """One `asyncio.Lock` per presented refresh token, created on demand, dropped when idle."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _LockEntry] = {}
+
+    def busy(self, key: str) -> bool:
+        """Whether a rotation of `key` is in progress right now."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.lock.locked()
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock for `key`; callers queue in arrival order."""
+        entry = self._entries.setdefault(key, _LockEntry())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._entries[key]
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Everything the routes share; one per application."""
+
+    config: ServerConfig
+    clock: ServerClock = field(default_factory=ServerClock)
+    stats: Stats = field(default_factory=Stats)
+    faults: FaultScript = field(default_factory=FaultScript)
+    locks: RotationLocks = field(default_factory=RotationLocks)
+    _store: TokenStore | None = None
+    _minter: TokenMinter | None = None
+    users: dict[str, tuple[str, str]] = field(default_factory=dict)
+    clients: dict[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.users = {email.lower(): (email, pw) for email, pw in self.config.effective_users}
+        self.clients = dict(self.config.clients)
+
+    @property
+    def store(self) -> TokenStore:
+        """The open token store (only while the application is running)."""
+        if self._store is None:
+            raise RuntimeError("the reference server is not running")
+        return self._store
+
+    @property
+    def minter(self) -> TokenMinter:
+        """The token minter (only while the application is running)."""
+        if self._minter is None:
+            raise RuntimeError("the reference server is not running")
+        return self._minter
+
+    def open(self) -> None:
+        """Open the store and settle the signing key."""
+        store = TokenStore(self.config.db_path)
+        if self.config.jwt_secret is not None:
+            secret = self.config.jwt_secret
+        elif self.config.db_path != ":memory:":
+            # Persist the key with the tokens so a restart keeps issued access tokens valid.
+            secret = store.jwt_secret(lambda: secrets.token_urlsafe(48))
+        else:
+            secret = secrets.token_urlsafe(48)
+        self._store = store
+        self._minter = TokenMinter(secret, self.config.access_ttl)
+
+    def close(self) -> None:
+        """Close the store."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self._minter = None
+
+    def check_password(self, email: str, password: str) -> tuple[str, str] | None:
+        """`(user_id, email)` when the credentials match an account, else None."""
+        entry = self.users.get(email.lower())
+        # Compare even for unknown users so the answer time does not reveal which emails exist.
+        expected = entry[1] if entry is not None else secrets.token_hex(16)
+        ok = hmac.compare_digest(expected.encode(), password.encode())
+        if entry is None or not ok:
+            return None
+        return user_id_for(entry[0]), entry[0]
+
+    def device_action(self, user_code: str, action: str, email: str | None = None) -> str:
+        """Approve or deny a device authorization. Returns the store's outcome string.
+
+        Raises `ValueError` for an unknown action or account.
+        """
+        if action not in ("approve", "deny"):
+            raise ValueError("action must be 'approve' or 'deny'")
+        if email is None:
+            if not self.users:
+                raise ValueError("no account to approve for")
+            email = next(iter(self.users.values()))[0]
+        entry = self.users.get(email.lower())
+        if entry is None:
+            raise ValueError("unknown account")
+        return self.store.device_action(
+            normalize_user_code(user_code), approve=action == "approve",
+            user_id=user_id_for(entry[0]), email=entry[0], now=self.clock.now(),
+        )
+
+
+STATE: Final = web.AppKey("tokenjournal_server_state", ServerState)
+
+
+def normalize_user_code(code: str) -> str:
+    """Upper-case, drop separators, re-insert the dash: users type codes sloppily."""
+    letters = "".join(ch for ch in code.upper() if ch.isalnum())
+    return f"{letters[:4]}-{letters[4:]}" if len(letters) == 8 else letters
+
+
+# ------------------------------------------------------------------------------ input
+
+
+class BadRequest(Exception):
+    """The request body or a field is malformed; answered with 400 before any store access."""
+
+
+class OAuthError(Exception):
+    """An RFC 6749 section 5.2 error answer."""
+
+    def __init__(
+        self, error: str, description: str, status: int = 400,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+        self.headers = headers or {}
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or `BadRequest`. Oversize bodies raise 413 from aiohttp."""
+    raw = await request.read()
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _clean(name: str, value: str) -> str:
+    if not value or len(value) > _MAX_STRING:
+        raise BadRequest(f"{name} must be a non-empty string of at most {_MAX_STRING} chars")
+    try:
+        # Lone surrogates (legal in JSON escapes) cannot be stored in SQLite as text.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name} is not valid Unicode") from None
+    return value
+
+
+def req_str(data: dict[str, Any], name: str) -> str:
+    """A required, non-empty string field."""
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return _clean(name, value)
+
+
+def device_id_of(data: dict[str, Any]) -> str:
+    """Validate `deviceInfo` and return its `deviceId`."""
+    info = data.get("deviceInfo")
+    if not isinstance(info, dict):
+        raise BadRequest("deviceInfo must be an object")
+    for optional in ("deviceName", "deviceType", "userAgent"):
+        value = info.get(optional)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"deviceInfo.{optional} must be a string")
+    return req_str(info, "deviceId")
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """An `application/x-www-form-urlencoded` body as a dict (RFC 6749 section 3.2)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise OAuthError(
+            "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
+        )
+    raw = await request.read()
+    try:
+        pairs = parse_qsl(
+            raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict",
+            max_num_fields=_MAX_FORM_FIELDS,
+        )
+    except ValueError:  # includes UnicodeDecodeError
+        raise OAuthError("invalid_request", "malformed form body") from None
+    form: dict[str, str] = {}
+    for key, value in pairs:
+        if key in form:
+            raise OAuthError("invalid_request", f"parameter {key!r} repeated")
+        if value:  # RFC 6749 section 3.1: an empty parameter counts as omitted
+            if len(value) > _MAX_STRING:
+                raise OAuthError("invalid_request", f"parameter {key!r} too long")
+            form[key] = value
+    return form
+
+
+def form_str(form: dict[str, str], name: str) -> str:
+    """A required form parameter."""
+    value = form.get(name)
+    if value is None:
+        raise OAuthError("invalid_request", f"missing parameter {name!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def _code_for(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return f"http_{status}"
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def mana_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A NestJS-shaped error: `{statusCode, error, message, code}`."""
+    return web.json_response(
+        {"statusCode": status, "error": _phrase(status), "message": message, "code": code},
+        status=status, headers=headers,
+    )
+
+
+def oauth_error(exc: OAuthError) -> web.Response:
+    """An RFC 6749 error answer."""
+    return web.json_response(
+        {"error": exc.error, "error_description": exc.description},
+        status=exc.status, headers=exc.headers,
+    )
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _is_oauth(request: web.Request) -> bool:
+    return request.path.startswith("/oauth/")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON body in the dialect of the route; forbid caching."""
+    try:
+        response = await handler(request)
+    except BadRequest as exc:
+        if _is_oauth(request):
+            response = oauth_error(OAuthError("invalid_request", str(exc)))
+        else:
+            response = mana_error(400, "invalid_request", str(exc))
+    except OAuthError as exc:
+        response = oauth_error(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        if _is_oauth(request):
+            error = "invalid_request" if exc.status in (400, 413) else _code_for(exc.status)
+            response = oauth_error(OAuthError(error, exc.reason, exc.status, headers))
+        else:
+            response = mana_error(exc.status, _code_for(exc.status), exc.reason, headers)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        response = mana_error(500, "internal_error", "Internal Server Error")
+    if not response.prepared:
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+# ------------------------------------------------------------------------------ refresh
+
+
+class Dialect:
+    """How one protocol phrases the outcomes of the shared refresh machinery."""
+
+    kind: FamilyKind = "mana"
+
+    def success(self, result: RefreshResult) -> dict[str, Any]:  # pragma: no cover
+        """The 200 body for a rotation or a replay."""
+        raise NotImplementedError
+
+    def failure(self, result: RefreshResult) -> web.Response:  # pragma: no cover
+        """The answer for a rotation-rule failure."""
+        raise NotImplementedError
+
+    def status_fault(self, status: int) -> web.Response:  # pragma: no cover
+        """The answer for an injected status fault."""
+        raise NotImplementedError
+
+    def conflict(self) -> web.Response:  # pragma: no cover
+        """The 409 answer while another rotation of the same token is in progress."""
+        raise NotImplementedError
+
+
+_MANA_MESSAGES: Final = {
+    "invalid_token": "Invalid refresh token",
+    "token_expired": "Refresh token expired",
+    "invalid_token_state": "Invalid token state",
+    "device_mismatch": "Device ID has changed",
+}
+
+
+class ManaDialect(Dialect):
+    """Mana (`/auth/refresh`) answers."""
+
+    kind: FamilyKind = "mana"
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+
+    def success(self, result: RefreshResult) -> dict[str, Any]:
+        """`{appToken, refreshToken, deviceId}` plus the grace fields on a replay."""
+        assert result.pair is not None
+        body: dict[str, Any] = {
+            "appToken": result.pair.access_token,
+            "refreshToken": result.pair.refresh_token,
+            "deviceId": self.device_id,
+        }
+        if result.outcome == "replayed" and result.grace_expires_at is not None:
+            body["grace_period_used"] = True
+            body["grace_expires_at"] = _iso(result.grace_expires_at)
+        return body
+
+    def failure(self, result: RefreshResult) -> web.Response:
+        """401 with the machine code in `code`."""
+        code = result.error or "invalid_token"
+        return mana_error(401, code, _MANA_MESSAGES[code])
+
+    def status_fault(self, status: int) -> web.Response:
+        """`{statusCode, error, message, code}` for the injected status."""
+        return mana_error(status, _code_for(status), _phrase(status))
+
+    def conflict(self) -> web.Response:
+        """409 `rotation_in_progress` with `Retry-After: 1`."""
+        return mana_error(
+            409, "rotation_in_progress", "rotation_in_progress", {"Retry-After": "1"}
+        )
+
+
+def oauth_body(pair: IssuedPair) -> dict[str, Any]:
+    """RFC 6749 section 5.1 success body."""
+    body: dict[str, Any] = {
+        "access_token": pair.access_token,
+        "token_type": "Bearer",
+        "expires_in": _number(pair.expires_in),
+        "refresh_token": pair.refresh_token,
+    }
+    if pair.scope:
+        body["scope"] = pair.scope
+    return body
+
+
+class OAuthDialect(Dialect):
+    """OAuth 2.0 refresh_token grant answers."""
+
+    kind: FamilyKind = "oauth"
+
+    def success(self, result: RefreshResult) -> dict[str, Any]:
+        """Same body for rotations and replays (a replay repeats the original expires_in)."""
+        assert result.pair is not None
+        return oauth_body(result.pair)
+
+    def failure(self, result: RefreshResult) -> web.Response:
+        """Every rotation-rule failure is `invalid_grant`; the description names the rule."""
+        return oauth_error(OAuthError("invalid_grant", result.error or "invalid_token"))
+
+    def status_fault(self, status: int) -> web.Response:
+        """A plausible RFC 6749 error for an injected status."""
+        if status in (429, 503):
+            error = "temporarily_unavailable"
+        elif status >= 500:
+            error = "server_error"
+        else:
+            error = "invalid_request"
+        return oauth_error(OAuthError(error, "injected fault", status))
+
+    def conflict(self) -> web.Response:
+        """409 `rotation_in_progress` with `Retry-After: 1`."""
+        return oauth_error(
+            OAuthError(
+                "rotation_in_progress", "rotation_in_progress", 409, {"Retry-After": "1"}
+            )
+        )
+
+
+def _drop(request: web.Request) -> web.Response:
+    # Aborting the transport makes aiohttp's own write of the response fail with a
+    # ConnectionError, which it treats as a premature client disconnect (no log, no 500):
+    # the client sees the socket close with no status line at all.
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return web.Response(status=200)
+
+
+async def refresh_flow(
+    request: web.Request, state: ServerState, token: str, dialect: Dialect, *,
+    device_id: str | None, client_id: str | None, replay: Literal["same", "new"],
+) -> web.StreamResponse:
+    """The shared refresh: faults, per-token serialisation, the store, the answer."""
+    state.stats.incr("refresh_requests")
+    fault: Fault | None = state.faults.take()
+    if fault is not None:
+        state.stats.incr("faults_injected")
+        log.info("fault %s injected on refresh of %s", fault.kind, fingerprint(token))
+        if fault.kind == "status":
+            response = dialect.status_fault(fault.status)
+            if fault.retry_after is not None:
+                response.headers["Retry-After"] = str(fault.retry_after)
+            return response
+        if fault.kind == "rotation_in_progress":
+            return dialect.conflict()
+
+    key = token_hash(token)
+    if state.config.conflict == "409" and state.locks.busy(key):
+        return dialect.conflict()
+    async with state.locks.hold(key):
+        if fault is not None and fault.kind == "delay_before":
+            await asyncio.sleep(fault.seconds)
+        # One synchronous store call: nothing else runs in the loop until it returns.
+        result = state.store.refresh(
+            token, now=state.clock.now(), kind=dialect.kind, device_id=device_id,
+            client_id=client_id, replay=replay, grace=state.config.grace,
+            refresh_ttl=state.config.refresh_ttl, mint=state.minter.mint,
+        )
+        if result.outcome == "rotated":
+            state.stats.incr("rotations")
+        elif result.outcome == "replayed":
+            state.stats.incr("grace_replays")
+        elif result.revoked:
+            state.stats.incr("reuse_detections")
+            state.stats.incr("family_revocations")
+        log.info(
+            "refresh %s: %s%s", fingerprint(token), result.outcome,
+            f" ({result.error})" if result.error else "",
+        )
+        if fault is not None and fault.kind == "delay_after":
+            await asyncio.sleep(fault.seconds)
+
+    if result.outcome == "error":
+        return dialect.failure(result)
+    body = dialect.success(result)
+    if fault is not None:
+        if fault.kind == "drop_after_commit":
+            return _drop(request)
+        if fault.kind == "truncated":
+            raw = json.dumps(body).encode()
+            return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
+        if fault.kind == "invalid_json":
+            return web.Response(text="not json", content_type="application/json")
+    return web.json_response(body)
+
+
+# ------------------------------------------------------------------------------ Mana
+
+
+async def mana_signin(request: web.Request) -> web.StreamResponse:
+    """`POST /auth/signin`."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    email = req_str(data, "email")
+    password = req_str(data, "password")
+    device_id = device_id_of(data)
+    user = state.check_password(email, password)
+    if user is None:
+        return mana_error(401, "invalid_credentials", "Invalid credentials")
+    _, pair = state.store.create_family(
+        kind="mana", user_id=user[0], email=user[1], device_id=device_id, client_id=None,
+        scope=None, now=state.clock.now(), refresh_ttl=state.config.refresh_ttl,
+        mint=state.minter.mint,
+    )
+    state.stats.incr("signins")
+    log.info("signin: new family, refresh token %s", fingerprint(pair.refresh_token))
+    return web.json_response(
+        {"appToken": pair.access_token, "refreshToken": pair.refresh_token, "deviceId": device_id}
+    )
+
+
+async def mana_refresh(request: web.Request) -> web.StreamResponse:
+    """`POST /auth/refresh`."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    token = req_str(data, "refreshToken")
+    device_id = device_id_of(data)
+    return await refresh_flow(
+        request, state, token, ManaDialect(device_id), device_id=device_id, client_id=None,
+        replay="same",
+    )
+
+
+async def mana_logout(request: web.Request) -> web.StreamResponse:
+    """`POST /auth/logout`: revoke the family; 204 even for an unknown token."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    token = req_str(data, "refreshToken")
+    state.store.revoke_by_token(token, state.clock.now(), "logout")
+    state.stats.incr("logouts")
+    return web.Response(status=204)
+
+
+async def mana_validate(request: web.Request) -> web.StreamResponse:
+    """`POST /auth/validate`."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    token = req_str(data, "appToken")
+    claims = state.minter.verify(token, state.clock.now())
+    if claims is None or not state.store.family_active(claims.family_id):
+        return web.json_response({"valid": False, "user": None})
+    return web.json_response(
+        {"valid": True, "user": {"id": claims.user_id, "email": claims.email}}
+    )
+
+
+# ------------------------------------------------------------------------------ OAuth
+
+
+def authenticate_client(request: web.Request, form: dict[str, str]) -> str:
+    """The authenticated client id (RFC 6749 section 2.3), or `OAuthError(invalid_client)`.
+
+    Basic or body credentials; a public client needs only its id; a request with no client
+    identification at all is taken as the first configured public client, if there is one.
+    """
+    challenge = {"WWW-Authenticate": 'Basic realm="tokenjournal"'}
+    header = request.headers.get("Authorization", "")
+    client_id: str | None = None
+    secret: str | None = None
+    if header[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+            raw_id, sep, raw_secret = decoded.partition(":")
+            if not sep:
+                raise ValueError("no colon")
+            # RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
+            client_id = unquote_plus(raw_id, errors="strict")
+            secret = unquote_plus(raw_secret, errors="strict")
+        except (ValueError, binascii.Error):
+            raise OAuthError(
+                "invalid_client", "malformed Basic credentials", 401, challenge
+            ) from None
+        if "client_secret" in form:
+            raise OAuthError("invalid_request", "more than one client authentication method")
+        if form.get("client_id", client_id) != client_id:
+            raise OAuthError("invalid_request", "client_id differs from the Basic credentials")
+    elif "client_id" in form:
+        client_id = form["client_id"]
+        secret = form.get("client_secret")
+    else:
+        public = [cid for cid, sec in request.app[STATE].clients.items() if sec is None]
+        if not public:
+            raise OAuthError("invalid_client", "client authentication required", 401, challenge)
+        return public[0]
+    clients = request.app[STATE].clients
+    if client_id not in clients:
+        raise OAuthError("invalid_client", "unknown client", 401, challenge)
+    expected = clients[client_id]
+    if expected is not None and (
+        secret is None or not hmac.compare_digest(expected.encode(), secret.encode())
+    ):
+        raise OAuthError("invalid_client", "client authentication failed", 401, challenge)
+    return client_id
+
+
+def _check_scope(requested: str | None, granted: str | None) -> None:
+    if requested is None:
+        return
+    if not set(requested.split()) <= set((granted or "").split()):
+        raise OAuthError("invalid_scope", "scope exceeds the originally granted scope")
+
+
+async def oauth_token(request: web.Request) -> web.StreamResponse:
+    """`POST /oauth/token`: password, refresh_token and device_code grants."""
+    state = request.app[STATE]
+    form = await read_form(request)
+    grant_type = form_str(form, "grant_type")
+    client_id = authenticate_client(request, form)
+    now = state.clock.now()
+    if grant_type == "password":
+        username = form_str(form, "username")
+        password = form_str(form, "password")
+        user = state.check_password(username, password)
+        if user is None:
+            raise OAuthError("invalid_grant", "invalid username or password")
+        _, pair = state.store.create_family(
+            kind="oauth", user_id=user[0], email=user[1], device_id=None, client_id=client_id,
+            scope=form.get("scope"), now=now, refresh_ttl=state.config.refresh_ttl,
+            mint=state.minter.mint,
+        )
+        state.stats.incr("signins")
+        return web.json_response(oauth_body(pair))
+    if grant_type == "refresh_token":
+        token = form_str(form, "refresh_token")
+        family = state.store.family_of(token)
+        if family is not None and family.kind == "oauth" and family.client_id == client_id:
+            _check_scope(form.get("scope"), family.scope)
+        return await refresh_flow(
+            request, state, token, OAuthDialect(), device_id=None, client_id=client_id,
+            replay=state.config.oauth_replay,
+        )
+    if grant_type == DEVICE_GRANT:
+        device_code = form_str(form, "device_code")
+        poll = state.store.poll_device(
+            device_code, client_id=client_id, now=now, refresh_ttl=state.config.refresh_ttl,
+            mint=state.minter.mint,
+        )
+        if poll.outcome == "issued":
+            assert poll.pair is not None
+            state.stats.incr("signins")
+            return web.json_response(oauth_body(poll.pair))
+        raise OAuthError(poll.outcome, poll.outcome.replace("_", " "))
+    raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
+
+
+def _new_user_code(state: ServerState) -> str:
+    while True:
+        letters = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(8))
+        code = f"{letters[:4]}-{letters[4:]}"
+        if not state.store.user_code_exists(code):
+            return code
+
+
+async def oauth_device_authorization(request: web.Request) -> web.StreamResponse:
+    """`POST /oauth/device_authorization` (RFC 8628 section 3.1)."""
+    state = request.app[STATE]
+    form = await read_form(request)
+    client_id = authenticate_client(request, form)
+    device_code = secrets.token_urlsafe(32)
+    user_code = _new_user_code(state)
+    config = state.config
+    state.store.create_device_code(
+        device_code=device_code, user_code=user_code, client_id=client_id,
+        scope=form.get("scope"), now=state.clock.now(), expires_in=config.device_expires_in,
+        interval=config.device_interval,
+    )
+    state.stats.incr("device_authorizations")
+    uri = f"{request.url.origin()}/device"
+    return web.json_response(
+        {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": uri,
+            "verification_uri_complete": f"{uri}?user_code={user_code}",
+            "expires_in": _number(config.device_expires_in),
+            "interval": config.device_interval,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------ API
+
+
+async def api_me(request: web.Request) -> web.StreamResponse:
+    """`GET /api/me`: a protected resource that accepts Mana and OAuth access tokens."""
+    state = request.app[STATE]
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    claims = None
+    if scheme.lower() == "bearer" and token.strip():
+        claims = state.minter.verify(token.strip(), state.clock.now())
+    if claims is None or not state.store.family_active(claims.family_id):
+        state.stats.incr("api_401")
+        return web.json_response(
+            {"message": "JWT expired"}, status=401,
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    state.stats.incr("api_200")
+    return web.json_response({"id": claims.user_id, "email": claims.email})
+
+
+# ------------------------------------------------------------------------------ test mode
+
+
+async def hook_clock(request: web.Request) -> web.StreamResponse:
+    """`POST /_test/clock {"advance": seconds}` -> `{now}`; GET reads it."""
+    state = request.app[STATE]
+    if request.method == "POST":
+        data = await read_json(request)
+        seconds = data.get("advance")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise BadRequest("advance must be a number")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise BadRequest("advance must be a finite number >= 0")
+        state.clock.advance(seconds)
+    return web.json_response({"now": state.clock.now(), "offset": state.clock.offset})
+
+
+async def hook_faults(request: web.Request) -> web.StreamResponse:
+    """`POST /_test/faults {"faults": [...]}` replaces the script; DELETE clears it."""
+    state = request.app[STATE]
+    if request.method == "DELETE":
+        state.faults.clear()
+    else:
+        data = await read_json(request)
+        specs = data.get("faults")
+        if not isinstance(specs, list):
+            raise BadRequest("faults must be a list")
+        try:
+            state.faults.replace(specs)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    return web.json_response({"pending": state.faults.pending()})
+
+
+async def hook_stats(request: web.Request) -> web.StreamResponse:
+    """`GET /_test/stats`."""
+    return web.json_response(request.app[STATE].stats.snapshot())
+
+
+async def hook_stats_reset(request: web.Request) -> web.StreamResponse:
+    """`POST /_test/stats/reset`."""
+    state = request.app[STATE]
+    state.stats.reset()
+    return web.json_response(state.stats.snapshot())
+
+
+_DEVICE_STATUS: Final = {"unknown": 404, "expired": 400, "not_pending": 409}
+
+
+async def hook_device(request: web.Request) -> web.StreamResponse:
+    """`POST /_test/device {"user_code", "action": "approve"|"deny", "email"?}`."""
+    state = request.app[STATE]
+    data = await read_json(request)
+    user_code = req_str(data, "user_code")
+    action = req_str(data, "action")
+    email = data.get("email")
+    if email is not None:
+        email = req_str(data, "email")
+    try:
+        outcome = state.device_action(user_code, action, email)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if outcome in _DEVICE_STATUS:
+        return mana_error(_DEVICE_STATUS[outcome], outcome, f"device code {outcome}")
+    return web.json_response({"status": outcome})
+
+
+# ------------------------------------------------------------------------------ app
+
+
+def create_app(config: ServerConfig | None = None) -> web.Application:
+    """Build the aiohttp application for `config` (the store opens when the app starts).
+
+    The `/_test/*` routes exist only when `config.test_mode` is true.
+    """
+    config = config or ServerConfig()
+    state = ServerState(config)
+    app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware])
+    app[STATE] = state
+
+    async def store_ctx(_: web.Application) -> AsyncIterator[None]:
+        state.open()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app.cleanup_ctx.append(store_ctx)
+    app.router.add_post("/auth/signin", mana_signin)
+    app.router.add_post("/auth/refresh", mana_refresh)
+    app.router.add_post("/auth/logout", mana_logout)
+    app.router.add_post("/auth/validate", mana_validate)
+    app.router.add_post("/oauth/token", oauth_token)
+    app.router.add_post("/oauth/device_authorization", oauth_device_authorization)
+    app.router.add_get("/api/me", api_me)
+    if config.test_mode:
+        app.router.add_route("GET", "/_test/clock", hook_clock)
+        app.router.add_route("POST", "/_test/clock", hook_clock)
+        app.router.add_route("POST", "/_test/faults", hook_faults)
+        app.router.add_route("DELETE", "/_test/faults", hook_faults)
+        app.router.add_get("/_test/stats", hook_stats)
+        app.router.add_post("/_test/stats/reset", hook_stats_reset)
+        app.router.add_post("/_test/device", hook_device)
+    return app

@@ -1,0 +1,119 @@
+"""`tokenjournal serve`: command-line options and the blocking runner."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import signal
+from typing import Any, Final
+
+from aiohttp import web
+
+from ._app import create_app
+from ._config import DEMO_CLIENT_ID, ServerConfig
+
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (what test mode may bind to)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, secret = text.partition(":")
+    if not sep or not name or not secret:
+        raise argparse.ArgumentTypeError("expected NAME:SECRET")
+    return name, secret
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` options (host, port, TTLs, modes, accounts, clients) to `parser`."""
+    defaults = ServerConfig()
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8787, help="port, 0 for any (default 8787)")
+    parser.add_argument("--db", default=defaults.db_path, help="SQLite file (default :memory:)")
+    parser.add_argument("--access-ttl", type=float, default=defaults.access_ttl)
+    parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
+    parser.add_argument("--grace", type=float, default=defaults.grace)
+    parser.add_argument(
+        "--test-mode", action="store_true",
+        help="enable /_test/* routes and the demo account (loopback hosts only)",
+    )
+    parser.add_argument("--conflict", choices=("serialize", "409"), default=defaults.conflict)
+    parser.add_argument("--oauth-replay", choices=("same", "new"), default=defaults.oauth_replay)
+    parser.add_argument(
+        "--user", action="append", type=_pair, default=[], metavar="EMAIL:PASSWORD",
+        help="an account (repeatable)",
+    )
+    parser.add_argument(
+        "--client", action="append", default=[], metavar="ID[:SECRET]",
+        help=f"an OAuth client, public without SECRET (repeatable; default {DEMO_CLIENT_ID})",
+    )
+    parser.add_argument("--max-body", type=int, default=defaults.max_body)
+
+
+def config_from_args(ns: argparse.Namespace) -> ServerConfig:
+    """Build a `ServerConfig` from options added by `add_serve_arguments`."""
+    clients: tuple[tuple[str, str | None], ...] = ServerConfig().clients
+    if ns.client:
+        parsed: list[tuple[str, str | None]] = []
+        for text in ns.client:
+            name, sep, secret = str(text).partition(":")
+            parsed.append((name, secret if sep and secret else None))
+        clients = tuple(parsed)
+    return ServerConfig(
+        access_ttl=ns.access_ttl, refresh_ttl=ns.refresh_ttl, grace=ns.grace, db_path=ns.db,
+        test_mode=ns.test_mode, users=tuple(ns.user), conflict=ns.conflict,
+        oauth_replay=ns.oauth_replay, clients=clients, max_body=ns.max_body,
+    )
+
+
+def check_bind(config: ServerConfig, host: str) -> None:
+    """Refuse test mode anywhere but loopback: it can rewind security (clock, faults)."""
+    if config.test_mode and not is_loopback(host):
+        raise ValueError(
+            f"test mode exposes /_test/* control routes and is only allowed on a loopback "
+            f"host (127.0.0.1, localhost, ::1), not {host!r}"
+        )
+
+
+async def _serve(config: ServerConfig, host: str, port: int) -> None:
+    runner = web.AppRunner(create_app(config), shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        address: Any = runner.addresses[0]
+        shown = f"[{host}]" if ":" in host else host
+        print(
+            f"tokenjournal reference server on http://{shown}:{int(address[1])}"
+            f"{' (test mode)' if config.test_mode else ''}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8787) -> None:
+    """Serve until SIGINT/SIGTERM (blocking). Prints one line with the URL.
+
+    Raises `ValueError` before binding anything if `config.test_mode` is on and `host` is
+    not a loopback address. Tokens never appear in its output or logs.
+    """
+    check_bind(config, host)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, host, port))
