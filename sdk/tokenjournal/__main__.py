@@ -1,0 +1,6 @@
+"""`python -m tokenjournal`: the same as the `tokenjournal` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

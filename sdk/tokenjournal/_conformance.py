@@ -1,0 +1,553 @@
+"""`tokenjournal conformance`: does a server keep the promises this SDK relies on?
+
+It probes any Mana or OAuth 2.0 server over raw HTTP (aiohttp; the SDK's sans-IO protocols
+only build the requests and parse the answers) and reports, per behaviour, pass or fail:
+
+* sign-in works, and a refresh rotates the refresh token;
+* the old token replayed inside the grace window returns a usable pair (the same pair, as
+  the seed backend and django-oauth-toolkit do, or a new one, as Auth0 and Okta do);
+* concurrent refreshes of one token all succeed or say ``rotation_in_progress``, and never
+  end the session;
+* a token two generations old is rejected (and whether that revokes the family);
+* with ``--test-clock`` (a server exposing ``POST /_test/clock``), reuse after the window is
+  rejected with ``token_expired`` / ``invalid_grant``.
+
+Each probe signs in afresh, so one probe's revocation cannot spoil the next. Tokens are never
+printed; the table shows fingerprints and error codes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal, TextIO
+
+import aiohttp
+from yarl import URL
+
+from ._protocols import (
+    MAX_BODY,
+    AuthProtocol,
+    DeviceInfo,
+    Failure,
+    FailureKind,
+    HttpRequest,
+    ManaProtocol,
+    OAuth2Protocol,
+)
+from ._table import render_table
+from ._tokens import TokenSet, fingerprint
+
+Protocol = Literal["mana", "oauth2"]
+Outcome = Literal["pass", "fail", "skip", "info"]
+
+#: The reference server's demo account and public OAuth client (the defaults of the command).
+DEMO_EMAIL: Final = "demo@example.com"
+DEMO_PASSWORD: Final = "demo"
+DEMO_CLIENT_ID: Final = "tokenjournal-demo"
+#: The grace window assumed for ``--test-clock`` when neither ``--grace`` nor the server says.
+DEFAULT_GRACE: Final = 300.0
+#: Codes that say "reused after the window" in each protocol.
+AFTER_WINDOW_CODES: Final = frozenset({"token_expired", "invalid_grant"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConformanceOptions:
+    """What to probe and how to sign in. ``token_url`` defaults to ``{url}/oauth/token``."""
+
+    url: str
+    protocol: Protocol = "mana"
+    username: str = DEMO_EMAIL
+    password: str = field(default=DEMO_PASSWORD, repr=False)
+    client_id: str = DEMO_CLIENT_ID
+    client_secret: str | None = field(default=None, repr=False)
+    token_url: str | None = None
+    test_clock: bool = False
+    grace: float | None = None
+    concurrency: int = 10
+    timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        url = URL(self.url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"the server URL must be http(s)://host[:port], got {self.url!r}")
+        if self.protocol not in ("mana", "oauth2"):
+            raise ValueError("protocol must be 'mana' or 'oauth2'")
+        if self.concurrency < 2:
+            raise ValueError("concurrency must be at least 2")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.grace is not None and self.grace < 0:
+            raise ValueError("grace must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One row of the table. Only ``required`` rows decide the exit status."""
+
+    key: str
+    title: str
+    required: bool
+    outcome: Outcome
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        """Whether this row counts as passed."""
+        return self.outcome == "pass"
+
+
+@dataclass(frozen=True, slots=True)
+class ConformanceReport:
+    """All rows, and the grace-replay style the server showed."""
+
+    url: str
+    protocol: Protocol
+    replay_style: str  # "same pair", "new pair" or "none"
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every required row passed."""
+        return all(c.passed for c in self.checks if c.required)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One exchange: a pair, a classified failure, or no answer at all (``error``)."""
+
+    answer: TokenSet | Failure | None
+    error: str | None = None
+    grace_expires_at: float | None = None
+
+    @property
+    def pair(self) -> TokenSet | None:
+        """The pair, if the server sent one."""
+        return self.answer if isinstance(self.answer, TokenSet) else None
+
+    @property
+    def failure(self) -> Failure | None:
+        """The failure, if the server answered with one."""
+        return self.answer if isinstance(self.answer, Failure) else None
+
+    @property
+    def permanent(self) -> bool:
+        """The server said the token is dead."""
+        failure = self.failure
+        return failure is not None and failure.kind is FailureKind.PERMANENT
+
+    def describe(self) -> str:
+        """A short, token-free description."""
+        if self.error is not None:
+            return f"no answer ({self.error})"
+        if isinstance(self.answer, Failure):
+            return f"{self.answer.code} ({self.answer.status})"
+        if isinstance(self.answer, TokenSet):
+            return f"a pair (refresh token {fingerprint(self.answer.refresh_token)})"
+        return "nothing"
+
+
+def _epoch(value: object) -> float | None:
+    """``grace_expires_at`` as epoch seconds: the server may send ISO 8601 or a number."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value) / (1000.0 if value > 1e11 else 1.0)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+class Probe:
+    """The HTTP side: send protocol-built requests, parse answers with the same protocol."""
+
+    def __init__(self, options: ConformanceOptions, http: aiohttp.ClientSession) -> None:
+        self.options = options
+        self.http = http
+        base = options.url.rstrip("/")
+        self.origin = str(URL(options.url).origin())
+        self.protocol: AuthProtocol
+        if options.protocol == "mana":
+            self.protocol = ManaProtocol(base)
+            self.credentials = {"email": options.username, "password": options.password}
+        else:
+            self.protocol = OAuth2Protocol(
+                options.token_url or f"{base}/oauth/token",
+                options.client_id,
+                options.client_secret,
+            )
+            self.credentials = {"username": options.username, "password": options.password}
+        self.device = DeviceInfo(
+            str(uuid.uuid4()), "tokenjournal-conformance", "cli", "tokenjournal-conformance"
+        )
+
+    async def _send(self, request: HttpRequest) -> tuple[int, Mapping[str, str], bytes]:
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout)
+        async with self.http.request(
+            request.method,
+            request.url,
+            data=request.body,
+            headers=dict(request.headers),
+            timeout=timeout,
+            allow_redirects=False,
+        ) as response:
+            # Capped like the manager's reads: the protocol refuses anything larger anyway.
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    break
+            return response.status, dict(response.headers), bytes(body)
+
+    async def _exchange(self, request: HttpRequest, previous: TokenSet | None) -> Reply:
+        try:
+            status, headers, body = await self._send(request)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Reply(None, type(exc).__name__)
+        answer = self.protocol.parse_tokens(status, headers, body, time.time(), previous)
+        grace_at = None
+        if isinstance(answer, TokenSet):
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                grace_at = _epoch(data.get("grace_expires_at"))
+        return Reply(answer, grace_expires_at=grace_at)
+
+    async def sign_in(self) -> Reply:
+        """Sign in with the configured credentials."""
+        request = self.protocol.build_sign_in(self.credentials, self.device)
+        return await self._exchange(request, None)
+
+    async def refresh(self, tokens: TokenSet) -> Reply:
+        """Spend ``tokens.refresh_token`` once."""
+        return await self._exchange(self.protocol.build_refresh(tokens, self.device), tokens)
+
+    async def clock(self, advance: float | None = None) -> tuple[float | None, str | None]:
+        """Read (GET) or advance (POST) the server's test clock: ``(now, error)``."""
+        url = f"{self.origin}/_test/clock"
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout)
+        try:
+            if advance is None:
+                ctx = self.http.get(url, timeout=timeout)
+            else:
+                ctx = self.http.post(url, json={"advance": advance}, timeout=timeout)
+            async with ctx as response:
+                if response.status != 200:
+                    return (
+                        None,
+                        f"{'GET' if advance is None else 'POST'} /_test/clock "
+                        f"answered {response.status}",
+                    )
+                data = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return None, f"/_test/clock failed ({type(exc).__name__})"
+        now = data.get("now") if isinstance(data, dict) else None
+        return (float(now) if isinstance(now, int | float) else None), None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _row(key: str, title: str, required: bool, ok: bool, detail: str) -> Check:
+    return Check(key, title, required, "pass" if ok else "fail", detail)
+
+
+class _Run:
+    """One conformance run: the probes in order, each on its own fresh sign-in."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.options = probe.options
+        self.checks: list[Check] = []
+        self.replay_style = "none"
+        self.grace_bound: float | None = None  # from a Mana replay's grace_expires_at
+
+    def add(self, check: Check) -> None:
+        self.checks.append(check)
+
+    async def fresh_pair(self, key: str) -> TokenSet | None:
+        reply = await self.probe.sign_in()
+        if reply.pair is None:
+            self.add(_row(key, "sign-in for this probe", True, False, reply.describe()))
+        return reply.pair
+
+    async def rotation_and_replay(self) -> bool:
+        reply = await self.probe.sign_in()
+        self.add(_row("signin", "sign-in works", True, reply.pair is not None, reply.describe()))
+        p0 = reply.pair
+        if p0 is None:
+            return False
+        # The server's time just before the rotation: with a Mana replay's grace_expires_at
+        # it bounds the grace window from above, so --test-clock can step past it.
+        server_now, _ = await self.probe.clock() if self.options.test_clock else (None, None)
+        r1 = await self.probe.refresh(p0)
+        p1 = r1.pair
+        if p1 is None:
+            self.add(
+                _row(
+                    "rotation",
+                    "refresh rotates the refresh token",
+                    True,
+                    False,
+                    f"refresh answered {r1.describe()}",
+                )
+            )
+            return True
+        rotated = p1.refresh_token != p0.refresh_token
+        self.add(
+            _row(
+                "rotation",
+                "refresh rotates the refresh token",
+                True,
+                rotated,
+                f"{fingerprint(p0.refresh_token)} -> {fingerprint(p1.refresh_token)}"
+                if rotated
+                else "the answer kept the same refresh token (no rotation, so no grace window)",
+            )
+        )
+        replay = await self.probe.refresh(p0)
+        pr = replay.pair
+        if pr is None:
+            self.add(
+                _row(
+                    "replay",
+                    "replay inside the grace window gives a usable pair",
+                    True,
+                    False,
+                    f"the old token, replayed at once, got {replay.describe()}",
+                )
+            )
+        else:
+            same = pr.refresh_token == p1.refresh_token
+            self.replay_style = "same pair" if same else "new pair"
+            used = await self.probe.refresh(pr)
+            self.add(
+                _row(
+                    "replay",
+                    "replay inside the grace window gives a usable pair",
+                    True,
+                    used.pair is not None,
+                    f"{self.replay_style}; it then refreshed"
+                    if used.pair is not None
+                    else f"{self.replay_style}, but refreshing it got {used.describe()}",
+                )
+            )
+            if replay.grace_expires_at is not None and server_now is not None:
+                self.grace_bound = replay.grace_expires_at - server_now
+        self.add(Check("replay_style", "grace-replay style", False, "info", self.replay_style))
+        return True
+
+    async def concurrent(self) -> None:
+        n = self.options.concurrency
+        title = f"{n} concurrent refreshes of one token keep the session"
+        p0 = await self.fresh_pair("concurrent")
+        if p0 is None:
+            return
+        replies = await asyncio.gather(*(self.probe.refresh(p0) for _ in range(n)))
+        pairs = [r.pair for r in replies if r.pair is not None]
+        conflicts = [
+            r for r in replies if r.failure is not None and r.failure.kind is FailureKind.CONFLICT
+        ]
+        bad = [
+            r
+            for r in replies
+            if r.pair is None and (r.failure is None or r.failure.kind is not FailureKind.CONFLICT)
+        ]
+        distinct = len({p.refresh_token for p in pairs})
+        detail = (
+            f"{_count(len(pairs), 'pair')} ({distinct} distinct), "
+            f"{len(conflicts)} rotation_in_progress"
+        )
+        if bad:
+            codes = sorted({r.describe() for r in bad})
+            self.add(
+                _row(
+                    "concurrent",
+                    title,
+                    True,
+                    False,
+                    f"{detail}, {len(bad)} failed: {', '.join(codes)}",
+                )
+            )
+            return
+        # The family must still work: the token replays once more and its answer refreshes.
+        again = await self.probe.refresh(p0)
+        after = await self.probe.refresh(again.pair) if again.pair is not None else again
+        alive = again.pair is not None and after.pair is not None
+        self.add(
+            _row(
+                "concurrent",
+                title,
+                True,
+                alive and bool(pairs),
+                f"{detail}; the family still refreshes"
+                if alive
+                else f"{detail}; afterwards the family is dead: {after.describe()}",
+            )
+        )
+
+    async def two_generations(self) -> None:
+        title = "a token two generations old is rejected"
+        q0 = await self.fresh_pair("two_generations")
+        if q0 is None:
+            return
+        r1 = await self.probe.refresh(q0)
+        r2 = await self.probe.refresh(r1.pair) if r1.pair is not None else r1
+        if r2.pair is None:
+            self.add(
+                _row(
+                    "two_generations",
+                    title,
+                    True,
+                    False,
+                    f"could not rotate twice: {r2.describe()}",
+                )
+            )
+            return
+        old = await self.probe.refresh(q0)
+        if old.pair is not None:
+            detail = "accepted: the server handed out a pair for it"
+        elif old.permanent:
+            detail = f"rejected: {old.describe()}"
+        else:
+            detail = f"not rejected as dead: {old.describe()}"
+        self.add(_row("two_generations", title, True, old.permanent, detail))
+        if old.permanent:
+            newest = await self.probe.refresh(r2.pair)
+            self.add(
+                Check(
+                    "two_generations_revokes",
+                    "that reuse revokes the whole family",
+                    False,
+                    "info",
+                    f"yes: the newest token got {newest.describe()}"
+                    if newest.pair is None
+                    else "no: the newest token still refreshes",
+                )
+            )
+
+    async def after_window(self) -> None:
+        title = "reuse after the grace window is rejected"
+        if not self.options.test_clock:
+            self.add(
+                Check(
+                    "after_window",
+                    title,
+                    False,
+                    "skip",
+                    "needs --test-clock (a server with POST /_test/clock)",
+                )
+            )
+            return
+        w0 = await self.fresh_pair("after_window")
+        if w0 is None:
+            return
+        w1 = await self.probe.refresh(w0)
+        if w1.pair is None:
+            self.add(_row("after_window", title, True, False, f"could not rotate: {w1.describe()}"))
+            return
+        if self.options.grace is not None:
+            grace, source = self.options.grace, "--grace"
+        elif self.grace_bound is not None:
+            grace, source = max(0.0, round(self.grace_bound, 1)), "from grace_expires_at"
+        else:
+            grace, source = DEFAULT_GRACE, "assumed"
+        advance = grace + 1.0
+        _, error = await self.probe.clock(advance)
+        if error is not None:
+            self.add(_row("after_window", title, True, False, error))
+            return
+        old = await self.probe.refresh(w0)
+        code = old.failure.code if old.failure is not None else None
+        ok = old.permanent and code in AFTER_WINDOW_CODES
+        self.add(
+            _row(
+                "after_window",
+                title,
+                True,
+                ok,
+                f"clock +{advance:g} s (grace {grace:g} s, {source}): {old.describe()}",
+            )
+        )
+        if old.permanent:
+            newest = await self.probe.refresh(w1.pair)
+            self.add(
+                Check(
+                    "after_window_revokes",
+                    "that reuse revokes the whole family",
+                    False,
+                    "info",
+                    f"yes: the newest token got {newest.describe()}"
+                    if newest.pair is None
+                    else "no: the newest token still refreshes",
+                )
+            )
+
+
+async def run_conformance(options: ConformanceOptions) -> ConformanceReport:
+    """Run every probe against ``options.url`` and return the report (no printing)."""
+    async with aiohttp.ClientSession() as http:
+        run = _Run(Probe(options, http))
+        if await run.rotation_and_replay():
+            await run.concurrent()
+            await run.two_generations()
+            await run.after_window()  # last: it moves the server's clock
+    return ConformanceReport(options.url, options.protocol, run.replay_style, tuple(run.checks))
+
+
+_MARK: Final = {"pass": "PASS", "fail": "FAIL", "skip": "skip", "info": "note"}
+
+
+def render_text(report: ConformanceReport) -> str:
+    """The pass/fail table and the verdict."""
+    rows = [
+        (c.title, "required" if c.required else "info", _MARK[c.outcome], c.detail)
+        for c in report.checks
+    ]
+    required = [c for c in report.checks if c.required]
+    failed = [c for c in required if not c.passed]
+    verdict = (
+        f"PASS: all {len(required)} required checks passed"
+        if not failed
+        else f"FAIL: {len(failed)} of {len(required)} required checks failed"
+    )
+    return "\n".join(
+        [
+            f"tokenjournal conformance  {report.url}  ({report.protocol})",
+            "",
+            render_table(("check", "kind", "result", "detail"), rows),
+            "",
+            f"grace-replay style: {report.replay_style}",
+            verdict,
+        ]
+    )
+
+
+def as_json(report: ConformanceReport) -> dict[str, Any]:
+    """The machine-readable report."""
+    data = asdict(report)
+    data["ok"] = report.ok
+    return data
+
+
+def main(
+    options: ConformanceOptions, *, json_output: bool = False, out: TextIO | None = None
+) -> int:
+    """The `conformance` command: print the table; 0 only if every required row passed."""
+    out = out or sys.stdout
+    report = asyncio.run(run_conformance(options))
+    if json_output:
+        out.write(json.dumps(as_json(report), indent=2) + "\n")
+    else:
+        out.write(render_text(report) + "\n")
+    return 0 if report.ok else 1

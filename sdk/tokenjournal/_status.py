@@ -1,0 +1,272 @@
+"""`tokenjournal status`: what a journal holds, read without changing a byte of it.
+
+The journal is opened with ``SQLiteJournal(path, read_only=True)``: no creation, no
+migration, no write. Tokens are never shown, only their fingerprints. Every failure to read
+(missing, locked, corrupt, newer schema) becomes one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from ._errors import JournalError, TokenJournalError
+from ._journal import AccountRecord, SQLiteJournal, pid_alive
+from ._tokens import fingerprint
+
+#: How long `status` waits for a journal another process has locked before saying so.
+DEFAULT_WAIT: Final = 2.0
+EXIT_UNREADABLE: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class IntentStatus:
+    """A pending journaled operation (a refresh the server may already have seen)."""
+
+    kind: str
+    started_at: float
+    age: float
+    refresh_fingerprint: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseStatus:
+    """Who holds the account's cross-process refresh lease, and whether it still counts."""
+
+    holder: str
+    pid: int
+    host: str
+    expires_at: float
+    expired: bool
+    holder_alive: bool | None  # None: another host, cannot tell
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    """One account as the journal holds it. Fingerprints only, never a token."""
+
+    account: str
+    state: str  # "signed_in", "ended" or "signed_out"
+    generation: int
+    access_fingerprint: str
+    refresh_fingerprint: str
+    access_expires_at: float | None
+    ended_code: str | None
+    ended_at: float | None
+    intent: IntentStatus | None
+    lease: LeaseStatus | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStatus:
+    """A whole journal at the moment it was read."""
+
+    path: str
+    device_id: str
+    read_at: float
+    accounts: tuple[AccountStatus, ...]
+
+
+def _account_status(record: AccountRecord, now: float) -> AccountStatus:
+    tokens = record.tokens
+    if tokens is not None:
+        state = "signed_in"
+    elif record.ended_code is not None and record.ended_code != "signed_out":
+        state = "ended"
+    else:
+        state = "signed_out"
+    intent = None
+    if record.intent is not None:
+        i = record.intent
+        intent = IntentStatus(
+            i.kind, i.started_at, now - i.started_at, i.refresh_fingerprint, i.generation
+        )
+    lease = None
+    if record.lease is not None:
+        lz = record.lease
+        local = lz.host == socket.gethostname()
+        lease = LeaseStatus(
+            lz.holder,
+            lz.pid,
+            lz.host,
+            lz.expires_at,
+            lz.expires_at <= now,
+            pid_alive(lz.pid) if local else None,
+        )
+    return AccountStatus(
+        account=record.account,
+        state=state,
+        generation=record.generation,
+        access_fingerprint=fingerprint(tokens.access_token if tokens else None),
+        refresh_fingerprint=fingerprint(tokens.refresh_token if tokens else None),
+        access_expires_at=tokens.expires_at_epoch if tokens else None,
+        ended_code=record.ended_code if state == "ended" else None,
+        ended_at=record.ended_at,
+        intent=intent,
+        lease=lease,
+    )
+
+
+async def read_journal(
+    path: str | os.PathLike[str], *, wait: float = DEFAULT_WAIT, now: float | None = None
+) -> JournalStatus:
+    """Read every account of the journal at ``path`` read-only.
+
+    Raises :class:`~tokenjournal.JournalError` when the file is missing, locked for longer
+    than ``wait`` seconds, corrupt, not a journal, or of a newer schema.
+    """
+    journal = SQLiteJournal(path, read_only=True, busy_timeout=wait)
+    # Checked before SQLite sees it: aiosqlite leaves its worker thread to report a failed
+    # connect to the event loop later, which may be gone by then (a noisy thread error).
+    if journal.path.exists() and not journal.path.is_file():
+        raise JournalError(f"journal {journal.path} is not a file")
+    await journal.open()
+    try:
+        device_id = await journal.device_id()
+        records = [await journal.load(name) for name in await journal.accounts()]
+    finally:
+        await journal.close()
+    moment = time.time() if now is None else now
+    return JournalStatus(
+        str(journal.path),
+        device_id,
+        moment,
+        tuple(_account_status(r, moment) for r in records),
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def when(epoch: float | None) -> str:
+    """Epoch seconds as ``2030-01-02 03:04:05Z`` (``-`` for none)."""
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def span(seconds: float) -> str:
+    """A duration for people: ``45s``, ``12m 03s``, ``3h 20m``, ``9d 4h``."""
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def relative(epoch: float, now: float) -> str:
+    """``in 5m 00s`` or ``3s ago``."""
+    delta = epoch - now
+    return f"in {span(delta)}" if delta >= 0 else f"{span(delta)} ago"
+
+
+def _state_line(a: AccountStatus, now: float) -> str:
+    if a.state == "signed_in":
+        return "signed in"
+    if a.state == "ended":
+        at = f" at {when(a.ended_at)} ({relative(a.ended_at, now)})" if a.ended_at else ""
+        return f"ended by the server: {a.ended_code}{at}; sign in again"
+    return "signed out"
+
+
+def _access_line(a: AccountStatus, now: float) -> str:
+    if a.state != "signed_in":
+        return "-"
+    if a.access_expires_at is None:
+        return f"{a.access_fingerprint}, no expiry given (refreshed on a 401)"
+    verb = "expires" if a.access_expires_at > now else "expired"
+    return (
+        f"{a.access_fingerprint}, {verb} {when(a.access_expires_at)} "
+        f"({relative(a.access_expires_at, now)})"
+    )
+
+
+def _intent_line(a: AccountStatus) -> str:
+    i = a.intent
+    if i is None:
+        return "none"
+    what = {
+        "refresh": "refresh pending (resumed on the next start, inside the grace window)",
+        "sign_out": "sign-out pending (finished on the next start)",
+        "device_code": "device sign-in pending",
+    }.get(i.kind, i.kind)
+    return (
+        f"{what}; started {when(i.started_at)} ({span(i.age)} ago), "
+        f"refresh token {i.refresh_fingerprint}, generation {i.generation}"
+    )
+
+
+def _lease_line(a: AccountStatus, now: float) -> str:
+    lz = a.lease
+    if lz is None:
+        return "none"
+    alive = {None: "on another host", True: "alive", False: "gone"}[lz.holder_alive]
+    until = "expired" if lz.expired else f"until {when(lz.expires_at)}"
+    return f"{lz.holder} (pid {lz.pid}, {alive}), {until}"
+
+
+def render_text(status: JournalStatus) -> str:
+    """The human-readable report."""
+    now = status.read_at
+    lines = [
+        f"journal   {status.path}",
+        f"device    {status.device_id}",
+        f"accounts  {len(status.accounts)}",
+    ]
+    for a in status.accounts:
+        lines += [
+            "",
+            f"account {a.account}",
+            f"  state       {_state_line(a, now)}",
+            f"  access      {_access_line(a, now)}",
+            f"  refresh     {a.refresh_fingerprint}",
+            f"  generation  {a.generation}",
+            f"  intent      {_intent_line(a)}",
+            f"  lease       {_lease_line(a, now)}",
+        ]
+    return "\n".join(lines)
+
+
+def as_json(status: JournalStatus) -> dict[str, Any]:
+    """The machine-readable report (epoch seconds; fingerprints, never tokens)."""
+    data = asdict(status)
+    data["schema"] = "tokenjournal.status/1"
+    return data
+
+
+def run_status(
+    path: str,
+    *,
+    json_output: bool = False,
+    wait: float = DEFAULT_WAIT,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """The `status` command: print the report; exit status 0, or 1 with one line on stderr."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        status = asyncio.run(read_journal(Path(path), wait=wait))
+    except TokenJournalError as exc:
+        err.write(f"tokenjournal status: {exc}\n")
+        return EXIT_UNREADABLE
+    except OSError as exc:  # e.g. the path names a folder we may not enter
+        err.write(f"tokenjournal status: cannot read {path}: {exc.strerror or exc}\n")
+        return EXIT_UNREADABLE
+    if json_output:
+        out.write(json.dumps(as_json(status), indent=2) + "\n")
+    else:
+        out.write(render_text(status) + "\n")
+    return 0
