@@ -35,7 +35,16 @@ from ._errors import (
     TokenJournalError,
 )
 from ._events import Callback, EventHub, EventKind, SessionState, TokenEvent
-from ._journal import AccountRecord, Busy, Holder, Journal, SQLiteJournal, Stale, Started
+from ._journal import (
+    AccountRecord,
+    Busy,
+    Holder,
+    Journal,
+    SQLiteJournal,
+    Stale,
+    Started,
+    lease_is_live,
+)
 from ._protocols import (
     MAX_BODY,
     AuthProtocol,
@@ -67,9 +76,21 @@ class _NetworkFailure(Exception):
     """An exchange got no answer (connect/read error or timeout). Carries no token."""
 
 
+class _LeaseLost(Exception):
+    """Our lease lapsed and another process took it: our refresh token may be spent."""
+
+
 def _origin(url: str | URL) -> tuple[str, str, int | None]:
     u = URL(url) if isinstance(url, str) else url
     return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def _sendable(tokens: TokenSet) -> bool:
+    """RFC 6749 A.12/A.17: tokens are 1*VSCHAR (printable ASCII, %x20-7E)."""
+    return all(
+        t is None or (t.isascii() and t.isprintable())
+        for t in (tokens.access_token, tokens.refresh_token)
+    )
 
 
 def _transient_error(failure: Failure | None, detail: str) -> TokenJournalError:
@@ -509,7 +530,13 @@ class TokenManager:
             assert isinstance(began, Started)
             _faults.crash_point("after_intent")
             self._set_state(SessionState.REFRESHING)
-            return await self._rotate(tokens, record.generation, began.intent.started_at)
+            try:
+                return await self._rotate(tokens, record.generation, began.intent.started_at)
+            except _LeaseLost:
+                # We were paused past our lease and another process took over: its refresh
+                # is the one we wanted. Adopt its commit (or wait for it) instead.
+                log.info("lost the refresh lease of account %s; adopting", self.account)
+                force = False
 
     async def _await_other(self, generation: int, lease_expires_at: float) -> None:
         """Another process holds the lease: poll the journal until it commits or lapses."""
@@ -517,11 +544,9 @@ class TokenManager:
         while True:
             await self._clock.sleep(pause)
             record = await self.journal.load(self.account)
-            if record.generation != generation or record.lease is None:
-                return
-            if (
-                record.lease.expires_at <= self._clock.time()
-                or record.lease.holder == self._holder.id
+            # A holder SIGKILLed on this host is noticed by its pid, not after its lease.
+            if record.generation != generation or not lease_is_live(
+                record.lease, self._holder, self._clock.time()
             ):
                 return
             pause = min(pause * 1.5, WAIT_MAX)
@@ -531,9 +556,17 @@ class TokenManager:
         device = self._device_info()
 
         async def renew() -> None:
-            await self.journal.renew_lease(
+            if not await self.journal.renew_lease(
                 self.account, self._holder, self._clock.time(), self.lease_ttl
-            )
+            ):
+                raise _LeaseLost
+
+        # begin_refresh took the lease, but we may have been paused since (SIGSTOP, a slow
+        # event callback): if another process took it over, it may have spent our token,
+        # and sending it again could be reuse two generations back. A read, not a write.
+        lease = (await self.journal.load(self.account)).lease
+        if lease is None or lease.holder != self._holder.id:
+            raise _LeaseLost
 
         def build() -> HttpRequest:
             self.refresh_requests += 1
@@ -543,6 +576,8 @@ class TokenManager:
             answer = await self._exchange(
                 build, tokens, grace_deadline=started_at + self.grace_period, before_retry=renew
             )
+        except _LeaseLost:
+            raise  # the lease is another holder's now: nothing of ours to release
         except BaseException:
             # Budget spent, cancelled, or the journal failed: the intent stays for the next try.
             await asyncio.shield(self._release())
@@ -613,6 +648,12 @@ class TokenManager:
                 answer = self.protocol.parse_tokens(
                     status, headers, body, self._clock.time(), previous
                 )
+                if isinstance(answer, TokenSet) and not _sendable(answer):
+                    # Whatever the protocol made of it: a token no header can carry (CR/LF,
+                    # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
+                    answer = Failure(
+                        FailureKind.MALFORMED, "malformed_body", status, "unusable token"
+                    )
                 if isinstance(answer, TokenSet) or not is_retryable(answer):
                     return answer
                 failure, detail = answer, answer.code
