@@ -544,12 +544,23 @@ class SQLiteJournal:
         db.row_factory = sqlite3.Row
         timeout_ms = int(self.busy_timeout * 1000)
         await self._guard(db.execute(f"PRAGMA busy_timeout = {timeout_ms}"))
-        rows = await self._read("PRAGMA user_version")
-        version = int(rows[0][0])
+        # One statement is one snapshot: a journal that another process is creating right
+        # now shows no tables at version 0, or its tables at version 1, never a mix.
+        rows = await self._read(
+            "SELECT (SELECT user_version FROM pragma_user_version),"
+            " (SELECT count(*) FROM sqlite_master)"
+        )
+        version, objects = int(rows[0][0]), int(rows[0][1])
         if version > SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self.path} has schema {version}, newer than this tokenjournal "
                 f"understands ({SCHEMA_VERSION}); upgrade tokenjournal, the file was left untouched"
+            )
+        if version == 0 and objects:
+            # Someone else's SQLite file (a wrong path): migrating would write into it.
+            raise JournalError(
+                f"journal {self.path} is an SQLite database with other tables, not a "
+                "tokenjournal journal; it was left untouched"
             )
         if self.read_only:
             if version < SCHEMA_VERSION:

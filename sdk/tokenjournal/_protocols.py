@@ -11,6 +11,7 @@ import base64
 import binascii
 import enum
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from ._tokens import TokenSet, to_datetime
 MAX_BODY: Final = 1024 * 1024
 #: How long to wait after a ``rotation_in_progress`` that came without ``Retry-After``.
 CONFLICT_WAIT: Final = 1.0
+#: The longest access-token lifetime the SDK believes: ten years.
+MAX_LIFETIME: Final = 10 * 365 * 86400.0
 
 _JSON: Final = (("Content-Type", "application/json"), ("Accept", "application/json"))
 _FORM: Final = (
@@ -160,9 +163,11 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
         return None
     raw = raw.strip()
     try:
-        return max(0.0, float(raw))
+        seconds = float(raw)
     except ValueError:
         pass
+    else:  # "inf" and "nan" parse as floats; a wait of forever is no hint at all
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
@@ -238,7 +243,9 @@ def expiry_from_lifetime(received_at: float, lifetime: float | None) -> datetime
     """Expiry measured from receipt: immune to a device clock that is off (IoT boxes often are)."""
     if lifetime is None or lifetime <= 0:
         return None
-    return to_datetime(received_at + lifetime)
+    # A server's "never expires" (expires_in: 1e11) must not overflow datetime; past the cap
+    # the 401 rule refreshes anyway.
+    return to_datetime(received_at + min(lifetime, MAX_LIFETIME))
 
 
 # --------------------------------------------------------------------------- Mana
