@@ -1,0 +1,41 @@
+"""The README's quickstart works as written (against the reference server on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+from tokenjournal.server import ReferenceServer
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def quickstart() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README has no python quickstart"
+    return blocks[0]
+
+
+async def run(code: str) -> tuple[int, str]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await child.communicate()
+    return child.returncode or 0, out.decode()
+
+
+async def test_quickstart_signs_in_once_and_then_reads_the_journal(
+    server: ReferenceServer, tmp_path: Path
+) -> None:
+    code = quickstart()
+    assert 'AUTH = "http://127.0.0.1:8787"' in code and "~/.local/state/myapp/tokens.db" in code
+    code = code.replace("http://127.0.0.1:8787", server.url).replace(
+        "~/.local/state/myapp/tokens.db", str(tmp_path / "myapp" / "tokens.db")
+    )
+    for _ in range(2):
+        status, out = await run(code)
+        assert status == 0, out
+        assert out.startswith("200 {") and "demo@example.com" in out
+    assert server.stats()["signins"] == 1  # the second run used the journal
