@@ -1,0 +1,1121 @@
+"""``tokenjournal bench``: what keeping a device signed in costs, measured on this device.
+
+Every figure is taken against an in-process reference server (test mode) on 127.0.0.1 and is
+reported next to a baseline measured in the same run, so the ratios say more than the
+absolute times:
+
+* **hot path** - ``access_token()`` on a fresh token, calls per second, next to an async
+  method that only returns a string; every journal method is wrapped and counted, and the
+  target is that no call touches the journal;
+* **request overhead** - GETs of ``/api/me`` through ``tm.client_session()`` against a plain
+  ``aiohttp.ClientSession`` with a fixed ``Authorization`` header (target ratio >= 0.95),
+  with the process's CPU-time ratio and the extra time per request of the fastest rounds
+  beside it, since other programs steal wall time unevenly;
+* **coalescing** - many concurrent callers on an expired token: refresh requests made
+  (target 1; the command exits 1 otherwise) and the time until the last caller has its
+  token, as a multiple of one bare refresh round trip and of the asyncio floor (as many
+  plain tasks sharing one bare refresh through a shielded task);
+* **durability** - durable journal commits (each one WAL fsync under ``synchronous=FULL``;
+  real ``fsync``/``fdatasync`` calls too when ``strace`` is available) and wall time per
+  refresh, journal in ``--journal-dir`` against a refresh that stores nothing;
+* **footprint** - RSS of a process holding a signed-in manager minus a process that only
+  imported aiohttp and started an event loop (target <= 5 MiB), and the journal's size per
+  account.
+
+Rounds are interleaved (A B, then B A) so machine noise hits both sides; figures are medians
+of rounds timed with :func:`time.perf_counter` after a warm-up. Only count targets decide the
+exit status; timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import aiohttp
+
+from ._journal import Journal, MemoryJournal
+from ._manager import TokenManager
+from ._table import render_table
+from .server import ReferenceServer, ServerConfig
+from .testing import FakeClock
+
+SECTIONS: Final = ("hot", "overhead", "coalescing", "durability", "footprint")
+DEMO: Final = {"email": "demo@example.com", "password": "demo"}
+MIB: Final = 1024 * 1024
+#: Targets from the issue. Only the count targets (``enforced``) decide the exit status.
+TARGET_OVERHEAD_RATIO: Final = 0.95
+TARGET_RSS_MIB: Final = 5.0
+#: Every async method of the Journal protocol: what the probe wraps and counts.
+JOURNAL_METHODS: Final = tuple(
+    name for name, member in vars(Journal).items() if inspect.iscoroutinefunction(member)
+)
+
+Result = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Sizes of one bench run; the defaults finish well under two minutes on two cores."""
+
+    rounds: int = 5
+    hot_calls: int = 100_000
+    requests: int = 100
+    overhead_rounds: int = 30
+    concurrency: int = 1
+    callers: int = 10_000
+    coalesce_rounds: int = 3
+    refreshes: int = 20
+    footprint_rounds: int = 3
+    accounts: int = 50
+    journal_dir: str | None = None
+    strace: bool = True
+    sections: tuple[str, ...] = SECTIONS
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (used by ``tokenjournal bench``)."""
+    d = Settings()
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--journal-dir",
+        metavar="DIR",
+        help="folder for the journals under test, e.g. on the SD card the app will use "
+        "(a temporary subfolder is made and removed); default: the system temp folder",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )
+    parser.add_argument("--rounds", type=_positive, default=d.rounds, help="timed rounds")
+    parser.add_argument(
+        "--hot-calls", type=_positive, default=d.hot_calls, help="access_token() calls per round"
+    )
+    parser.add_argument(
+        "--requests", type=_positive, default=d.requests, help="GETs per side per round"
+    )
+    parser.add_argument(
+        "--overhead-rounds",
+        type=_positive,
+        default=d.overhead_rounds,
+        help="interleaved rounds of the request-overhead figure",
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=d.concurrency, help="GETs in flight at once"
+    )
+    parser.add_argument(
+        "--callers", type=_positive, default=d.callers, help="concurrent callers at expiry"
+    )
+    parser.add_argument(
+        "--coalesce-rounds", type=_positive, default=d.coalesce_rounds, help="expiries measured"
+    )
+    parser.add_argument(
+        "--refreshes", type=_positive, default=d.refreshes, help="refreshes per side per round"
+    )
+    parser.add_argument(
+        "--footprint-rounds",
+        type=_positive,
+        default=d.footprint_rounds,
+        help="subprocess pairs measured for RSS",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=_at_least_two,
+        default=d.accounts,
+        help="accounts signed into one journal to size it",
+    )
+    parser.add_argument(
+        "--no-strace", action="store_true", help="do not count real fsyncs with strace"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("must be at least 2")
+    return value
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Settings from parsed arguments; ``ValueError`` for an unknown section name."""
+    sections = tuple(s.strip() for s in str(ns.only).split(",") if s.strip())
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        raise ValueError(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    return Settings(
+        rounds=ns.rounds,
+        hot_calls=ns.hot_calls,
+        requests=ns.requests,
+        overhead_rounds=ns.overhead_rounds,
+        concurrency=ns.concurrency,
+        callers=ns.callers,
+        coalesce_rounds=ns.coalesce_rounds,
+        refreshes=ns.refreshes,
+        footprint_rounds=ns.footprint_rounds,
+        accounts=ns.accounts,
+        journal_dir=ns.journal_dir,
+        strace=not ns.no_strace,
+        sections=tuple(s for s in SECTIONS if s in sections),
+    )
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class Progress:
+    """Progress lines on stderr while the bench runs (stdout stays clean for ``--json``)."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        """Show one step."""
+        if self.enabled:
+            elapsed = time.perf_counter() - self._started
+            print(f"bench [{elapsed:5.1f}s] {message}", file=self.stream, flush=True)
+
+
+class JournalProbe:
+    """Counts every call of a journal's methods by wrapping them on the instance.
+
+    The manager sees the same object, so whatever it does to the journal is counted; the
+    hot path's target is that this count does not move.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self.calls: dict[str, int] = {}
+        for name in JOURNAL_METHODS:
+            setattr(journal, name, self._wrap(name, getattr(journal, name)))
+
+    @property
+    def total(self) -> int:
+        """Journal calls counted so far."""
+        return sum(self.calls.values())
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        self.calls.clear()
+
+    def _wrap(
+        self, name: str, method: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (0.0 for no values)."""
+    return float(statistics.median(values)) if values else 0.0
+
+
+def fastest(values: Sequence[float]) -> float:
+    """The mean of the fastest tenth (at least one): the rounds least disturbed by noise."""
+    ordered = sorted(values)
+    head = ordered[: max(1, len(ordered) // 10)]
+    return sum(head) / len(head) if head else 0.0
+
+
+def interleaved(rounds: int) -> Iterator[tuple[int, tuple[str, str]]]:
+    """Round numbers with the order of the two sides: A B, B A, A B, ..."""
+    for r in range(rounds):
+        yield r, (("a", "b") if r % 2 == 0 else ("b", "a"))
+
+
+@asynccontextmanager
+async def _server(**config: Any) -> AsyncIterator[ReferenceServer]:
+    async with ReferenceServer(ServerConfig(test_mode=True, **config)) as server:
+        yield server
+
+
+def _fs_type(folder: Path) -> str:
+    """The filesystem type of ``folder`` (from /proc/mounts), or ``unknown``."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = str(folder.resolve())
+    best, kind = "", "unknown"
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def _file_size(path: Path) -> int:
+    """The journal's bytes on disk: the file plus any WAL and shared-memory file."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            total += p.stat().st_size
+    return total
+
+
+# --------------------------------------------------------------------------- hot path
+
+
+class _Floor:
+    """The cheapest possible token source: an async method that returns a string."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def access_token(self) -> str:
+        return self._token
+
+
+async def _call_loop(source: TokenManager | _Floor, n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        await source.access_token()
+    return time.perf_counter() - started
+
+
+async def audit_hot_path(tm: TokenManager, probe: JournalProbe, calls: int) -> int:
+    """How many of ``calls`` calls of ``access_token()`` touched the journal.
+
+    After each call the loop runs once more, so a refresh the call started in the background
+    makes its first journal call then and is charged to the call that started it.
+    """
+    touched = 0
+    for _ in range(calls):
+        before = probe.total
+        await tm.access_token()
+        await asyncio.sleep(0)
+        touched += probe.total != before
+    return touched
+
+
+async def bench_hot(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """``access_token()`` on a fresh token: calls/s, and how many touched the journal."""
+    async with _server() as server:
+        tm = TokenManager(server.url, journal=journal_dir / "hot.db")
+        async with tm:
+            await tm.sign_in(**DEMO)
+            probe = JournalProbe(tm.journal)
+            floor = _Floor(await tm.access_token())
+            commits, sent = tm.journal.durable_commits, tm.refresh_requests
+            progress("hot path: warm-up")
+            await _call_loop(tm, min(s.hot_calls, 10_000))
+            await _call_loop(floor, min(s.hot_calls, 10_000))
+            probe.reset()
+            progress(f"hot path: auditing {s.hot_calls:,} calls for journal access")
+            touched = await audit_hot_path(tm, probe, s.hot_calls)
+            rates: list[float] = []
+            floor_rates: list[float] = []
+            for r, order in interleaved(s.rounds):
+                progress(f"hot path: round {r + 1}/{s.rounds}")
+                gc.collect()
+                for side in order:
+                    if side == "a":
+                        rates.append(s.hot_calls / await _call_loop(tm, s.hot_calls))
+                    else:
+                        floor_rates.append(s.hot_calls / await _call_loop(floor, s.hot_calls))
+            await asyncio.sleep(0)  # let any background work the timed calls started show up
+            calls = s.hot_calls * (s.rounds + 1)
+            return {
+                "calls_per_s": median(rates),
+                "floor_calls_per_s": median(floor_rates),
+                "ratio_to_floor": median(rates) / median(floor_rates),
+                "rounds_calls_per_s": rates,
+                "calls": calls,
+                "audited_calls": s.hot_calls,
+                "audited_calls_touching_journal": touched,
+                "journal_calls": probe.total,
+                "journal_calls_by_method": dict(probe.calls),
+                "touched_fraction": probe.total / calls,
+                "durable_commits": tm.journal.durable_commits - commits,
+                "refresh_requests": tm.refresh_requests - sent,
+            }
+
+
+# --------------------------------------------------------------------------- overhead
+
+
+async def _get_many(
+    http: aiohttp.ClientSession, url: str, n: int, concurrency: int
+) -> tuple[float, float, int]:
+    """``n`` GETs, ``concurrency`` at a time: wall seconds, CPU seconds, how many not 200.
+
+    CPU time (of this whole process: client and in-process server) is reported beside the
+    wall time because other programs on the machine steal wall time from both sides unevenly.
+    """
+    bad = 0
+
+    async def worker(count: int) -> None:
+        nonlocal bad
+        for _ in range(count):
+            async with http.get(url) as resp:
+                await resp.read()
+                bad += resp.status != 200
+
+    shares = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in shares if k))
+    return time.perf_counter() - wall, time.process_time() - cpu, bad
+
+
+async def bench_overhead(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """GETs through ``tm.client_session()`` vs a plain session with a fixed header."""
+    async with _server() as server:
+        tm = TokenManager(server.url, journal=journal_dir / "overhead.db")
+        async with tm:
+            await tm.sign_in(**DEMO)
+            token = await tm.access_token()
+            url = server.url + "/api/me"
+            plain_headers = {"Authorization": "Bearer " + token}
+            async with (
+                tm.client_session() as sdk,
+                aiohttp.ClientSession(headers=plain_headers) as plain,
+            ):
+                progress("request overhead: warm-up")
+                warm = min(s.requests, 50)
+                await _get_many(sdk, url, warm, s.concurrency)
+                await _get_many(plain, url, warm, s.concurrency)
+                wall: dict[str, list[float]] = {"a": [], "b": []}
+                cpu: dict[str, list[float]] = {"a": [], "b": []}
+                bad = 0
+                for r, order in interleaved(s.overhead_rounds):
+                    progress(f"request overhead: round {r + 1}/{s.overhead_rounds}")
+                    gc.collect()
+                    for side in order:
+                        took, used, failed = await _get_many(
+                            sdk if side == "a" else plain, url, s.requests, s.concurrency
+                        )
+                        wall[side].append(took)
+                        cpu[side].append(used)
+                        bad += failed
+            # Paired per round: a round's two halves ran back to back under the same noise.
+            ratios = [b / a for a, b in zip(wall["a"], wall["b"], strict=True)]
+            cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"], strict=True) if a > 0]
+            return {
+                "sdk_extra_s_per_request": (fastest(wall["a"]) - fastest(wall["b"])) / s.requests,
+                "sdk_requests_per_s": s.requests / median(wall["a"]),
+                "plain_requests_per_s": s.requests / median(wall["b"]),
+                "ratio": median(ratios),
+                "rounds_ratio": ratios,
+                "cpu_ratio": median(cpu_ratios),
+                "sdk_cpu_s_per_request": median(cpu["a"]) / s.requests,
+                "plain_cpu_s_per_request": median(cpu["b"]) / s.requests,
+                "requests_per_side": s.requests * s.overhead_rounds,
+                "concurrency": s.concurrency,
+                "not_200": bad,
+                "refresh_requests": tm.refresh_requests,
+            }
+
+
+# --------------------------------------------------------------------------- coalescing
+
+
+class BareClient:
+    """The bare minimum: Mana sign-in and refresh with nothing but aiohttp, nothing stored."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http, self.url = http, url
+        self.device = {
+            "deviceId": str(uuid.uuid4()),
+            "deviceName": "bench",
+            "deviceType": "bench",
+            "userAgent": "tokenjournal-bench",
+        }
+        self._refresh = ""
+
+    async def sign_in(self) -> None:
+        """Get a first pair."""
+        body = {**DEMO, "deviceInfo": self.device}
+        async with self.http.post(self.url + "/auth/signin", json=body) as resp:
+            self._refresh = str((await resp.json())["refreshToken"])
+
+    async def refresh(self) -> str:
+        """One refresh round trip; returns the new access token."""
+        body = {"refreshToken": self._refresh, "deviceInfo": self.device}
+        async with self.http.post(self.url + "/auth/refresh", json=body) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"bare refresh failed with HTTP {resp.status}")
+        self._refresh = str(answer["refreshToken"])
+        return str(answer["appToken"])
+
+    async def timed_refreshes(self, n: int) -> list[float]:
+        """``n`` refreshes one after another; seconds each."""
+        times: list[float] = []
+        for _ in range(n):
+            started = time.perf_counter()
+            await self.refresh()
+            times.append(time.perf_counter() - started)
+        return times
+
+
+async def floor_coalesce(bare: BareClient, callers: int) -> float:
+    """The floor of coalescing: ``callers`` tasks share one bare refresh through a shielded
+    task (single flight, no journal, no clock, no state); seconds until the last has it."""
+    shared: asyncio.Task[str] | None = None
+    served: list[float] = []
+
+    async def caller() -> str:
+        nonlocal shared
+        if shared is None:
+            shared = asyncio.ensure_future(bare.refresh())
+        token = await asyncio.shield(shared)
+        served.append(time.perf_counter())
+        return token
+
+    gc.collect()
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return max(served) - started
+
+
+async def _expire(tm: TokenManager, clock: FakeClock, server: ReferenceServer) -> None:
+    """Move the client's and the server's clocks past the access token's expiry."""
+    tokens = tm.tokens
+    assert tokens is not None and tokens.expires_at_epoch is not None
+    step = max(0.0, tokens.expires_at_epoch - clock.time()) + 1.0
+    await server.advance(step)
+    clock.advance(step)
+
+
+async def coalesce_once(
+    tm: TokenManager, clock: FakeClock, server: ReferenceServer, callers: int
+) -> Result:
+    """Expire the token, then let ``callers`` coroutines ask for one at once."""
+    await _expire(tm, clock, server)
+    old = tm.tokens.access_token if tm.tokens else ""
+    server.reset_stats()
+    sent = tm.refresh_requests
+    served: list[float] = []
+
+    async def caller() -> str:
+        token = await tm.access_token()
+        served.append(time.perf_counter())
+        return token
+
+    gc.collect()
+    started = time.perf_counter()
+    tokens = await asyncio.gather(*(caller() for _ in range(callers)))
+    return {
+        "callers": callers,
+        "refresh_requests": server.stats()["refresh_requests"],
+        "sdk_refresh_requests": tm.refresh_requests - sent,
+        "distinct_tokens": len(set(tokens)),
+        "all_new": old not in tokens,
+        "first_served_s": min(served) - started,
+        "last_served_s": max(served) - started,
+    }
+
+
+async def bench_coalescing(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """Concurrent callers at expiry: refresh requests, and time to serve the last one."""
+    async with _server() as server, aiohttp.ClientSession() as http:
+        clock = FakeClock(server.now())
+        tm = TokenManager(server.url, journal=journal_dir / "coalescing.db", clock=clock)
+        bare = BareClient(http, server.url)
+        async with tm:
+            await tm.sign_in(**DEMO)
+            await bare.sign_in()
+            progress("coalescing: warm-up")
+            await bare.timed_refreshes(3)
+            await floor_coalesce(bare, min(s.callers, 100))
+            await coalesce_once(tm, clock, server, min(s.callers, 100))
+            rounds: list[Result] = []
+            floors: list[float] = []
+            trips: list[float] = []
+            ratios: list[float] = []
+            for r, order in interleaved(s.coalesce_rounds):
+                progress(f"coalescing: {s.callers:,} callers, round {r + 1}/{s.coalesce_rounds}")
+                for side in order:
+                    if side == "a":
+                        rounds.append(await coalesce_once(tm, clock, server, s.callers))
+                    else:
+                        floors.append(await floor_coalesce(bare, s.callers))
+                        trips.append(median(await bare.timed_refreshes(5)))
+                ratios.append(rounds[-1]["last_served_s"] / trips[-1])
+            requests = [int(x["refresh_requests"]) for x in rounds]
+            last = [float(x["last_served_s"]) for x in rounds]
+            return {
+                "callers": s.callers,
+                "refresh_requests_per_round": requests,
+                "refresh_requests": max(requests),
+                "every_caller_same_new_token": all(
+                    x["distinct_tokens"] == 1 and x["all_new"] for x in rounds
+                ),
+                "last_served_s": median(last),
+                "first_served_s": median([x["first_served_s"] for x in rounds]),
+                "bare_refresh_s": median(trips),
+                "ratio_to_bare_refresh": median(ratios),
+                "floor_last_served_s": median(floors),
+                "ratio_to_floor": median([a / b for a, b in zip(last, floors, strict=True)]),
+            }
+
+
+# --------------------------------------------------------------------------- durability
+
+
+async def _refresh_many(tm: TokenManager, n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        await tm.refresh()
+    return time.perf_counter() - started
+
+
+async def bench_durability(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """Wall time and durable commits per refresh: journal on disk vs one in memory."""
+    async with _server() as server:
+        disk = TokenManager(server.url, journal=journal_dir / "durability.db")
+        memory = TokenManager(server.url, journal=MemoryJournal())
+        async with disk, memory:
+            await disk.sign_in(**DEMO)
+            await memory.sign_in(**DEMO)
+            progress("durability: warm-up")
+            await _refresh_many(disk, 2)
+            await _refresh_many(memory, 2)
+            per: dict[str, list[float]] = {"a": [], "b": []}
+            commits = disk.journal.durable_commits
+            mem_commits = memory.journal.durable_commits
+            sent = disk.refresh_requests
+            for r, order in interleaved(s.rounds):
+                progress(f"durability: round {r + 1}/{s.rounds}")
+                for side in order:
+                    tm = disk if side == "a" else memory
+                    per[side].append(await _refresh_many(tm, s.refreshes) / s.refreshes)
+            n = s.refreshes * s.rounds
+            disk_s, memory_s = median(per["a"]), median(per["b"])
+            result: Result = {
+                "journal_dir": str(journal_dir),
+                "filesystem": _fs_type(journal_dir),
+                "refreshes_per_side": n,
+                "disk_refresh_s": disk_s,
+                "memory_refresh_s": memory_s,
+                "durability_cost_s": disk_s - memory_s,
+                "durable_commits_per_refresh": (disk.journal.durable_commits - commits) / n,
+                "memory_commits_per_refresh": (memory.journal.durable_commits - mem_commits) / n,
+                "refresh_requests_per_refresh": (disk.refresh_requests - sent) / n,
+            }
+            if s.strace:
+                progress("durability: counting real fsyncs with strace")
+                result["fsync"] = await _count_fsyncs(server.url, journal_dir, s.refreshes)
+            else:
+                result["fsync"] = {"measured": False, "why": "--no-strace"}
+            return result
+
+
+#: The strace child: sign in, then fsync a marker, refresh, fsync another marker. ``strace -y``
+#: prints each fsync's path, so the fsyncs between the markers are the refreshes' own.
+_FSYNC_CHILD: Final = """
+import asyncio, os, sys
+import tokenjournal as tj
+
+async def main(url, folder, n):
+    def marker(name):
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+    async with tj.TokenManager(url, journal=os.path.join(folder, "fsync.db")) as tm:
+        await tm.sign_in(email="demo@example.com", password="demo")
+        await tm.refresh()
+        marker("tj-bench-start.marker")
+        for _ in range(n):
+            await tm.refresh()
+        marker("tj-bench-end.marker")
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def parse_fsync_trace(text: str) -> dict[str, int]:
+    """Count fsync/fdatasync calls between the start and end markers of an ``strace -y`` log."""
+    counts = {"fsync": 0, "fdatasync": 0}
+    inside = False
+    for line in text.splitlines():
+        if "tj-bench-start.marker" in line:
+            inside = True
+        elif "tj-bench-end.marker" in line:
+            inside = False
+        elif inside:
+            for call in counts:
+                if f"{call}(" in line and "resumed>" not in line:
+                    counts[call] += 1
+    return counts
+
+
+async def _count_fsyncs(url: str, journal_dir: Path, refreshes: int) -> Result:
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"measured": False, "why": "strace not found"}
+    folder = Path(tempfile.mkdtemp(prefix="fsync-", dir=journal_dir))
+    trace = folder / "trace.txt"
+    cmd = [
+        strace, "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+        sys.executable, "-c", _FSYNC_CHILD, url, str(folder), str(refreshes),
+    ]  # fmt: skip
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        if proc.returncode != 0 or not trace.exists():
+            why = err.decode(errors="replace").strip().splitlines()[-1:] or ["no trace"]
+            return {"measured": False, "why": f"strace failed: {why[0][:200]}"}
+        counts = parse_fsync_trace(trace.read_text(errors="replace"))
+    except (OSError, TimeoutError) as exc:
+        return {"measured": False, "why": f"strace failed: {type(exc).__name__}"}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "measured": True,
+        "refreshes": refreshes,
+        "fsync": counts["fsync"],
+        "fdatasync": counts["fdatasync"],
+        "per_refresh": (counts["fsync"] + counts["fdatasync"]) / refreshes,
+    }
+
+
+# --------------------------------------------------------------------------- footprint
+
+_RSS: Final = """
+import gc, json, sys
+def rss():
+    gc.collect()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+"""
+
+#: Baseline: a process that imported aiohttp and runs an event loop, nothing more.
+_BASE_CHILD: Final = (
+    _RSS
+    + """
+import asyncio
+import aiohttp
+
+async def main():
+    await asyncio.sleep(0)
+    print(json.dumps({"rss": rss()}))
+
+asyncio.run(main())
+"""
+)
+
+#: A process holding a signed-in manager (SQLite journal, its own aiohttp session).
+_SDK_CHILD: Final = (
+    _RSS
+    + """
+import asyncio
+import aiohttp
+import tokenjournal as tj
+
+async def main(url, path):
+    async with tj.TokenManager(url, journal=path) as tm:
+        await tm.sign_in(email="demo@example.com", password="demo")
+        await tm.access_token()
+        print(json.dumps({"rss": rss()}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+)
+
+
+async def _child_rss(script: str, *args: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise RuntimeError(f"footprint subprocess failed: {tail[0][:200]}")
+    return int(json.loads(out.decode().strip().splitlines()[-1])["rss"])
+
+
+async def _journal_sizes(url: str, folder: Path, accounts: int) -> tuple[int, int]:
+    """Bytes of a journal with one account, then with ``accounts`` accounts."""
+    path = folder / "size.db"
+    sizes: list[int] = []
+    for i in range(accounts):
+        async with TokenManager(url, journal=path, account=f"account-{i}") as tm:
+            await tm.sign_in(**DEMO)
+        if i == 0:
+            sizes.append(_file_size(path))
+    sizes.append(_file_size(path))
+    return sizes[0], sizes[1]
+
+
+async def bench_footprint(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """RSS of a signed-in manager's process over an aiohttp-only process; journal bytes."""
+    async with _server() as server:
+        base: list[int] = []
+        sdk: list[int] = []
+        for r, order in interleaved(s.footprint_rounds):
+            progress(f"footprint: subprocess pair {r + 1}/{s.footprint_rounds}")
+            for side in order:
+                if side == "a":
+                    path = journal_dir / f"footprint-{r}.db"
+                    sdk.append(await _child_rss(_SDK_CHILD, server.url, str(path)))
+                else:
+                    base.append(await _child_rss(_BASE_CHILD))
+        progress(f"footprint: journal size with {s.accounts} accounts")
+        one, many = await _journal_sizes(server.url, journal_dir, s.accounts)
+        return {
+            "sdk_rss_bytes": median(sdk),
+            "aiohttp_rss_bytes": median(base),
+            "extra_rss_bytes": median(sdk) - median(base),
+            "extra_rss_mib": (median(sdk) - median(base)) / MIB,
+            "journal_bytes_one_account": one,
+            "journal_bytes_accounts": s.accounts,
+            "journal_bytes_many_accounts": many,
+            "journal_bytes_per_account": (many - one) / (s.accounts - 1),
+        }
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One target of the issue and whether this run met it."""
+
+    name: str
+    target: str
+    value: str
+    met: bool
+    enforced: bool  # a count target: missing it makes the command exit 1
+
+
+def targets(sections: Result) -> list[Target]:
+    """The targets that the measured sections speak to."""
+    out: list[Target] = []
+    hot = sections.get("hot")
+    if hot:
+        touched = int(hot["journal_calls"]) + int(hot["audited_calls_touching_journal"])
+        out.append(
+            Target("hot path journal calls", "0", str(hot["journal_calls"]), touched == 0, True)
+        )
+    coal = sections.get("coalescing")
+    if coal:
+        per_round = coal["refresh_requests_per_round"]
+        out.append(
+            Target(
+                "refresh requests per expiry",
+                "1",
+                ",".join(str(n) for n in per_round),
+                bool(per_round) and all(n == 1 for n in per_round),
+                True,
+            )
+        )
+    over = sections.get("overhead")
+    if over:
+        ratio = float(over["ratio"])
+        out.append(
+            Target(
+                "request throughput ratio",
+                f">= {TARGET_OVERHEAD_RATIO}",
+                f"{ratio:.3f}",
+                ratio >= TARGET_OVERHEAD_RATIO,
+                False,
+            )
+        )
+    foot = sections.get("footprint")
+    if foot:
+        mib = float(foot["extra_rss_mib"])
+        out.append(
+            Target(
+                "extra RSS", f"<= {TARGET_RSS_MIB} MiB", f"{mib:.2f} MiB", mib <= TARGET_RSS_MIB,
+                False,
+            )
+        )  # fmt: skip
+    return out
+
+
+def machine() -> Result:
+    """What the figures were measured on."""
+    from . import __version__
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "tokenjournal": __version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "aiohttp": aiohttp.__version__,
+        # PyJWT imports cryptography when it is installed, which weighs on the footprint.
+        "cryptography_installed": importlib.util.find_spec("cryptography") is not None,
+        "loadavg_at_start": list(load) if load else None,
+    }
+
+
+_RUNNERS: Final[dict[str, Callable[[Settings, Path, Progress], Awaitable[Result]]]] = {
+    "hot": bench_hot,
+    "overhead": bench_overhead,
+    "coalescing": bench_coalescing,
+    "durability": bench_durability,
+    "footprint": bench_footprint,
+}
+
+
+@contextmanager
+def _work_dir(parent: str | None) -> Iterator[Path]:
+    """A fresh folder for the bench's journals inside ``parent``; removed afterwards."""
+    base = Path(os.path.expanduser(parent)) if parent else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="tokenjournal-bench-", dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def run(s: Settings, progress: Progress) -> Result:
+    """Run the chosen sections; returns the whole report (JSON-ready)."""
+    report: Result = {"machine": machine(), "settings": asdict(s)}
+    sections: Result = {}
+    with _work_dir(s.journal_dir) as folder:
+        report["journal_filesystem"] = _fs_type(folder)
+        started = time.perf_counter()
+        for name in s.sections:
+            sections[name] = await _RUNNERS[name](s, folder, progress)
+        report["seconds"] = time.perf_counter() - started
+    report["sections"] = sections
+    checks = targets(sections)
+    report["targets"] = [asdict(t) for t in checks]
+    report["ok"] = all(t.met for t in checks if t.enforced)
+    return report
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}/s"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / MIB:.2f} MiB" if abs(n) >= MIB else f"{n / 1024:.1f} KiB"
+
+
+def _verdict(checks: dict[str, Target], name: str) -> tuple[str, str]:
+    t = checks.get(name)
+    if t is None:
+        return "", ""
+    return t.target, ("ok" if t.met else "MISSED")
+
+
+def render(report: Result) -> str:
+    """The report as a table for people."""
+    sec = report["sections"]
+    checks = {t["name"]: Target(**t) for t in report["targets"]}
+    rows: list[tuple[str, str, str, str]] = []
+    if "hot" in sec:
+        h = sec["hot"]
+        rows.append(("hot path: access_token(), fresh token", _rate(h["calls_per_s"]), "", ""))
+        rows.append(
+            (
+                "  floor: async method returning a str",
+                f"{_rate(h['floor_calls_per_s'])} ({h['ratio_to_floor']:.2f}x of it)",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  calls that touched the journal",
+                f"{h['journal_calls']} of {h['calls']:,}",
+                *_verdict(checks, "hot path journal calls"),
+            )
+        )
+    if "overhead" in sec:
+        o = sec["overhead"]
+        spread = o["rounds_ratio"]
+        rows.append(
+            (
+                "request overhead: client_session / plain",
+                f"{o['ratio']:.3f} (rounds {min(spread):.2f}-{max(spread):.2f}); "
+                f"CPU time {o['cpu_ratio']:.3f}",
+                *_verdict(checks, "request throughput ratio"),
+            )
+        )
+        rows.append(
+            (
+                "  GETs of /api/me, each side's median",
+                f"{_rate(o['sdk_requests_per_s'])} vs {_rate(o['plain_requests_per_s'])}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  extra time per request (fastest rounds)",
+                f"{o['sdk_extra_s_per_request'] * 1e6:+.1f} us",
+                "",
+                "",
+            )
+        )
+    if "coalescing" in sec:
+        c = sec["coalescing"]
+        rows.append(
+            (
+                f"coalescing: refresh requests, {c['callers']:,} callers",
+                ", ".join(str(n) for n in c["refresh_requests_per_round"]) + " (per expiry)",
+                *_verdict(checks, "refresh requests per expiry"),
+            )
+        )
+        rows.append(
+            (
+                "  last caller served / bare refresh",
+                f"{c['ratio_to_bare_refresh']:.1f}x ({_ms(c['last_served_s'])} vs "
+                f"{_ms(c['bare_refresh_s'])})",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  ... / asyncio floor (tasks sharing 1 bare refresh)",
+                f"{c['ratio_to_floor']:.2f}x (floor {_ms(c['floor_last_served_s'])})",
+                "",
+                "",
+            )
+        )
+    if "durability" in sec:
+        d = sec["durability"]
+        fs = d["fsync"]
+        real = (
+            f", {fs['per_refresh']:g} fsync calls (strace)"
+            if fs.get("measured")
+            else f" (fsyncs not counted: {fs.get('why')})"
+        )
+        rows.append(
+            (
+                "durability: durable commits per refresh",
+                f"{d['durable_commits_per_refresh']:g}{real}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"  refresh, journal ({d['filesystem']}) / memory",
+                f"{_ms(d['disk_refresh_s'])} vs {_ms(d['memory_refresh_s'])} "
+                f"(+{_ms(d['durability_cost_s'])})",
+                "",
+                "",
+            )
+        )
+    if "footprint" in sec:
+        f = sec["footprint"]
+        rows.append(
+            (
+                "footprint: RSS over aiohttp alone",
+                f"{_bytes(f['extra_rss_bytes'])} ({_bytes(f['sdk_rss_bytes'])} vs "
+                f"{_bytes(f['aiohttp_rss_bytes'])})",
+                *_verdict(checks, "extra RSS"),
+            )
+        )
+        rows.append(
+            (
+                "  journal size per account",
+                f"{_bytes(f['journal_bytes_per_account'])} "
+                f"(file with 1 account: {_bytes(f['journal_bytes_one_account'])})",
+                "",
+                "",
+            )
+        )
+    m = report["machine"]
+    load = m["loadavg_at_start"]
+    head = (
+        f"tokenjournal {m['tokenjournal']} bench on {m['platform']}, {m['cpus']} CPUs, "
+        f"Python {m['python']}, aiohttp {m['aiohttp']}"
+        + (f", load {load[0]:.2f}" if load else "")
+        + f"; {report['seconds']:.0f} s"
+    )
+    table = render_table(("figure", "value", "target", ""), rows)
+    verdict = "all count targets met" if report["ok"] else "a COUNT TARGET WAS MISSED"
+    return f"{head}\n\n{table}\n\n{verdict}"
+
+
+def run_bench(ns: argparse.Namespace) -> int:
+    """Run the bench as parsed by :func:`add_bench_arguments`; returns the exit status.
+
+    0 when every count target was met, 1 when one was missed (timings never fail it),
+    2 for bad arguments.
+    """
+    try:
+        settings = settings_from(ns)
+    except ValueError as exc:
+        print(f"tokenjournal bench: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(not ns.quiet)
+    report = asyncio.run(run(settings, progress))
+    if ns.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+    return 0 if report["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tokenjournal._bench``: the bench without the rest of the CLI."""
+    parser = argparse.ArgumentParser(
+        prog="tokenjournal bench",
+        description="Measure what tokenjournal costs on this device against a loopback "
+        "reference server: hot path, request overhead, coalescing, durability, footprint.",
+    )
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
