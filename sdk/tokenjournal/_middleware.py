@@ -6,6 +6,7 @@ is made for every hop and a redirect to a foreign origin never carries the beare
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import TYPE_CHECKING, Final
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 BEARER: Final = "Bearer "
 
 
+@functools.lru_cache(maxsize=64)  # pure, and on every request's path: parse each host once
 def is_loopback(host: str | None) -> bool:
     """Whether ``host`` is this machine (plain HTTP to it cannot be sniffed on a network)."""
     if not host:

@@ -19,8 +19,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
-import jwt
-
 from ._tokens import TokenSet, to_datetime
 
 #: Answers larger than this are refused unread: a token answer is a few KiB at most.
@@ -227,11 +225,20 @@ def _transport_failure(status: int, headers: Mapping[str, str], now: float) -> F
 def jwt_lifetime(token: str) -> tuple[float | None, float | None]:
     """The ``(exp, iat)`` claims of a JWT, decoded without verification, or ``(None, None)``.
 
-    The claims are used for timing only; the SDK never trusts them for anything else.
+    The claims are used for timing only; the SDK never trusts them for anything else, so it
+    reads the payload segment itself instead of importing PyJWT: PyJWT loads
+    ``cryptography`` when it is installed, about 8 MiB of RSS on a device for a base64 and
+    a JSON decode. (The reference server signs and verifies with PyJWT.)
     """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None, None
+    segment = parts[1]
     try:
-        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
-    except (jwt.PyJWTError, ValueError, binascii.Error):
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error):
+        return None, None
+    if not isinstance(claims, dict):
         return None, None
     exp, iat = claims.get("exp"), claims.get("iat")
     exp_f = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
@@ -395,6 +402,9 @@ DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_AUTH_METHODS: Final = ("basic", "body", "none")
 #: RFC 8628 3.2: the polling interval when the server names none.
 DEVICE_INTERVAL: Final = 5.0
+#: Both are whole seconds in the RFCs; anything shorter is a server bug, not an instruction.
+MIN_INTERVAL: Final = 1.0
+MIN_LIFETIME: Final = 1.0
 
 
 def oauth_error_code(data: Mapping[str, Any] | None) -> str | None:
@@ -566,7 +576,7 @@ class OAuth2Protocol:
             uri,
             _nonempty_str(data, "verification_uri_complete"),
             received_at + expires_in,
-            positive_seconds(data.get("interval")) or DEVICE_INTERVAL,
+            max(MIN_INTERVAL, positive_seconds(data.get("interval")) or DEVICE_INTERVAL),
         )
 
     def build_device_token(self, device_code: str) -> HttpRequest:
@@ -625,6 +635,8 @@ class OAuth2Protocol:
             )
         refresh = refresh_raw or (previous.refresh_token if previous is not None else None)
         lifetime = positive_seconds(data.get("expires_in"))
+        if lifetime is not None and lifetime < MIN_LIFETIME:
+            lifetime = None  # "expires in a microsecond" would mean a refresh on every call
         if lifetime is None:
             exp, iat = jwt_lifetime(access)
             lifetime = exp - iat if exp is not None and iat is not None else None
