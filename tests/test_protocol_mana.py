@@ -150,3 +150,10 @@ def test_malformed_answers_never_become_tokens(status: int, raw: bytes) -> None:
         assert isinstance(answer, tj.Failure)
         if 200 <= status < 300:
             assert answer.kind is tj.FailureKind.MALFORMED
+
+
+def test_an_absurd_exp_without_iat_cannot_overflow() -> None:
+    for exp in (1e300, -1e300):
+        token = jwt.encode({"sub": "u", "exp": exp}, "k" * 32, algorithm="HS256")
+        answer = P.parse_tokens(200, {}, body(appToken=token, refreshToken="r2"), 1000.0, OLD)
+        assert isinstance(answer, tj.TokenSet) and answer.expires_at is not None

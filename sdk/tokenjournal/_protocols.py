@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
@@ -355,8 +356,10 @@ class ManaProtocol:
             exp, iat = jwt_lifetime(access)
             if exp is not None and iat is not None and exp > iat:
                 expires_at = expiry_from_lifetime(received_at, exp - iat)
+            elif exp is not None:  # no iat: trust exp, bounded so no value can overflow
+                expires_at = to_datetime(min(max(exp, 0.0), received_at + MAX_LIFETIME))
             else:
-                expires_at = to_datetime(exp)
+                expires_at = None
             return TokenSet(access, refresh, expires_at, to_datetime(received_at))
         return self._classify_error(status, headers, body, received_at)
 
@@ -400,6 +403,11 @@ OAUTH_TRANSIENT: Final = frozenset({"temporarily_unavailable", "server_error"})
 OAUTH_PERMANENT: Final = frozenset({"invalid_grant", "access_denied", "expired_token"})
 DEVICE_GRANT: Final = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_AUTH_METHODS: Final = ("basic", "body", "none")
+#: Form fields the protocol owns; ``extra_params`` may not set them.
+RESERVED_PARAMS: Final = frozenset(
+    {"grant_type", "client_id", "client_secret", "scope", "username", "password"}
+    | {"refresh_token", "device_code", "token", "token_type_hint"}
+)
 #: RFC 8628 3.2: the polling interval when the server names none.
 DEVICE_INTERVAL: Final = 5.0
 #: Both are whole seconds in the RFCs; anything shorter is a server bug, not an instruction.
@@ -460,6 +468,9 @@ class OAuth2Protocol:
     ``invalid_scope`` on a server that granted less.
 
     ``revocation_url`` (RFC 7009), when given, is told about a sign-out.
+
+    ``extra_params`` go with the sign-in requests (password grant, device authorization),
+    for servers that want more than the RFC: Auth0's ``audience``, for one.
     """
 
     token_url: str
@@ -469,6 +480,7 @@ class OAuth2Protocol:
     client_auth: str = "basic"
     device_authorization_url: str | None = None
     revocation_url: str | None = None
+    extra_params: Mapping[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("token_url", "device_authorization_url", "revocation_url"):
@@ -490,6 +502,13 @@ class OAuth2Protocol:
             )
         if self.client_secret is None and self.client_auth != "none":
             object.__setattr__(self, "client_auth", "none")
+        extra = dict(self.extra_params or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise TypeError("extra_params must map strings to strings")
+        clash = set(extra) & RESERVED_PARAMS
+        if clash:
+            raise ValueError(f"extra_params cannot set {sorted(clash)}: the protocol sets them")
+        object.__setattr__(self, "extra_params", MappingProxyType(extra))
 
     def __repr__(self) -> str:
         return (
@@ -514,6 +533,8 @@ class OAuth2Protocol:
         return HttpRequest("POST", url, tuple(headers), urlencode(fields).encode("ascii"))
 
     def _with_scope(self, fields: dict[str, str]) -> dict[str, str]:
+        """A sign-in request's fields: the requested scope and the extra parameters."""
+        fields.update(self.extra_params or {})
         if self.scope:
             fields["scope"] = self.scope
         return fields
