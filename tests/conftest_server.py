@@ -82,8 +82,6 @@ async def me(session: aiohttp.ClientSession, access_token: str) -> Answer:
     return await get(session, "/api/me", headers={"Authorization": f"Bearer {access_token}"})
 
 
-async def oauth(
-    session: aiohttp.ClientSession, form: dict[str, str], **kw: Any
-) -> Answer:
+async def oauth(session: aiohttp.ClientSession, form: dict[str, str], **kw: Any) -> Answer:
     """POST a form to /oauth/token."""
     return await post(session, "/oauth/token", data=form, **kw)

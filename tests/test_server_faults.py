@@ -33,11 +33,26 @@ async def test_status_fault_answers_without_touching_store() -> None:
 
 async def test_status_fault_on_oauth_grant() -> None:
     async with serve() as (server, s):
-        tokens = (await oauth(s, {"grant_type": "password", "username": "demo@example.com",
-                                  "password": "demo", "client_id": "tokenjournal-demo"})).body
+        tokens = (
+            await oauth(
+                s,
+                {
+                    "grant_type": "password",
+                    "username": "demo@example.com",
+                    "password": "demo",
+                    "client_id": "tokenjournal-demo",
+                },
+            )
+        ).body
         server.set_faults([{"kind": "status", "status": 429}])
-        answer = await oauth(s, {"grant_type": "refresh_token", "client_id": "tokenjournal-demo",
-                                 "refresh_token": tokens["refresh_token"]})
+        answer = await oauth(
+            s,
+            {
+                "grant_type": "refresh_token",
+                "client_id": "tokenjournal-demo",
+                "refresh_token": tokens["refresh_token"],
+            },
+        )
         assert answer.status == 429
         assert answer.body["error"] == "temporarily_unavailable"
 
@@ -56,8 +71,9 @@ async def test_rotation_in_progress_fault_is_409_and_store_untouched() -> None:
 async def test_delay_faults_delay_the_answer() -> None:
     async with serve() as (server, s):
         first = await signin(s)
-        await _faults(s, {"kind": "delay_before", "seconds": 0.1},
-                      {"kind": "delay_after", "seconds": 0.1})
+        await _faults(
+            s, {"kind": "delay_before", "seconds": 0.1}, {"kind": "delay_after", "seconds": 0.1}
+        )
         for token in (first["refreshToken"],):
             started = time.monotonic()
             first_answer = await refresh(s, token)
@@ -158,8 +174,16 @@ async def test_stats_endpoint_and_reset() -> None:
         await signin(s)
         stats = (await get(s, "/_test/stats")).body
         assert set(stats) == {
-            "signins", "refresh_requests", "rotations", "grace_replays", "reuse_detections",
-            "family_revocations", "api_200", "api_401", "faults_injected", "logouts",
+            "signins",
+            "refresh_requests",
+            "rotations",
+            "grace_replays",
+            "reuse_detections",
+            "family_revocations",
+            "api_200",
+            "api_401",
+            "faults_injected",
+            "logouts",
             "device_authorizations",
         }
         assert stats["signins"] == 1

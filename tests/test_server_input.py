@@ -80,8 +80,12 @@ async def test_oversize_body_is_413_with_json_error() -> None:
 async def test_malformed_forms_are_invalid_request() -> None:
     async with serve() as (_, s):
         form = {"Content-Type": "application/x-www-form-urlencoded"}
-        for raw in (b"grant_type=password&grant_type=refresh_token", b"\xff=\xfe",
-                    b"grant_type=%ff%fe", b"&".join([b"a%d=1" % i for i in range(100)])):
+        for raw in (
+            b"grant_type=password&grant_type=refresh_token",
+            b"\xff=\xfe",
+            b"grant_type=%ff%fe",
+            b"&".join([b"a%d=1" % i for i in range(100)]),
+        ):
             answer = await post(s, "/oauth/token", data=raw, headers=form)
             assert (answer.status, answer.body["error"]) == (400, "invalid_request"), raw
 
@@ -99,15 +103,23 @@ async def test_unknown_route_and_wrong_method_are_json() -> None:
 async def test_test_routes_absent_without_test_mode() -> None:
     config = ServerConfig(users=(("ada@example.com", "pw"),))
     async with serve(ReferenceServer(config)) as (server, s):
-        for method, path in [("GET", "/_test/stats"), ("POST", "/_test/clock"),
-                             ("POST", "/_test/faults"), ("DELETE", "/_test/faults"),
-                             ("POST", "/_test/stats/reset"), ("POST", "/_test/device")]:
+        for method, path in [
+            ("GET", "/_test/stats"),
+            ("POST", "/_test/clock"),
+            ("POST", "/_test/faults"),
+            ("DELETE", "/_test/faults"),
+            ("POST", "/_test/stats/reset"),
+            ("POST", "/_test/device"),
+        ]:
             async with s.request(method, path, json={}) as resp:
                 assert resp.status == 404, (method, path)
                 await resp.read()
         # ... and no demo account outside test mode.
-        demo = await post(s, "/auth/signin",
-                          {"email": "demo@example.com", "password": "demo", "deviceInfo": DEVICE})
+        demo = await post(
+            s,
+            "/auth/signin",
+            {"email": "demo@example.com", "password": "demo", "deviceInfo": DEVICE},
+        )
         assert demo.status == 401
         assert server.stats()["signins"] == 0
 
@@ -136,8 +148,21 @@ def test_run_refuses_test_mode_off_loopback() -> None:
 def test_config_from_args() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    ns = parser.parse_args(["--test-mode", "--grace", "10", "--conflict", "409",
-                            "--user", "a@b.c:pw", "--client", "pub", "--client", "conf:sec"])
+    ns = parser.parse_args(
+        [
+            "--test-mode",
+            "--grace",
+            "10",
+            "--conflict",
+            "409",
+            "--user",
+            "a@b.c:pw",
+            "--client",
+            "pub",
+            "--client",
+            "conf:sec",
+        ]
+    )
     config = config_from_args(ns)
     assert config.test_mode and config.grace == 10.0 and config.conflict == "409"
     assert config.users == (("a@b.c", "pw"),)
@@ -149,8 +174,15 @@ def test_config_from_args() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"access_ttl": 0}, {"grace": -1}, {"conflict": "retry"}, {"oauth_replay": "other"},
-     {"jwt_secret": "short"}, {"max_body": 10}, {"users": (("a", "1"), ("a", "2"))}],
+    [
+        {"access_ttl": 0},
+        {"grace": -1},
+        {"conflict": "retry"},
+        {"oauth_replay": "other"},
+        {"jwt_secret": "short"},
+        {"max_body": 10},
+        {"users": (("a", "1"), ("a", "2"))},
+    ],
 )
 def test_config_rejects_nonsense(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -207,7 +239,9 @@ json_values = st.recursive(
 mana_shaped = st.fixed_dictionaries(
     {},
     optional={
-        "email": json_values, "password": json_values, "refreshToken": json_values,
+        "email": json_values,
+        "password": json_values,
+        "refreshToken": json_values,
         "appToken": json_values,
         "deviceInfo": json_values | st.fixed_dictionaries({}, optional={"deviceId": json_values}),
     },

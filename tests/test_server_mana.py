@@ -26,9 +26,7 @@ async def test_signin_returns_pair_bound_to_device() -> None:
 
 async def test_signin_wrong_password_is_401_invalid_credentials() -> None:
     async with serve() as (server, s):
-        answer = await post(
-            s, "/auth/signin", {**DEMO, "password": "nope", "deviceInfo": DEVICE}
-        )
+        answer = await post(s, "/auth/signin", {**DEMO, "password": "nope", "deviceInfo": DEVICE})
         assert answer.status == 401
         assert answer.body == {
             "statusCode": 401,
@@ -42,7 +40,8 @@ async def test_signin_wrong_password_is_401_invalid_credentials() -> None:
 async def test_configured_users_replace_the_demo_account() -> None:
     async with serve(users=(("ada@example.com", "lovelace"),)) as (_, s):
         ok = await post(
-            s, "/auth/signin",
+            s,
+            "/auth/signin",
             {"email": "ada@example.com", "password": "lovelace", "deviceInfo": DEVICE},
         )
         assert ok.status == 200
@@ -225,7 +224,8 @@ async def test_api_me_rejects_missing_and_forged_tokens() -> None:
         first = await signin(s)
         forged = jwt.encode(
             jwt.decode(first["appToken"], options={"verify_signature": False}),
-            "x" * 32, algorithm="HS256",
+            "x" * 32,
+            algorithm="HS256",
         )
         assert (await me(s, forged)).status == 401
         assert (await me(s, "garbage")).status == 401

@@ -19,8 +19,13 @@ def _basic(client_id: str, secret: str) -> dict[str, str]:
 
 
 async def _password(s: aiohttp.ClientSession, **extra: str) -> Any:
-    form = {"grant_type": "password", "username": "demo@example.com", "password": "demo",
-            "client_id": CLIENT, **extra}
+    form = {
+        "grant_type": "password",
+        "username": "demo@example.com",
+        "password": "demo",
+        "client_id": CLIENT,
+        **extra,
+    }
     answer = await oauth(s, form)
     assert answer.status == 200, answer.body
     return answer.body
@@ -45,8 +50,15 @@ async def test_password_grant_issues_bearer_pair_usable_on_api() -> None:
 
 async def test_password_grant_wrong_password_is_invalid_grant() -> None:
     async with serve() as (_, s):
-        answer = await oauth(s, {"grant_type": "password", "username": "demo@example.com",
-                                 "password": "x", "client_id": CLIENT})
+        answer = await oauth(
+            s,
+            {
+                "grant_type": "password",
+                "username": "demo@example.com",
+                "password": "x",
+                "client_id": CLIENT,
+            },
+        )
         assert answer.status == 400
         assert answer.body["error"] == "invalid_grant"
 
@@ -97,8 +109,11 @@ async def test_rotation_failures_are_invalid_grant() -> None:
 
 async def test_mana_tokens_are_not_oauth_grants() -> None:
     async with serve() as (_, s):
-        mana = await post(s, "/auth/signin", {"email": "demo@example.com", "password": "demo",
-                                              "deviceInfo": {"deviceId": "d"}})
+        mana = await post(
+            s,
+            "/auth/signin",
+            {"email": "demo@example.com", "password": "demo", "deviceInfo": {"deviceId": "d"}},
+        )
         answer = await _refresh(s, mana.body["refreshToken"])
         assert answer.body["error"] == "invalid_grant"
 
@@ -129,12 +144,19 @@ async def test_confidential_client_basic_and_body_auth() -> None:
         assert (unknown.status, unknown.body["error"]) == (401, "invalid_client")
         garbage = await oauth(s, form, headers={"Authorization": "Basic !!!"})
         assert (garbage.status, garbage.body["error"]) == (401, "invalid_client")
-        both = await oauth(s, {**form, "client_secret": "s3cret"},
-                           headers=_basic("backend", "s3cret"))
+        both = await oauth(
+            s, {**form, "client_secret": "s3cret"}, headers=_basic("backend", "s3cret")
+        )
         assert (both.status, both.body["error"]) == (400, "invalid_request")
         # A refresh token only works for the client it was issued to.
-        other = await oauth(s, {"grant_type": "refresh_token", "client_id": "cli",
-                                "refresh_token": ok_body.body["refresh_token"]})
+        other = await oauth(
+            s,
+            {
+                "grant_type": "refresh_token",
+                "client_id": "cli",
+                "refresh_token": ok_body.body["refresh_token"],
+            },
+        )
         assert other.body["error"] == "invalid_grant"
 
 
@@ -154,22 +176,35 @@ async def test_unsupported_grant_and_missing_parameters() -> None:
 
 
 async def _authorize(s: aiohttp.ClientSession) -> Any:
-    answer = await post(s, "/oauth/device_authorization",
-                        data={"client_id": CLIENT, "scope": "sync"})
+    answer = await post(
+        s, "/oauth/device_authorization", data={"client_id": CLIENT, "scope": "sync"}
+    )
     assert answer.status == 200, answer.body
     return answer.body
 
 
 async def _poll(s: aiohttp.ClientSession, device_code: str) -> Any:
-    return await oauth(s, {"grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-                           "device_code": device_code, "client_id": CLIENT})
+    return await oauth(
+        s,
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": device_code,
+            "client_id": CLIENT,
+        },
+    )
 
 
 async def test_device_authorization_answer_shape() -> None:
     async with serve() as (server, s):
         body = await _authorize(s)
-        assert set(body) == {"device_code", "user_code", "verification_uri",
-                             "verification_uri_complete", "expires_in", "interval"}
+        assert set(body) == {
+            "device_code",
+            "user_code",
+            "verification_uri",
+            "verification_uri_complete",
+            "expires_in",
+            "interval",
+        }
         assert (body["expires_in"], body["interval"]) == (600, 5)
         code = body["user_code"]
         assert len(code) == 9 and code[4] == "-" and code.replace("-", "").isalpha()
@@ -189,8 +224,9 @@ async def test_device_flow_pending_slow_down_approve_consumed() -> None:
         assert (await _poll(s, auth["device_code"])).body["error"] == "slow_down"
         await server.advance(16)
         assert (await _poll(s, auth["device_code"])).body["error"] == "authorization_pending"
-        approve = await post(s, "/_test/device",
-                             {"user_code": auth["user_code"].lower(), "action": "approve"})
+        approve = await post(
+            s, "/_test/device", {"user_code": auth["user_code"].lower(), "action": "approve"}
+        )
         assert (approve.status, approve.body) == (200, {"status": "approved"})
         tokens = await _poll(s, auth["device_code"])
         assert tokens.status == 200
@@ -207,8 +243,9 @@ async def test_device_flow_deny_gives_access_denied() -> None:
         server.device_action(auth["user_code"], "deny")
         denied = await _poll(s, auth["device_code"])
         assert (denied.status, denied.body["error"]) == (400, "access_denied")
-        again = await post(s, "/_test/device",
-                           {"user_code": auth["user_code"], "action": "approve"})
+        again = await post(
+            s, "/_test/device", {"user_code": auth["user_code"], "action": "approve"}
+        )
         assert again.status == 409
 
 
@@ -227,11 +264,15 @@ async def test_device_test_endpoint_rejects_bad_input() -> None:
         unknown = await post(s, "/_test/device", {"user_code": "BCDF-GHJK", "action": "approve"})
         assert unknown.status == 404
         auth = await _authorize(s)
-        bad_action = await post(s, "/_test/device",
-                                {"user_code": auth["user_code"], "action": "maybe"})
+        bad_action = await post(
+            s, "/_test/device", {"user_code": auth["user_code"], "action": "maybe"}
+        )
         assert bad_action.status == 400
-        bad_user = await post(s, "/_test/device", {"user_code": auth["user_code"],
-                                                   "action": "approve", "email": "x@y.z"})
+        bad_user = await post(
+            s,
+            "/_test/device",
+            {"user_code": auth["user_code"], "action": "approve", "email": "x@y.z"},
+        )
         assert bad_user.status == 400
         unknown_code = await _poll(s, "never-issued")
         assert unknown_code.body["error"] == "invalid_grant"

@@ -153,8 +153,11 @@ class ServerState:
         if entry is None:
             raise ValueError("unknown account")
         return self.store.device_action(
-            normalize_user_code(user_code), approve=action == "approve",
-            user_id=user_id_for(entry[0]), email=entry[0], now=self.clock.now(),
+            normalize_user_code(user_code),
+            approve=action == "approve",
+            user_id=user_id_for(entry[0]),
+            email=entry[0],
+            now=self.clock.now(),
         )
 
 
@@ -178,7 +181,10 @@ class OAuthError(Exception):
     """An RFC 6749 section 5.2 error answer."""
 
     def __init__(
-        self, error: str, description: str, status: int = 400,
+        self,
+        error: str,
+        description: str,
+        status: int = 400,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(description)
@@ -244,7 +250,10 @@ async def read_form(request: web.Request) -> dict[str, str]:
     raw = await request.read()
     try:
         pairs = parse_qsl(
-            raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict",
+            raw.decode("ascii"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
             max_num_fields=_MAX_FORM_FIELDS,
         )
     except ValueError:  # includes UnicodeDecodeError
@@ -291,7 +300,8 @@ def mana_error(
     """A NestJS-shaped error: `{statusCode, error, message, code}`."""
     return web.json_response(
         {"statusCode": status, "error": _phrase(status), "message": message, "code": code},
-        status=status, headers=headers,
+        status=status,
+        headers=headers,
     )
 
 
@@ -299,13 +309,14 @@ def oauth_error(exc: OAuthError) -> web.Response:
     """An RFC 6749 error answer."""
     return web.json_response(
         {"error": exc.error, "error_description": exc.description},
-        status=exc.status, headers=exc.headers,
+        status=exc.status,
+        headers=exc.headers,
     )
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
 
 
@@ -411,9 +422,7 @@ class ManaDialect(Dialect):
 
     def conflict(self) -> web.Response:
         """409 `rotation_in_progress` with `Retry-After: 1`."""
-        return mana_error(
-            409, "rotation_in_progress", "rotation_in_progress", {"Retry-After": "1"}
-        )
+        return mana_error(409, "rotation_in_progress", "rotation_in_progress", {"Retry-After": "1"})
 
 
 def oauth_body(pair: IssuedPair) -> dict[str, Any]:
@@ -456,9 +465,7 @@ class OAuthDialect(Dialect):
     def conflict(self) -> web.Response:
         """409 `rotation_in_progress` with `Retry-After: 1`."""
         return oauth_error(
-            OAuthError(
-                "rotation_in_progress", "rotation_in_progress", 409, {"Retry-After": "1"}
-            )
+            OAuthError("rotation_in_progress", "rotation_in_progress", 409, {"Retry-After": "1"})
         )
 
 
@@ -473,8 +480,14 @@ def _drop(request: web.Request) -> web.Response:
 
 
 async def refresh_flow(
-    request: web.Request, state: ServerState, token: str, dialect: Dialect, *,
-    device_id: str | None, client_id: str | None, replay: Literal["same", "new"],
+    request: web.Request,
+    state: ServerState,
+    token: str,
+    dialect: Dialect,
+    *,
+    device_id: str | None,
+    client_id: str | None,
+    replay: Literal["same", "new"],
 ) -> web.StreamResponse:
     """The shared refresh: faults, per-token serialisation, the store, the answer."""
     state.stats.incr("refresh_requests")
@@ -498,9 +511,15 @@ async def refresh_flow(
             await asyncio.sleep(fault.seconds)
         # One synchronous store call: nothing else runs in the loop until it returns.
         result = state.store.refresh(
-            token, now=state.clock.now(), kind=dialect.kind, device_id=device_id,
-            client_id=client_id, replay=replay, grace=state.config.grace,
-            refresh_ttl=state.config.refresh_ttl, mint=state.minter.mint,
+            token,
+            now=state.clock.now(),
+            kind=dialect.kind,
+            device_id=device_id,
+            client_id=client_id,
+            replay=replay,
+            grace=state.config.grace,
+            refresh_ttl=state.config.refresh_ttl,
+            mint=state.minter.mint,
         )
         if result.outcome == "rotated":
             state.stats.incr("rotations")
@@ -510,7 +529,9 @@ async def refresh_flow(
             state.stats.incr("reuse_detections")
             state.stats.incr("family_revocations")
         log.info(
-            "refresh %s: %s%s", fingerprint(token), result.outcome,
+            "refresh %s: %s%s",
+            fingerprint(token),
+            result.outcome,
             f" ({result.error})" if result.error else "",
         )
         if fault is not None and fault.kind == "delay_after":
@@ -544,8 +565,14 @@ async def mana_signin(request: web.Request) -> web.StreamResponse:
     if user is None:
         return mana_error(401, "invalid_credentials", "Invalid credentials")
     _, pair = state.store.create_family(
-        kind="mana", user_id=user[0], email=user[1], device_id=device_id, client_id=None,
-        scope=None, now=state.clock.now(), refresh_ttl=state.config.refresh_ttl,
+        kind="mana",
+        user_id=user[0],
+        email=user[1],
+        device_id=device_id,
+        client_id=None,
+        scope=None,
+        now=state.clock.now(),
+        refresh_ttl=state.config.refresh_ttl,
         mint=state.minter.mint,
     )
     state.stats.incr("signins")
@@ -562,7 +589,12 @@ async def mana_refresh(request: web.Request) -> web.StreamResponse:
     token = req_str(data, "refreshToken")
     device_id = device_id_of(data)
     return await refresh_flow(
-        request, state, token, ManaDialect(device_id), device_id=device_id, client_id=None,
+        request,
+        state,
+        token,
+        ManaDialect(device_id),
+        device_id=device_id,
+        client_id=None,
         replay="same",
     )
 
@@ -585,9 +617,7 @@ async def mana_validate(request: web.Request) -> web.StreamResponse:
     claims = state.minter.verify(token, state.clock.now())
     if claims is None or not state.store.family_active(claims.family_id):
         return web.json_response({"valid": False, "user": None})
-    return web.json_response(
-        {"valid": True, "user": {"id": claims.user_id, "email": claims.email}}
-    )
+    return web.json_response({"valid": True, "user": {"id": claims.user_id, "email": claims.email}})
 
 
 # ------------------------------------------------------------------------------ OAuth
@@ -660,8 +690,14 @@ async def oauth_token(request: web.Request) -> web.StreamResponse:
         if user is None:
             raise OAuthError("invalid_grant", "invalid username or password")
         _, pair = state.store.create_family(
-            kind="oauth", user_id=user[0], email=user[1], device_id=None, client_id=client_id,
-            scope=form.get("scope"), now=now, refresh_ttl=state.config.refresh_ttl,
+            kind="oauth",
+            user_id=user[0],
+            email=user[1],
+            device_id=None,
+            client_id=client_id,
+            scope=form.get("scope"),
+            now=now,
+            refresh_ttl=state.config.refresh_ttl,
             mint=state.minter.mint,
         )
         state.stats.incr("signins")
@@ -672,13 +708,21 @@ async def oauth_token(request: web.Request) -> web.StreamResponse:
         if family is not None and family.kind == "oauth" and family.client_id == client_id:
             _check_scope(form.get("scope"), family.scope)
         return await refresh_flow(
-            request, state, token, OAuthDialect(), device_id=None, client_id=client_id,
+            request,
+            state,
+            token,
+            OAuthDialect(),
+            device_id=None,
+            client_id=client_id,
             replay=state.config.oauth_replay,
         )
     if grant_type == DEVICE_GRANT:
         device_code = form_str(form, "device_code")
         poll = state.store.poll_device(
-            device_code, client_id=client_id, now=now, refresh_ttl=state.config.refresh_ttl,
+            device_code,
+            client_id=client_id,
+            now=now,
+            refresh_ttl=state.config.refresh_ttl,
             mint=state.minter.mint,
         )
         if poll.outcome == "issued":
@@ -706,8 +750,12 @@ async def oauth_device_authorization(request: web.Request) -> web.StreamResponse
     user_code = _new_user_code(state)
     config = state.config
     state.store.create_device_code(
-        device_code=device_code, user_code=user_code, client_id=client_id,
-        scope=form.get("scope"), now=state.clock.now(), expires_in=config.device_expires_in,
+        device_code=device_code,
+        user_code=user_code,
+        client_id=client_id,
+        scope=form.get("scope"),
+        now=state.clock.now(),
+        expires_in=config.device_expires_in,
         interval=config.device_interval,
     )
     state.stats.incr("device_authorizations")
@@ -737,7 +785,8 @@ async def api_me(request: web.Request) -> web.StreamResponse:
     if claims is None or not state.store.family_active(claims.family_id):
         state.stats.incr("api_401")
         return web.json_response(
-            {"message": "JWT expired"}, status=401,
+            {"message": "JWT expired"},
+            status=401,
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     state.stats.incr("api_200")

@@ -44,17 +44,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
     parser.add_argument("--grace", type=float, default=defaults.grace)
     parser.add_argument(
-        "--test-mode", action="store_true",
+        "--test-mode",
+        action="store_true",
         help="enable /_test/* routes and the demo account (loopback hosts only)",
     )
     parser.add_argument("--conflict", choices=("serialize", "409"), default=defaults.conflict)
     parser.add_argument("--oauth-replay", choices=("same", "new"), default=defaults.oauth_replay)
     parser.add_argument(
-        "--user", action="append", type=_pair, default=[], metavar="EMAIL:PASSWORD",
+        "--user",
+        action="append",
+        type=_pair,
+        default=[],
+        metavar="EMAIL:PASSWORD",
         help="an account (repeatable)",
     )
     parser.add_argument(
-        "--client", action="append", default=[], metavar="ID[:SECRET]",
+        "--client",
+        action="append",
+        default=[],
+        metavar="ID[:SECRET]",
         help=f"an OAuth client, public without SECRET (repeatable; default {DEMO_CLIENT_ID})",
     )
     parser.add_argument("--max-body", type=int, default=defaults.max_body)
@@ -70,9 +78,16 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
             parsed.append((name, secret if sep and secret else None))
         clients = tuple(parsed)
     return ServerConfig(
-        access_ttl=ns.access_ttl, refresh_ttl=ns.refresh_ttl, grace=ns.grace, db_path=ns.db,
-        test_mode=ns.test_mode, users=tuple(ns.user), conflict=ns.conflict,
-        oauth_replay=ns.oauth_replay, clients=clients, max_body=ns.max_body,
+        access_ttl=ns.access_ttl,
+        refresh_ttl=ns.refresh_ttl,
+        grace=ns.grace,
+        db_path=ns.db,
+        test_mode=ns.test_mode,
+        users=tuple(ns.user),
+        conflict=ns.conflict,
+        oauth_replay=ns.oauth_replay,
+        clients=clients,
+        max_body=ns.max_body,
     )
 
 

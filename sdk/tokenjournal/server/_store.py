@@ -73,9 +73,7 @@ CREATE TABLE IF NOT EXISTS device_codes (
 """
 
 Mint = Callable[[Family, float], IssuedPair]
-RefreshError = Literal[
-    "invalid_token", "token_expired", "invalid_token_state", "device_mismatch"
-]
+RefreshError = Literal["invalid_token", "token_expired", "invalid_token_state", "device_mismatch"]
 DeviceState = Literal["pending", "approved", "denied", "consumed"]
 
 
@@ -171,8 +169,13 @@ class TokenStore:
     # -- families -----------------------------------------------------------------------
 
     def _insert_token(
-        self, db: sqlite3.Connection, family_id: str, generation: int, pair: IssuedPair,
-        now: float, refresh_ttl: float,
+        self,
+        db: sqlite3.Connection,
+        family_id: str,
+        generation: int,
+        pair: IssuedPair,
+        now: float,
+        refresh_ttl: float,
     ) -> str:
         digest = token_hash(pair.refresh_token)
         db.execute(
@@ -183,13 +186,27 @@ class TokenStore:
         return digest
 
     def _create_family(
-        self, db: sqlite3.Connection, *, kind: FamilyKind, user_id: str, email: str,
-        device_id: str | None, client_id: str | None, scope: str | None, now: float,
-        refresh_ttl: float, mint: Mint,
+        self,
+        db: sqlite3.Connection,
+        *,
+        kind: FamilyKind,
+        user_id: str,
+        email: str,
+        device_id: str | None,
+        client_id: str | None,
+        scope: str | None,
+        now: float,
+        refresh_ttl: float,
+        mint: Mint,
     ) -> tuple[Family, IssuedPair]:
         family = Family(
-            id=uuid.uuid4().hex, kind=kind, user_id=user_id, email=email,
-            device_id=device_id, client_id=client_id, scope=scope,
+            id=uuid.uuid4().hex,
+            kind=kind,
+            user_id=user_id,
+            email=email,
+            device_id=device_id,
+            client_id=client_id,
+            scope=scope,
         )
         db.execute(
             "INSERT INTO families(id, kind, user_id, email, device_id, client_id, scope,"
@@ -201,22 +218,45 @@ class TokenStore:
         return family, pair
 
     def create_family(
-        self, *, kind: FamilyKind, user_id: str, email: str, device_id: str | None,
-        client_id: str | None, scope: str | None, now: float, refresh_ttl: float, mint: Mint,
+        self,
+        *,
+        kind: FamilyKind,
+        user_id: str,
+        email: str,
+        device_id: str | None,
+        client_id: str | None,
+        scope: str | None,
+        now: float,
+        refresh_ttl: float,
+        mint: Mint,
     ) -> tuple[Family, IssuedPair]:
         """Start a new family (a sign-in) and issue its first pair."""
         with self._tx() as db:
             return self._create_family(
-                db, kind=kind, user_id=user_id, email=email, device_id=device_id,
-                client_id=client_id, scope=scope, now=now, refresh_ttl=refresh_ttl, mint=mint,
+                db,
+                kind=kind,
+                user_id=user_id,
+                email=email,
+                device_id=device_id,
+                client_id=client_id,
+                scope=scope,
+                now=now,
+                refresh_ttl=refresh_ttl,
+                mint=mint,
             )
 
     @staticmethod
     def _family(row: sqlite3.Row) -> Family:
         return Family(
-            id=row["id"], kind=row["kind"], user_id=row["user_id"], email=row["email"],
-            device_id=row["device_id"], client_id=row["client_id"], scope=row["scope"],
-            revoked_at=row["revoked_at"], revoked_reason=row["revoked_reason"],
+            id=row["id"],
+            kind=row["kind"],
+            user_id=row["user_id"],
+            email=row["email"],
+            device_id=row["device_id"],
+            client_id=row["client_id"],
+            scope=row["scope"],
+            revoked_at=row["revoked_at"],
+            revoked_reason=row["revoked_reason"],
         )
 
     def _revoke(self, db: sqlite3.Connection, family_id: str, now: float, reason: str) -> bool:
@@ -263,9 +303,17 @@ class TokenStore:
     # -- rotation -----------------------------------------------------------------------
 
     def refresh(
-        self, refresh_token: str, *, now: float, kind: FamilyKind, device_id: str | None,
-        client_id: str | None, replay: Literal["same", "new"], grace: float,
-        refresh_ttl: float, mint: Mint,
+        self,
+        refresh_token: str,
+        *,
+        now: float,
+        kind: FamilyKind,
+        device_id: str | None,
+        client_id: str | None,
+        replay: Literal["same", "new"],
+        grace: float,
+        refresh_ttl: float,
+        mint: Mint,
     ) -> RefreshResult:
         """Apply the rotation rules to one presented refresh token (see the package docs).
 
@@ -337,30 +385,48 @@ class TokenStore:
 
     @staticmethod
     def _mark_rotated(
-        db: sqlite3.Connection, digest: str, now: float, succ: str, pair: IssuedPair,
-        *, keep_time: bool,
+        db: sqlite3.Connection,
+        digest: str,
+        now: float,
+        succ: str,
+        pair: IssuedPair,
+        *,
+        keep_time: bool,
     ) -> None:
         db.execute(
             "UPDATE refresh_tokens SET rotated_at = CASE WHEN ? THEN rotated_at ELSE ? END,"
             " successor_hash = ?, successor_access = ?, successor_refresh = ?,"
             " successor_expires_in = ? WHERE token_hash = ?",
-            (keep_time, now, succ, pair.access_token, pair.refresh_token, pair.expires_in,
-             digest),
+            (keep_time, now, succ, pair.access_token, pair.refresh_token, pair.expires_in, digest),
         )
 
     # -- device codes (RFC 8628) --------------------------------------------------------
 
     def create_device_code(
-        self, *, device_code: str, user_code: str, client_id: str, scope: str | None,
-        now: float, expires_in: float, interval: int,
+        self,
+        *,
+        device_code: str,
+        user_code: str,
+        client_id: str,
+        scope: str | None,
+        now: float,
+        expires_in: float,
+        interval: int,
     ) -> None:
         """Record a new pending device authorization."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO device_codes(code_hash, user_code, client_id, scope, created_at,"
                 " expires_at, interval, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
-                (token_hash(device_code), user_code, client_id, scope, now, now + expires_in,
-                 interval),
+                (
+                    token_hash(device_code),
+                    user_code,
+                    client_id,
+                    scope,
+                    now,
+                    now + expires_in,
+                    interval,
+                ),
             )
 
     def user_code_exists(self, user_code: str) -> bool:
@@ -371,7 +437,13 @@ class TokenStore:
         return row is not None
 
     def device_action(
-        self, user_code: str, *, approve: bool, user_id: str, email: str, now: float,
+        self,
+        user_code: str,
+        *,
+        approve: bool,
+        user_id: str,
+        email: str,
+        now: float,
     ) -> Literal["approved", "denied", "unknown", "expired", "not_pending"]:
         """Approve (for `email`) or deny a pending device authorization."""
         with self._tx() as db:
@@ -392,14 +464,18 @@ class TokenStore:
             return status
 
     def poll_device(
-        self, device_code: str, *, client_id: str, now: float, refresh_ttl: float, mint: Mint,
+        self,
+        device_code: str,
+        *,
+        client_id: str,
+        now: float,
+        refresh_ttl: float,
+        mint: Mint,
     ) -> DevicePoll:
         """One token-endpoint poll with a device code; issues the pair once when approved."""
         digest = token_hash(device_code)
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM device_codes WHERE code_hash = ?", (digest,)
-            ).fetchone()
+            row = db.execute("SELECT * FROM device_codes WHERE code_hash = ?", (digest,)).fetchone()
             if row is None or row["client_id"] != client_id or row["status"] == "consumed":
                 return DevicePoll("invalid_grant")
             if now >= row["expires_at"]:
@@ -414,9 +490,16 @@ class TokenStore:
                     "UPDATE device_codes SET status = 'consumed' WHERE code_hash = ?", (digest,)
                 )
                 _, pair = self._create_family(
-                    db, kind="oauth", user_id=row["user_id"], email=row["email"],
-                    device_id=None, client_id=client_id, scope=row["scope"], now=now,
-                    refresh_ttl=refresh_ttl, mint=mint,
+                    db,
+                    kind="oauth",
+                    user_id=row["user_id"],
+                    email=row["email"],
+                    device_id=None,
+                    client_id=client_id,
+                    scope=row["scope"],
+                    now=now,
+                    refresh_ttl=refresh_ttl,
+                    mint=mint,
                 )
                 return DevicePoll("issued", pair=pair)
             # RFC 8628 section 3.5: slow_down is a variant of authorization_pending, and the
