@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from tokenjournal.server import ReferenceServer
+from tokenjournal.server import ReferenceServer, ServerConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -39,3 +39,37 @@ async def test_quickstart_signs_in_once_and_then_reads_the_journal(
         assert status == 0, out
         assert out.startswith("200 {") and "demo@example.com" in out
     assert server.stats()["signins"] == 1  # the second run used the journal
+
+
+def oauth_quickstart() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    found = [b for b in blocks if "sign_in_device" in b]
+    assert found, "the README has no OAuth 2.0 device quickstart"
+    return found[0]
+
+
+async def test_oauth_device_quickstart_signs_in_once_then_reads_the_journal(tmp_path: Path) -> None:
+    async with ReferenceServer(ServerConfig(test_mode=True, device_interval=1)) as server:
+        code = oauth_quickstart().replace("http://127.0.0.1:8787", server.url)
+        code = code.replace("~/.local/state/device_app/tokens.db", str(tmp_path / "tokens.db"))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert child.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(30):
+            while not lines or "enter the code" not in lines[-1]:
+                lines.append((await child.stdout.readline()).decode())
+                assert lines[-1], "".join(lines)
+            server.device_action(lines[-1].split()[-1], "approve")
+            out = (await child.stdout.read()).decode()
+            assert await child.wait() == 0, "".join(lines) + out
+        assert out.startswith("200 {")
+        status, again = await run(code)  # the second run reads the journal
+        assert status == 0 and again.startswith("200 {"), again
+        stats = server.stats()
+        assert stats["device_authorizations"] == 1 and stats["signins"] == 1
