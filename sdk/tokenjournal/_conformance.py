@@ -23,7 +23,6 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, TextIO
@@ -32,7 +31,6 @@ import aiohttp
 from yarl import URL
 
 from ._protocols import (
-    MAX_BODY,
     AuthProtocol,
     DeviceInfo,
     Failure,
@@ -43,6 +41,7 @@ from ._protocols import (
 )
 from ._table import render_table
 from ._tokens import TokenSet, fingerprint
+from ._transport import Raw, send
 
 Protocol = Literal["mana", "oauth2"]
 Outcome = Literal["pass", "fail", "skip", "info"]
@@ -188,23 +187,8 @@ class Probe:
             str(uuid.uuid4()), "tokenjournal-conformance", "cli", "tokenjournal-conformance"
         )
 
-    async def _send(self, request: HttpRequest) -> tuple[int, Mapping[str, str], bytes]:
-        timeout = aiohttp.ClientTimeout(total=self.options.timeout)
-        async with self.http.request(
-            request.method,
-            request.url,
-            data=request.body,
-            headers=dict(request.headers),
-            timeout=timeout,
-            allow_redirects=False,
-        ) as response:
-            # Capped like the manager's reads: the protocol refuses anything larger anyway.
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                body += chunk
-                if len(body) > MAX_BODY:
-                    break
-            return response.status, dict(response.headers), bytes(body)
+    async def _send(self, request: HttpRequest) -> Raw:
+        return await send(self.http, request, self.options.timeout)
 
     async def _exchange(self, request: HttpRequest, previous: TokenSet | None) -> Reply:
         try:

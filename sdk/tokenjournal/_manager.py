@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import platform
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -46,7 +46,6 @@ from ._journal import (
     lease_is_live,
 )
 from ._protocols import (
-    MAX_BODY,
     AuthProtocol,
     DeviceCode,
     DeviceInfo,
@@ -58,6 +57,7 @@ from ._protocols import (
 )
 from ._retry import RetryPolicy, is_retryable
 from ._tokens import TokenSet, fingerprint
+from ._transport import Raw, send
 
 log = logging.getLogger("tokenjournal")
 
@@ -68,8 +68,6 @@ LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.25
-
-Raw = tuple[int, Mapping[str, str], bytes]
 
 
 class _NetworkFailure(Exception):
@@ -667,24 +665,10 @@ class TokenManager:
             await self._clock.sleep(delay)
 
     async def _send(self, request: HttpRequest) -> Raw:
-        """One HTTP exchange with the auth server; the body is read up to MAX_BODY + 1 bytes."""
+        """One HTTP exchange with the auth server; no answer is a ``_NetworkFailure``."""
         if self._http is None:
             raise RuntimeError("the TokenManager is closed")
-        timeout = aiohttp.ClientTimeout(total=self.retry.attempt_timeout)
         try:
-            async with self._http.request(
-                request.method,
-                request.url,
-                data=request.body,
-                headers=dict(request.headers),
-                timeout=timeout,
-                allow_redirects=False,
-            ) as response:
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        break  # the protocol refuses it; no need to read the rest
-                return response.status, dict(response.headers), bytes(body)
+            return await send(self._http, request, self.retry.attempt_timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _NetworkFailure(type(exc).__name__) from None

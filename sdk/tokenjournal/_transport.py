@@ -1,0 +1,32 @@
+"""The one place an :class:`HttpRequest` meets the network: send it, read a capped answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+
+from ._protocols import MAX_BODY, HttpRequest
+
+Raw = tuple[int, Mapping[str, str], bytes]
+
+
+async def send(http: aiohttp.ClientSession, request: HttpRequest, limit: float) -> Raw:
+    """Send ``request`` (no redirects: a token endpoint that redirects is misconfigured) and
+    return status, headers and at most ``MAX_BODY + 1`` bytes of body: the protocol refuses
+    anything larger, so the rest is never read. ``limit`` bounds the whole exchange in
+    seconds. aiohttp's errors propagate."""
+    async with http.request(
+        request.method,
+        request.url,
+        data=request.body,
+        headers=dict(request.headers),
+        timeout=aiohttp.ClientTimeout(total=limit),
+        allow_redirects=False,
+    ) as response:
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > MAX_BODY:
+                break
+        return response.status, dict(response.headers), bytes(body)
