@@ -271,7 +271,7 @@ class MemoryJournal:
     ) -> BeginResult:
         """Take the lease, write the intent."""
         rec = await self.load(account)
-        if rec.generation != expected_generation or rec.tokens is None:
+        if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
             return Stale(rec)
         if lease_is_live(rec.lease, holder, now):
             assert rec.lease is not None
@@ -333,6 +333,11 @@ class MemoryJournal:
         rec = await self.load(account)
         if rec.intent is not None and rec.intent.kind == "device_code":
             self._put(replace(rec, intent=None))
+
+
+def _signing_out(rec: AccountRecord) -> bool:
+    """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
+    return rec.intent is not None and rec.intent.kind == "sign_out"
 
 
 def _kept_or_new_intent(rec: AccountRecord, now: float) -> Intent:
@@ -681,7 +686,7 @@ class SQLiteJournal:
 
         async def body(db: aiosqlite.Connection) -> BeginResult:
             rec = await self._load_in(db, account)
-            if rec.generation != expected_generation or rec.tokens is None:
+            if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
                 return Stale(rec)
             if lease_is_live(rec.lease, holder, now):
                 assert rec.lease is not None

@@ -1,0 +1,226 @@
+"""The run's figures: the table a person reads, the JSON a test reads, the must-be-zero list."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenjournal._faults import CRASH_POINTS
+
+from .crashes import CrashOutcome
+from .kills import KillFigures, quantiles
+from .network import NetOutcome
+
+
+@dataclass
+class Figures:
+    """Everything one run measured."""
+
+    command: str
+    seed: int
+    seconds: float = 0.0
+    crash_rounds: list[CrashOutcome] = field(default_factory=list)
+    kills: KillFigures | None = None
+    network: list[NetOutcome] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ derived figures
+
+    def crashes_injected(self) -> Counter[str]:
+        """Workers that died at each named point, both phases."""
+        counts: Counter[str] = Counter(o.point for o in self.crash_rounds if o.crashed)
+        if self.kills is not None:
+            counts.update(self.kills.crashes)
+        return counts
+
+    def crash_failures(self) -> list[str]:
+        """Phase 1 rounds that did not recover as their point demands."""
+        return [f"{o.point}: {'; '.join(o.problems)}" for o in self.crash_rounds if not o.recovered]
+
+    def outside_window(self) -> tuple[int, int]:
+        """(recoveries outside the grace window, of which ended in a clean SessionEnded)."""
+        runs = [o for o in self.network if o.outside_window]
+        return len(runs), sum(o.ok for o in runs)
+
+    def must_be_zero(self) -> dict[str, int]:
+        """The figures a passing run has at zero."""
+        k = self.kills or KillFigures()
+        runs, clean = self.outside_window()
+        return {
+            "sessions lost inside the grace window": k.lost_inside + k.lost_outside,
+            "double rotations": k.double_rotations,
+            "family revocations": k.family_revocations,
+            "exceptions escaping the SDK": k.fatal,
+            "workers that exited unexpectedly": k.unexpected_exits,
+            "crash points not recovered": len(self.crash_failures()),
+            "network scenarios failed": sum(
+                1 for o in self.network if not o.ok and not o.outside_window
+            ),
+            "outside-window recoveries not a clean SessionEnded": runs - clean,
+            "journals not clean after the final recovery": len(k.final_check_failures),
+        }
+
+    def passed(self) -> bool:
+        """Every must-be-zero figure is zero."""
+        return not any(self.must_be_zero().values())
+
+    # ------------------------------------------------------------------ output
+
+    def as_json(self) -> dict[str, Any]:
+        """The figures as plain data (``--json``)."""
+        k = self.kills or KillFigures()
+        sdk = quantiles(k.recovery_sdk)
+        restart = quantiles(k.recovery_restart)
+        runs, clean = self.outside_window()
+        return {
+            "command": self.command,
+            "seed": self.seed,
+            "seconds": round(self.seconds, 1),
+            "passed": self.passed(),
+            "must_be_zero": self.must_be_zero(),
+            "crashes_injected": dict(self.crashes_injected()),
+            "crash_rounds": [
+                {
+                    "point": o.point,
+                    "crashed": o.crashed,
+                    "recovered": o.recovered,
+                    "problems": o.problems,
+                }
+                for o in self.crash_rounds
+            ],
+            "random_kills": k.kills,
+            "aimed_kills": k.aimed_kills,
+            "restarts": k.restarts,
+            "worker_starts": k.starts,
+            "authenticated_requests_ok": k.api_200,
+            "server_rotations": k.rotations,
+            "committed_refreshes": k.committed,
+            "refreshed_event_lines": k.refreshed_lines,
+            "grace_replays": k.grace_replays,
+            "double_rotations": k.double_rotations,
+            "family_revocations": k.family_revocations,
+            "reuse_detections": k.reuse_detections,
+            "sessions_lost_inside_window": k.lost_inside,
+            "sessions_lost_details": k.lost_details,
+            "resignins_after_loss": k.resignins,
+            "exceptions_escaping": k.fatal,
+            "exceptions_details": k.fatal_details[:20],
+            "worker_errors_survived": dict(k.worker_errors),
+            "server_faults_scheduled": dict(k.server_faults),
+            "server_faults_applied": k.server_faults_applied,
+            "workers_exited_unexpectedly": k.unexpected_exits,
+            "proxy_faults_injected": dict(k.proxy_faults),
+            "killed_before_first_200": k.killed_before_first_200,
+            "recovery_sdk_seconds": {"median": sdk[0], "p99": sdk[1], "n": len(k.recovery_sdk)},
+            "recovery_restart_seconds": {
+                "median": restart[0],
+                "p99": restart[1],
+                "n": len(k.recovery_restart),
+            },
+            "final_check_failures": k.final_check_failures,
+            "kill_phase_seconds": round(k.seconds, 1),
+            "outside_window_recoveries": runs,
+            "outside_window_clean": clean,
+            "network": [
+                {
+                    "scenario": o.name,
+                    "expected": o.expected,
+                    "ok": o.ok,
+                    "outside_window": o.outside_window,
+                    "problems": o.problems,
+                }
+                for o in self.network
+            ],
+        }
+
+    def render(self) -> str:
+        """The table."""
+        k = self.kills or KillFigures()
+        rows: list[tuple[str, str, str]] = []
+
+        def row(name: str, value: object, note: str = "") -> None:
+            rows.append((name, str(value), note))
+
+        injected = self.crashes_injected()
+        rounds = Counter(o.point for o in self.crash_rounds)
+        recovered = Counter(o.point for o in self.crash_rounds if o.recovered)
+        for point in CRASH_POINTS:
+            phase2 = k.crashes.get(point, 0)
+            row(
+                f"crashes injected at {point}",
+                injected.get(point, 0),
+                f"checked rounds {recovered[point]}/{rounds[point]} recovered"
+                + (f", +{phase2} during random kills" if phase2 else ""),
+            )
+        row("random kills (SIGKILL)", k.kills, f"{k.aimed_kills} aimed into a refresh")
+        row("restarts", k.restarts, f"{k.killed_before_first_200} killed before their first 200")
+        row("authenticated requests answered 200", k.api_200)
+        proxy = sum(k.proxy_faults.values())
+        row(
+            "network faults injected during kills",
+            k.server_faults_applied + proxy,
+            f"server answers {k.server_faults_applied}, proxy exchanges {proxy}",
+        )
+        row("sessions lost, recovery inside the grace window", k.lost_inside, "must be 0")
+        row(
+            "server rotations / committed refreshes",
+            f"{k.rotations} / {k.committed}",
+            f"{k.grace_replays} grace replays",
+        )
+        row("double rotations", k.double_rotations, "must be 0")
+        row("family revocations", k.family_revocations, "must be 0")
+        row("exceptions escaping the SDK", k.fatal, "must be 0")
+        row("workers that exited unexpectedly", k.unexpected_exits, "must be 0")
+        runs, clean = self.outside_window()
+        row(
+            "recoveries outside the window",
+            runs,
+            f"{clean} clean SessionEnded(token_expired); must be all",
+        )
+        net_ok = sum(o.ok for o in self.network if not o.outside_window)
+        net_all = sum(1 for o in self.network if not o.outside_window)
+        row("network fault scenarios passed", f"{net_ok}/{net_all}")
+        sdk_med, sdk_p99 = quantiles(k.recovery_sdk)
+        rs_med, rs_p99 = quantiles(k.recovery_restart)
+        row(
+            "recovery time, worker start -> first 200 (median / p99)",
+            f"{_ms(sdk_med)} / {_ms(sdk_p99)}",
+            f"n={len(k.recovery_sdk)}, start = imports done",
+        )
+        row(
+            "recovery time, spawn -> first 200 (median / p99)",
+            f"{_ms(rs_med)} / {_ms(rs_p99)}",
+            "includes interpreter start-up",
+        )
+
+        width = max(len(r[0]) for r in rows)
+        vwidth = max(len(r[1]) for r in rows)
+        lines = [
+            f"tokenjournal torture run: {self.command}",
+            f"seed {self.seed}, {self.seconds:.0f} s",
+            "",
+        ]
+        lines += [f"{n:<{width}}  {v:>{vwidth}}  {note}".rstrip() for n, v, note in rows]
+        failures = [f"  {name}: {value}" for name, value in self.must_be_zero().items() if value]
+        problems = (
+            self.crash_failures()
+            + [f"{o.name}: {'; '.join(o.problems)}" for o in self.network if not o.ok]
+            + [str(d) for d in k.lost_details]
+            + [str(d) for d in k.fatal_details[:5]]
+            + list(k.final_check_failures)
+        )
+        lines.append("")
+        lines.append("PASSED" if not failures else "FAILED\n" + "\n".join(failures))
+        if problems:
+            lines.append("problems:")
+            lines += [f"  {p}" for p in problems]
+        return "\n".join(lines)
+
+    def dumps(self) -> str:
+        """``as_json`` as text."""
+        return json.dumps(self.as_json(), indent=2, default=str)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
