@@ -356,3 +356,32 @@ async def test_bad_arguments_are_clear(tmp_path: Path) -> None:
     tm = tj.TokenManager("https://x", tmp_path / "j.db")
     with pytest.raises(RuntimeError, match="not open"):
         await tm.sign_in(**DEMO)
+
+
+class FailingCommitJournal(tj.MemoryJournal):
+    """A journal whose next commit fails, as on a full disk."""
+
+    fail_next_commit = True
+
+    async def commit_refresh(self, *args: object, **kwargs: object) -> int | None:
+        if self.fail_next_commit:
+            self.fail_next_commit = False
+            raise tj.JournalError("journal: the disk is full")
+        return await super().commit_refresh(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_failed_commit_releases_the_lease_and_keeps_the_intent(
+    server: ReferenceServer, clock: FakeClock
+) -> None:
+    journal = FailingCommitJournal()
+    async with manager(server, journal, clock) as tm:
+        await tm.sign_in(**DEMO)
+        with pytest.raises(tj.JournalError):
+            await tm.refresh()
+        record = await journal.load("default")
+        assert record.lease is None  # another process need not wait out its lifetime
+        assert record.intent is not None  # the server rotated: the next try replays
+        fresh = await tm.refresh()
+        assert fresh.refresh_token != record.tokens.refresh_token  # type: ignore[union-attr]
+    stats = server.stats()
+    assert (stats["rotations"], stats["grace_replays"], stats["family_revocations"]) == (1, 1, 0)

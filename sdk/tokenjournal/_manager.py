@@ -67,7 +67,7 @@ CLOSE_WAIT: Final = 5.0
 LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
-WAIT_MAX: Final = 0.25
+WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
 
 
 class _NetworkFailure(Exception):
@@ -500,6 +500,10 @@ class TokenManager:
                 if record.ended_code is not None and record.ended_code != "signed_out":
                     raise SessionEnded(record.ended_code)
                 raise NotSignedIn(f"account {self.account!r} is not signed in")
+            if record.intent is not None and record.intent.kind == "sign_out":
+                # A journaled sign-out (ours, or one a crash left for open() to finish):
+                # a refresh would replace its intent, and one more crash would undo it.
+                raise NotSignedIn(f"account {self.account!r} is being signed out")
             if keyed_on is not None and tokens.access_token != keyed_on:
                 return tokens  # the rejected token was already replaced (invariant 10)
             now = self._clock.time()
@@ -588,9 +592,15 @@ class TokenManager:
                 f"the auth server rejected the refresh request: {answer.code} ({answer.status})"
             )
         _faults.crash_point("after_response")
-        committed = await self.journal.commit_refresh(
-            self.account, self._holder, generation, answer, self._clock.time()
-        )
+        try:
+            committed = await self.journal.commit_refresh(
+                self.account, self._holder, generation, answer, self._clock.time()
+            )
+        except BaseException:
+            # Disk full, locked, cancelled: the intent stays for the next try, and the lease
+            # goes now so that another process need not wait out its lifetime.
+            await asyncio.shield(self._release())
+            raise
         if committed is None:
             # We were paused past our lease and another process committed first: its pair
             # is the newer one; ours is a grace replay of the same rotation. Never overwrite.
