@@ -507,18 +507,9 @@ class TokenManager:
             if keyed_on is not None and tokens.access_token != keyed_on:
                 return tokens  # the rejected token was already replaced (invariant 10)
             now = self._clock.time()
-            if (
-                adopted
-                and record.intent is None
-                and not tokens.needs_refresh(now, self.refresh_margin)
-            ):
-                return tokens  # another process refreshed while we were deciding
-            if (
-                not force
-                and record.intent is None
-                and not tokens.needs_refresh(now, self.refresh_margin)
-            ):
-                return tokens
+            settled = record.intent is None and not tokens.needs_refresh(now, self.refresh_margin)
+            if settled and (adopted or not force):
+                return tokens  # fresh: not stale yet, or another process just refreshed it
             _faults.crash_point("before_intent")
             began = await self.journal.begin_refresh(
                 self.account, self._holder, record.generation, now, self.lease_ttl
@@ -526,7 +517,7 @@ class TokenManager:
             if isinstance(began, Stale):
                 continue
             if isinstance(began, Busy):
-                await self._await_other(record.generation, began.lease.expires_at)
+                await self._await_other(record.generation)
                 force = False  # the other process's commit is the refresh we wanted
                 continue
             assert isinstance(began, Started)
@@ -540,7 +531,7 @@ class TokenManager:
                 log.info("lost the refresh lease of account %s; adopting", self.account)
                 force = False
 
-    async def _await_other(self, generation: int, lease_expires_at: float) -> None:
+    async def _await_other(self, generation: int) -> None:
         """Another process holds the lease: poll the journal until it commits or lapses."""
         pause = WAIT_FIRST
         while True:
