@@ -111,3 +111,37 @@ async def _load(path: Path) -> tj._journal.AccountRecord:
         return await journal.load("default")
     finally:
         await journal.close()
+
+
+async def test_a_recovery_that_fails_never_wipes_a_sign_in_made_meanwhile(
+    journal_path: Path,
+) -> None:
+    """Found by the torture run: a journal kept a refresh intent for tokens the server no
+    longer knows; a process opened it (the recovery started in the background) and signed in.
+    The recovery's `invalid_token` used to end the session over the new sign-in."""
+    async with ReferenceServer() as old_server, tj.TokenManager(old_server.url, journal_path) as tm:
+        await tm.sign_in(**DEMO)
+        record = await tm.journal.load("default")
+        await tm.journal.begin_refresh("default", tm._holder, record.generation, 0.0, 0.001)
+    async with ReferenceServer() as server:  # a new server: the old tokens are unknown to it
+        server.set_faults([{"kind": "delay_before", "seconds": 0.3}])
+        async with tj.TokenManager(server.url, journal_path) as tm:
+            async with asyncio.timeout(10):
+                while server.stats()["refresh_requests"] == 0:  # the recovery has sent
+                    await asyncio.sleep(0.01)
+            fresh = await tm.sign_in(**DEMO)  # while the recovery waits for its answer
+            assert await tm.refresh() == fresh  # joins the recovery: it adopts the sign-in
+            assert tm.state is tj.SessionState.VALID
+        assert server.stats()["refresh_requests"] == 1
+        assert (await _load(journal_path)).tokens == fresh
+
+
+async def test_end_session_is_a_compare_and_swap(journal_path: Path) -> None:
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    first = tj.TokenSet("a1", "r1")
+    generation = await journal.store_tokens("default", first, 0.0)
+    await journal.store_tokens("default", tj.TokenSet("a2", "r2"), 1.0)
+    assert await journal.end_session("default", "invalid_token", 2.0, generation) is None
+    assert (await journal.load("default")).tokens == tj.TokenSet("a2", "r2")
+    await journal.close()

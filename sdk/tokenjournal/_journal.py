@@ -195,8 +195,15 @@ class Journal(Protocol):
         """Give up the lease. The intent stays: the token may have reached the server."""
         ...
 
-    async def end_session(self, account: str, code: str, now: float) -> int:
-        """The server said the token is dead: clear the pair, record why and when."""
+    async def end_session(
+        self, account: str, code: str, now: float, expected_generation: int | None = None
+    ) -> int | None:
+        """The server said the token is dead: clear the pair, record why and when.
+
+        With ``expected_generation`` this is a compare-and-swap: if a newer pair was stored
+        meanwhile (a sign-in, another process's refresh), the dead token was an old one, the
+        newer pair stays, and ``None`` is returned.
+        """
         ...
 
     async def begin_sign_out(self, account: str, now: float) -> None:
@@ -305,9 +312,13 @@ class MemoryJournal:
         if rec.lease is not None and rec.lease.holder == holder.id:
             self._put(replace(rec, lease=None))
 
-    async def end_session(self, account: str, code: str, now: float) -> int:
-        """Record the end."""
+    async def end_session(
+        self, account: str, code: str, now: float, expected_generation: int | None = None
+    ) -> int | None:
+        """Record the end (unless the generation moved)."""
         rec = await self.load(account)
+        if expected_generation is not None and rec.generation != expected_generation:
+            return None
         self._put(AccountRecord(account, None, rec.generation + 1, code, now))
         return rec.generation + 1
 
@@ -755,11 +766,16 @@ class SQLiteJournal:
 
         await self._transaction(body)
 
-    async def end_session(self, account: str, code: str, now: float) -> int:
-        """Clear the pair, the intent and the lease; record the code and the time."""
+    async def end_session(
+        self, account: str, code: str, now: float, expected_generation: int | None = None
+    ) -> int | None:
+        """Clear the pair, the intent and the lease; record the code and the time (unless
+        the generation moved: then nothing changes)."""
 
-        async def body(db: aiosqlite.Connection) -> int:
+        async def body(db: aiosqlite.Connection) -> int | None:
             rec = await self._load_in(db, account)
+            if expected_generation is not None and rec.generation != expected_generation:
+                return None
             await self._put_tokens(db, account, None, rec.generation + 1, now, (code, now))
             await db.execute("DELETE FROM intents WHERE account = ?", (account,))
             await db.execute("DELETE FROM leases WHERE account = ?", (account,))
@@ -784,7 +800,9 @@ class SQLiteJournal:
 
     async def finish_sign_out(self, account: str, now: float) -> int:
         """Clear the pair and the intent."""
-        return await self.end_session(account, "signed_out", now)
+        generation = await self.end_session(account, "signed_out", now)
+        assert generation is not None  # no compare-and-swap asked for
+        return generation
 
     async def save_device_code(self, account: str, payload: str, now: float) -> None:
         """Journal a pending device code."""

@@ -417,14 +417,27 @@ class TokenManager:
         self._emit(EventKind.SIGNED_IN)
         log.info("signed in account %s (token %s)", self.account, fingerprint(tokens.access_token))
 
-    async def _end(self, code: str) -> SessionEnded:
-        self._generation = await self.journal.end_session(self.account, code, self._clock.time())
+    async def _end(self, code: str, generation: int) -> TokenSet:
+        """The server says the token of ``generation`` is dead: end the session, unless a
+        newer pair was stored meanwhile (a sign-in racing a recovery, another process), in
+        which case the dead token was an old one and the newer pair is returned."""
+        ended = await self.journal.end_session(
+            self.account, code, self._clock.time(), expected_generation=generation
+        )
+        if ended is None:
+            await self._release()
+            record = await self.journal.load(self.account)
+            self._adopt(record)
+            if record.tokens is None:
+                raise NotSignedIn(f"account {self.account!r} was signed out meanwhile")
+            return record.tokens
+        self._generation = ended
         self._use(None)
         self._ended_code = code
         self._set_state(SessionState.ENDED)
         self._emit(EventKind.ENDED, code)
         log.warning("the server ended the session of account %s: %s", self.account, code)
-        return SessionEnded(code)
+        raise SessionEnded(code)
 
     async def _finish_sign_out(self, tokens: TokenSet | None) -> None:
         request = self.protocol.build_sign_out(tokens, self._device_info()) if tokens else None
@@ -577,7 +590,7 @@ class TokenManager:
             raise
         if isinstance(answer, Failure):
             if answer.kind is FailureKind.PERMANENT:
-                raise await self._end(answer.code)
+                return await self._end(answer.code, generation)
             await self._release()
             raise ProtocolError(
                 f"the auth server rejected the refresh request: {answer.code} ({answer.status})"
