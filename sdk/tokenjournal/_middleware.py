@@ -6,30 +6,17 @@ is made for every hop and a redirect to a foreign origin never carries the beare
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs, payload
 from yarl import URL
 
+from ._transport import is_loopback
+
 if TYPE_CHECKING:
     from ._manager import TokenManager
 
 BEARER: Final = "Bearer "
-
-
-@functools.lru_cache(maxsize=64)  # pure, and on every request's path: parse each host once
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` is this machine (plain HTTP to it cannot be sniffed on a network)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _replayable(request: ClientRequest) -> bool:

@@ -1,7 +1,9 @@
-"""The one place an :class:`HttpRequest` meets the network: send it, read a capped answer."""
+"""The network edge: send an HttpRequest and read a capped answer; tell loopback hosts apart."""
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Mapping
 
 import aiohttp
@@ -30,3 +32,16 @@ async def send(http: aiohttp.ClientSession, request: HttpRequest, limit: float) 
             if len(body) > MAX_BODY:
                 break
         return response.status, dict(response.headers), bytes(body)
+
+
+@functools.lru_cache(maxsize=64)  # pure, and on every request's path: parse each host once
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine (plain HTTP to it cannot be sniffed on a network)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -5,26 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import signal
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 
+from .._transport import is_loopback
 from ._app import create_app
 from ._config import DEMO_CLIENT_ID, ServerConfig
-
-_LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (what test mode may bind to)."""
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _pair(text: str) -> tuple[str, str]:
