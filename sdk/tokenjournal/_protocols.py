@@ -12,7 +12,7 @@ import binascii
 import enum
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -202,25 +202,39 @@ def _nonempty_str(data: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _transport_failure(status: int, headers: Mapping[str, str], now: float) -> Failure | None:
-    """The classes every protocol shares: 429 and 5xx."""
+def _shared_failure(
+    code: str | None, status: int, headers: Mapping[str, str], now: float
+) -> Failure | None:
+    """What every protocol reads alike, in this order: a rotation in progress (wait the
+    server's ``Retry-After``, else ~1 s, and retry the same token), then 429 and 5xx
+    (transient whatever the body says: invariant 5)."""
+    retry_after = parse_retry_after(headers, now)
+    if code in MANA_CONFLICT:
+        wait = CONFLICT_WAIT if retry_after is None else retry_after
+        return Failure(FailureKind.CONFLICT, code, status, code, wait)
     if status == 429:
         return Failure(
-            FailureKind.RATE_LIMITED,
-            "rate_limited",
-            status,
-            "rate limited",
-            parse_retry_after(headers, now),
+            FailureKind.RATE_LIMITED, "rate_limited", status, "rate limited", retry_after
         )
     if status >= 500:
-        return Failure(
-            FailureKind.SERVER,
-            "server_error",
-            status,
-            f"server error {status}",
-            parse_retry_after(headers, now),
-        )
+        message = f"server error {status}"
+        return Failure(FailureKind.SERVER, "server_error", status, message, retry_after)
     return None
+
+
+def _rejected(code: str | None, status: int) -> Failure:
+    """Any other 4xx: our request was wrong. No retry; tokens kept."""
+    return Failure(
+        FailureKind.REJECTED, code or f"http_{status}", status, f"unexpected status {status}"
+    )
+
+
+def _logout_failure(status: int, classify: Callable[[], Failure]) -> Failure | None:
+    """A logout is done on any 2xx, and a dead token is as good as logged out."""
+    if 200 <= status < 300:
+        return None
+    failure = classify()
+    return None if failure.kind is FailureKind.PERMANENT else failure
 
 
 def jwt_lifetime(token: str) -> tuple[float | None, float | None]:
@@ -368,31 +382,20 @@ class ManaProtocol:
     ) -> Failure:
         data = _load_json_object(body)
         code = mana_error_code(data)
-        if code in MANA_CONFLICT:
-            wait = parse_retry_after(headers, now)
-            return Failure(
-                FailureKind.CONFLICT, code, status, code, CONFLICT_WAIT if wait is None else wait
-            )
-        shared = _transport_failure(status, headers, now)
+        shared = _shared_failure(code, status, headers, now)
         if shared is not None:
             return shared
         if code is not None and (code in MANA_PERMANENT or code == DEVICE_CHANGED):
             return Failure(FailureKind.PERMANENT, code, status, code)
         # A code the table does not know (``invalid_credentials`` at sign-in) is still named.
         raw = data.get("code") if data is not None else None
-        named = code or (raw if isinstance(raw, str) and raw else None)
-        return Failure(
-            FailureKind.REJECTED, named or f"http_{status}", status, f"unexpected status {status}"
-        )
+        return _rejected(code or (raw if isinstance(raw, str) and raw else None), status)
 
     def parse_sign_out(
         self, status: int, headers: Mapping[str, str], body: bytes
     ) -> Failure | None:
         """Logout is done on any 2xx; a dead token is as good as logged out."""
-        if 200 <= status < 300:
-            return None
-        failure = self._classify_error(status, headers, body, 0.0)
-        return None if failure.kind is FailureKind.PERMANENT else failure
+        return _logout_failure(status, lambda: self._classify_error(status, headers, body, 0.0))
 
 
 # --------------------------------------------------------------------------- OAuth 2.0
@@ -684,12 +687,8 @@ class OAuth2Protocol:
         """
         data = _load_json_object(body)
         code = oauth_error_code(data)
-        if code in MANA_CONFLICT:  # the reference server's concurrent-rotation answer
-            wait = parse_retry_after(headers, now)
-            return Failure(
-                FailureKind.CONFLICT, code, status, code, CONFLICT_WAIT if wait is None else wait
-            )
-        shared = _transport_failure(status, headers, now)
+        # rotation_in_progress is the reference server's concurrent-rotation answer here too.
+        shared = _shared_failure(code, status, headers, now)
         if shared is not None:
             return shared
         if code in OAUTH_PERMANENT:
@@ -702,15 +701,10 @@ class OAuth2Protocol:
             return Failure(FailureKind.SLOW_DOWN, code, status, code, new_interval)
         if code in OAUTH_TRANSIENT:
             return Failure(FailureKind.SERVER, code, status, code, parse_retry_after(headers, now))
-        return Failure(
-            FailureKind.REJECTED, code or f"http_{status}", status, f"unexpected status {status}"
-        )
+        return _rejected(code, status)
 
     def parse_sign_out(
         self, status: int, headers: Mapping[str, str], body: bytes
     ) -> Failure | None:
         """RFC 7009: 200 means revoked (an unknown or dead token counts as revoked)."""
-        if 200 <= status < 300:
-            return None
-        failure = self._classify_error(status, headers, body, 0.0)
-        return None if failure.kind is FailureKind.PERMANENT else failure
+        return _logout_failure(status, lambda: self._classify_error(status, headers, body, 0.0))
