@@ -128,8 +128,9 @@ class ServerClock:
         return self._server.now()
 
     def monotonic(self) -> float:
-        """Real monotonic time: retry budgets do not jump."""
-        return time.monotonic()
+        """Real monotonic time moved on as far as the server's clock was advanced: the SDK
+        measures a token's life on this clock, so both must see the same time pass."""
+        return time.monotonic() + self._server.state.clock.offset
 
     async def sleep(self, seconds: float) -> None:
         """Real sleep (the smoke retry policy keeps it short)."""

@@ -340,3 +340,50 @@ async def test_device_authorization_is_retried_then_raises_a_transient_error() -
                 await tm.sign_in_device(Shown())
             assert raised.value.code == "invalid_client"
         assert await intent_kind(tm) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 429, "headers": {"Retry-After": "86400"}},
+        {"status": 503, "headers": {"Retry-After": "86400"}},
+        {"status": 400, "payload": {"error": "slow_down", "interval": 86400}},
+    ],
+)
+async def test_a_day_long_wait_is_bounded_by_the_codes_expiry(answer: dict[str, Any]) -> None:
+    """A server asking for a day is not slept on past the code's expiry (600 s)."""
+    clock = ServerClock(None)
+    tm = tj.TokenManager(MOCK, tj.MemoryJournal(), protocol=protocol(MOCK), clock=clock)
+    async with tm:
+        with aioresponses() as mock:
+            mock.post(MOCK + "/oauth/device_authorization", payload=AUTHORIZATION)
+            mock.post(MOCK + "/oauth/token", **answer)
+            mock.post(MOCK + "/oauth/token", payload=TOKENS, repeat=True)
+            started = clock.time()
+            with pytest.raises(tj.SignInFailed) as raised:
+                await tm.sign_in_device(Shown())
+        assert raised.value.code == "expired_token"
+        assert clock.time() - started <= 600 + 1e-6
+        assert max(clock.sleeps) <= 600
+
+
+async def test_close_ends_a_device_flow_waiting_on_a_long_interval() -> None:
+    """close() wakes the poll's wait and the flow ends with a clear error, code kept."""
+    clock = FakeClock()
+    real_sleep = clock.sleep
+
+    async def sleep(seconds: float) -> None:  # the interval takes real time here
+        await asyncio.sleep(3600 if seconds >= 5 else 0)
+        await real_sleep(seconds)
+
+    clock.sleep = sleep  # type: ignore[method-assign]
+    tm = tj.TokenManager(MOCK, tj.MemoryJournal(), protocol=protocol(MOCK), clock=clock)
+    await tm.open()
+    shown = Shown()
+    with aioresponses() as mock:
+        mock.post(MOCK + "/oauth/device_authorization", payload=AUTHORIZATION)
+        flow = asyncio.ensure_future(tm.sign_in_device(shown))
+        await asyncio.wait_for(shown.event.wait(), 5)
+        await asyncio.wait_for(tm.close(), 2)
+        with pytest.raises(RuntimeError, match="closed during the device sign-in"):
+            await asyncio.wait_for(flow, 2)

@@ -163,9 +163,12 @@ async def test_an_explicit_authorization_header_is_left_alone(
 
 def test_plain_http_to_a_remote_host_needs_explicit_consent(tmp_path: Path) -> None:
     journal = tmp_path / "j.db"
-    strict = tj.TokenManager("http://api.example.com", journal)
+    api = ["https://auth.example.com", "http://api.example.com"]
+    strict = tj.TokenManager("https://auth.example.com", journal, allowed_origins=api)
     assert not strict.middleware.allows(URL("http://api.example.com/x"))
-    relaxed = tj.TokenManager("http://api.example.com", journal, allow_insecure_http=True)
+    relaxed = tj.TokenManager(
+        "https://auth.example.com", journal, allowed_origins=api, allow_insecure_http=True
+    )
     assert relaxed.middleware.allows(URL("http://api.example.com/x"))
     secure = tj.TokenManager("https://api.example.com", journal)
     assert secure.middleware.allows(URL("https://api.example.com/x"))

@@ -123,8 +123,10 @@ async def run_device_flow(
     extra = 0.0  # what a Retry-After asked for beyond the interval
     while True:
         backoff = min(code.interval * 2**failures, code.interval + MAX_EXTRA_WAIT)
-        await clock.sleep(max(backoff, extra))  # a Retry-After is honoured in full
-        if not manager._open:
+        # A Retry-After or slow_down is honoured, but never past the code's expiry: a
+        # server asking for a day must not keep the flow asleep long after the code died.
+        left = code.expires_at - clock.time()
+        if not await manager._pause(min(max(backoff, extra), max(0.0, left))):
             raise RuntimeError(
                 "the TokenManager was closed during the device sign-in; the code stays "
                 "journaled and the next sign_in_device resumes it"

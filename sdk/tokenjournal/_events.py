@@ -58,6 +58,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._callbacks: list[Callback] = []
+        self._streams: set[asyncio.Queue[TokenEvent | None]] = set()
 
     def subscribe(self, callback: Callback) -> Callable[[], None]:
         """Call ``callback(event)`` for every event; returns the function that unsubscribes."""
@@ -85,9 +86,15 @@ class EventHub:
             except Exception:
                 log.exception("a tokenjournal event callback raised; ignored")
 
+    def end_streams(self) -> None:
+        """End every open :meth:`stream` once it has yielded what was already emitted."""
+        for queue in self._streams:
+            queue.put_nowait(None)
+
     async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Every event from now on, as an async iterator (ends when the consumer stops)."""
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        """Every event from now on, as an async iterator; it ends when the consumer stops
+        or the manager closes (:meth:`end_streams`), so ``async for`` never hangs a shutdown."""
+        queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
 
         def put(event: TokenEvent) -> None:
             if queue.qsize() >= QUEUE_LIMIT:
@@ -95,8 +102,10 @@ class EventHub:
             queue.put_nowait(event)
 
         unsubscribe = self.subscribe(put)
+        self._streams.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
         finally:
+            self._streams.discard(queue)
             unsubscribe()

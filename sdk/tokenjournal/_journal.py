@@ -437,6 +437,19 @@ def _describe(exc: sqlite3.Error, path: str) -> str:
     return f"journal {path}: {exc}"
 
 
+def _connect(target: str, *, uri: bool = False) -> aiosqlite.Connection:
+    """An aiosqlite connection whose worker thread never keeps the interpreter alive.
+
+    aiosqlite's thread is not a daemon: a manager an app forgot to close (an exception
+    between open and close) would hang the process at exit. A daemon thread may die in the
+    middle of a transaction; SQLite's journal rolls that back on the next open, which is
+    what the journal is built for (docs/architecture.md, invariant 6).
+    """
+    connection = aiosqlite.connect(target, uri=uri, isolation_level=None)
+    connection._thread.daemon = True  # not started yet: it starts when awaited
+    return connection
+
+
 class SQLiteJournal:
     """A :class:`Journal` in one SQLite file. Several processes may share it.
 
@@ -524,10 +537,10 @@ class SQLiteJournal:
             if not self.path.exists():
                 raise JournalError(f"journal {self.path} does not exist")
             uri = f"file:{self.path}?mode=ro"
-            self._db = await self._guard(aiosqlite.connect(uri, uri=True, isolation_level=None))
+            self._db = await self._guard(_connect(uri, uri=True))
         else:
             self._prepare_file()
-            self._db = await self._guard(aiosqlite.connect(str(self.path), isolation_level=None))
+            self._db = await self._guard(_connect(str(self.path)))
         try:
             await self._configure()
         except BaseException:

@@ -10,11 +10,12 @@ the next start replays first, paced to land inside the server's grace window.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import platform
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ from ._errors import (
     SessionEnded,
     SignInFailed,
     TokenJournalError,
+    TransientError,
 )
 from ._events import Callback, EventHub, EventKind, SessionState, TokenEvent
 from ._journal import (
@@ -55,9 +57,9 @@ from ._protocols import (
     ManaProtocol,
     OAuth2Protocol,
 )
-from ._retry import RetryPolicy, is_retryable
+from ._retry import GRACE_GUARD, RetryPolicy, is_retryable
 from ._tokens import TokenSet, fingerprint
-from ._transport import Raw, send
+from ._transport import Raw, is_loopback, send
 
 log = logging.getLogger("tokenjournal")
 
@@ -68,6 +70,15 @@ LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
+#: The grace rescue (invariant 11) tries again at least this often, as a share of the grace
+#: window and in seconds: a network that comes back is noticed within the smaller of the two,
+#: and a 300 s window costs about ten requests.
+RESCUE_SHARE: Final = 0.1
+RESCUE_MAX_GAP: Final = 30.0
+#: A pair just received is not refreshed again for staleness within the smaller of this and
+#: half its measured life (invariant 12): a device clock that runs ahead, or a server that
+#: hands out short-lived tokens, cannot turn every call into a rotation. A 401 still can.
+FRESH_FLOOR: Final = 10.0
 
 
 class _NetworkFailure(Exception):
@@ -81,6 +92,14 @@ class _LeaseLost(Exception):
 def _origin(url: str | URL) -> tuple[str, str, int | None]:
     u = URL(url) if isinstance(url, str) else url
     return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
+    """Every URL the manager sends a secret to (refresh token, password, device code)."""
+    urls = [auth_url, protocol.auth_url]
+    if isinstance(protocol, OAuth2Protocol):
+        urls += [u for u in (protocol.device_authorization_url, protocol.revocation_url) if u]
+    return urls
 
 
 def _sendable(tokens: TokenSet) -> bool:
@@ -111,8 +130,11 @@ class TokenManager:
     ``ManaProtocol(auth_url)``. ``refresh_margin`` seconds before expiry a call starts a
     background refresh while still answering with the valid token (clamped to half the
     token's lifetime). ``grace_period`` is the server's grace window: it paces the recovery
-    of a refresh interrupted by a crash. ``allowed_origins`` are the origins the middleware
-    may send the bearer to (default: the auth server's origin only).
+    of a refresh interrupted by a crash, and the manager keeps trying on its own inside it
+    while a refresh is pending (the grace rescue). ``allowed_origins`` are the origins the
+    middleware may send the bearer to (default: the auth server's origin only). Plain HTTP to
+    an auth server that is not this machine is refused unless ``allow_insecure_http``: the
+    refresh token and the password would cross the network in clear.
     """
 
     def __init__(
@@ -150,6 +172,13 @@ class TokenManager:
         self.retry = retry or RetryPolicy()
         self.lease_ttl = lease_ttl or self.retry.attempt_timeout + LEASE_SLACK
         self.allow_insecure_http = allow_insecure_http
+        for where in _auth_urls(auth_url, self.protocol):
+            u = URL(where)
+            if u.scheme == "http" and not is_loopback(u.host) and not allow_insecure_http:
+                raise ValueError(
+                    f"refusing plain HTTP to {u.host}: refresh tokens and passwords would be "
+                    "sent in clear; use https or pass allow_insecure_http=True"
+                )
         self._clock: Clock = clock or SystemClock()
         if isinstance(journal, str | os.PathLike):
             self.journal: Journal = SQLiteJournal(journal)
@@ -163,18 +192,23 @@ class TokenManager:
         self.allowed_origins = frozenset(_origin(o) for o in origins)
         self._device_meta = (device_name or platform.node() or "device", device_type, user_agent)
         self._device: DeviceInfo | None = None
-        self._holder = Holder.for_this_process()
+        self._lease_holder = Holder.for_this_process()
         self._hub = EventHub()
         self._state = SessionState.SIGNED_OUT
         self._tokens: TokenSet | None = None
-        self._refresh_at = self._expires_at = math.inf  # see _use()
+        # Monotonic instants the hot path compares against (see _use()).
+        self._refresh_at = self._expires_at = math.inf
         self._generation = 0
         self._ended_code: str | None = None
         self._task: asyncio.Task[TokenSet] | None = None
+        self._rescue: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._open = False
-        self._quiet_until = 0.0  # no proactive refresh before this (after a failed one)
+        self._lifecycle = asyncio.Lock()  # open() and close() one at a time
+        self._closing = asyncio.Event()  # wakes every pause of ours when close() starts
+        self._quiet_until = 0.0  # monotonic; no proactive refresh before this (after a failure)
+        self._intent_anchor = (math.nan, 0.0)  # (intent started_at, its monotonic instant)
         self.refresh_requests = 0  # refresh requests this manager sent (a figure for tests/bench)
         from ._middleware import TokenMiddleware
 
@@ -201,19 +235,28 @@ class TokenManager:
         await self.close()
 
     async def open(self) -> None:
-        """Open the journal and resume what an earlier run left pending (invariant 6)."""
-        if self._open:
-            return
-        await self.journal.open()
-        try:
-            name, kind, agent = self._device_meta
-            self._device = DeviceInfo(await self.journal.device_id(), name, kind, agent)
-            record = await self.journal.load(self.account)
-        except BaseException:
-            await self.journal.close()
-            raise
-        self._http = aiohttp.ClientSession(trace_configs=self._trace_configs())
-        self._open = True
+        """Open the journal and resume what an earlier run left pending (invariant 6).
+
+        Idempotent, also when called concurrently: the second call waits for the first.
+        """
+        async with self._lifecycle:
+            if self._open:
+                return
+            await self.journal.open()
+            try:
+                name, kind, agent = self._device_meta
+                self._device = DeviceInfo(await self.journal.device_id(), name, kind, agent)
+                record = await self.journal.load(self.account)
+            except BaseException:
+                await asyncio.shield(self.journal.close())
+                raise
+            self._http = aiohttp.ClientSession(trace_configs=self._trace_configs())
+            self._closing = asyncio.Event()
+            self._open = True
+            self._resume(record)
+
+    def _resume(self, record: AccountRecord) -> None:
+        """Take the journal's pair and finish what an earlier run left pending."""
         self._adopt(record, announce=False)
         intent = record.intent
         if intent is not None and intent.kind == "refresh" and record.tokens is not None:
@@ -243,20 +286,26 @@ class TokenManager:
         return [trace]
 
     async def close(self) -> None:
-        """Let an in-flight refresh commit (bounded wait), then close. Safe to call twice."""
-        if not self._open:
-            return
-        self._open = False
-        pending = [t for t in (self._task, *self._background) if t is not None and not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
-            for task in still:  # its intent stays in the journal for the next start
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        await self.journal.close()
+        """Let an in-flight refresh commit (bounded wait), then close. Safe to call twice.
+
+        A ``close()`` that is itself cancelled (a shutdown timeout) leaves the rest of the
+        job to the next ``close()``, which finishes it; ``events()`` iterators end.
+        """
+        async with self._lifecycle:
+            self._open = False  # no new work from here on
+            self._closing.set()  # the rescue and every backoff pause wake up now
+            tasks = (self._task, self._rescue, *self._background)
+            pending = [t for t in tasks if t is not None and not t.done()]
+            if pending:
+                _, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
+                for task in still:  # its intent stays in the journal for the next start
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            if self._http is not None:
+                await self._http.close()
+                self._http = None
+            await self.journal.close()
+            self._hub.end_streams()
 
     # ------------------------------------------------------------------ public surface
 
@@ -292,7 +341,7 @@ class TokenManager:
         """A valid access token: from memory when fresh, else from the one shared refresh."""
         tokens = self._tokens
         if tokens is not None:
-            now = self._clock.time()
+            now = self._clock.monotonic()  # a wall-clock step cannot expire or storm anything
             if now < self._refresh_at:
                 return tokens.access_token
             if now < self._expires_at:
@@ -318,7 +367,7 @@ class TokenManager:
         """Store a pair obtained elsewhere, as a sign-in."""
         if not isinstance(tokens, TokenSet):
             raise TypeError("set_tokens takes a TokenSet")
-        await self._store_sign_in(tokens)
+        await self._store_sign_in(tokens, fresh=False)
 
     async def sign_in(self, **credentials: str) -> TokenSet:
         """Sign in with the protocol's credentials (Mana: ``email``, ``password``;
@@ -378,15 +427,40 @@ class TokenManager:
             self._state = state
             self._emit(EventKind.STATE)
 
-    def _use(self, tokens: TokenSet | None) -> None:
-        """Hold ``tokens`` in memory, with the two instants the hot path compares against."""
+    def _use(self, tokens: TokenSet | None, *, fresh: bool = False) -> None:
+        """Hold ``tokens`` in memory, with the two monotonic instants the hot path compares
+        against (invariant 12): what is left of the pair's life is read off the wall clock
+        once, here, and from then on measured by the process itself. ``fresh`` marks a pair
+        just received from the server: it gets the staleness floor (``FRESH_FLOOR``).
+
+        A pair without an expiry, or without a refresh token to renew it with, is used until
+        the server answers 401.
+        """
         self._tokens = tokens
         expires = tokens.expires_at_epoch if tokens is not None else None
-        if tokens is None or expires is None:
+        if tokens is None or expires is None or tokens.refresh_token is None:
             self._refresh_at = self._expires_at = math.inf
-        else:
-            self._expires_at = expires
-            self._refresh_at = expires - tokens.margin(self.refresh_margin)
+            return
+        now = self._clock.monotonic()
+        self._expires_at = now + (expires - self._clock.time())
+        self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
+        if fresh:
+            life = tokens.lifetime
+            floor = now + (min(FRESH_FLOOR, life / 2) if life and life > 0 else FRESH_FLOOR)
+            self._refresh_at = max(self._refresh_at, floor)
+            self._expires_at = max(self._expires_at, floor)
+
+    def _stale(self) -> bool:
+        """Whether the pair in memory is inside its refresh margin (monotonic time)."""
+        return self._clock.monotonic() >= self._refresh_at
+
+    @property
+    def _holder(self) -> Holder:
+        """This manager's lease identity, re-derived in a forked child: children of one
+        parent must not share it, or they would refresh the same token at once (invariant 4)."""
+        if self._lease_holder.pid != os.getpid():
+            self._lease_holder = Holder.for_this_process()
+        return self._lease_holder
 
     def _adopt(self, record: AccountRecord, *, announce: bool = True) -> bool:
         """Take the journal's view if it is newer than ours; returns whether it was."""
@@ -407,10 +481,11 @@ class TokenManager:
             self._set_state(SessionState.SIGNED_OUT)
         return True
 
-    async def _store_sign_in(self, tokens: TokenSet) -> None:
+    async def _store_sign_in(self, tokens: TokenSet, *, fresh: bool = True) -> None:
+        """Store a pair as a sign-in; ``fresh``: the server just sent it (not the app)."""
         self._require_open()
         generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
-        self._use(tokens)
+        self._use(tokens, fresh=fresh)
         self._generation, self._ended_code = generation, None
         self._quiet_until = 0.0
         self._set_state(SessionState.VALID)
@@ -470,41 +545,129 @@ class TokenManager:
 
     # ------------------------------------------------------------------ internals: refresh
 
-    def _start_refresh(self, keyed_on: str | None, *, force: bool) -> asyncio.Task[TokenSet]:
+    def _start_refresh(
+        self, keyed_on: str | None, *, force: bool, policy: RetryPolicy | None = None
+    ) -> asyncio.Task[TokenSet]:
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._refresh_flow(keyed_on, force))
+            flow = self._refresh_flow(keyed_on, force, policy or self.retry)
+            self._task = asyncio.ensure_future(flow)
             self._task.add_done_callback(self._refresh_done)
         return self._task
 
     def _refresh_done(self, task: asyncio.Task[TokenSet]) -> None:
         # Retrieve the outcome so a refresh nobody awaited (proactive, recovery) is not
         # reported as "exception never retrieved"; joiners get it through the shield.
-        if not task.cancelled() and task.exception() is not None:
-            self._quiet_until = self._clock.time() + self.retry.max_delay
+        if task.cancelled() or task.exception() is None:
+            return
+        self._quiet_until = self._clock.monotonic() + self.retry.max_delay
+        if isinstance(task.exception(), TransientError | ProtocolError) and self._open:
+            self._start_rescue()
 
     async def _join(self, keyed_on: str | None, *, force: bool) -> TokenSet:
         self._require_open()
         if self._tokens is None and self._ended_code is not None:
-            raise SessionEnded(self._ended_code)  # ended once; never ask the server again
+            # Ended once: never ask the server again, but another process (the GUI) may
+            # have signed in again on the shared journal since. A cheap read tells.
+            self._adopt(await self.journal.load(self.account))
+            if self._tokens is None and self._ended_code is not None:
+                raise SessionEnded(self._ended_code)
         # The shield is invariant 7: a caller's cancellation or timeout never reaches the
         # shared refresh that every other caller is waiting on.
         return await asyncio.shield(self._start_refresh(keyed_on, force=force))
 
-    async def _refresh_flow(self, keyed_on: str | None, force: bool) -> TokenSet:
+    # ------------------------------------------------------------------ internals: rescue
+
+    def _start_rescue(self) -> None:
+        if self._rescue is None or self._rescue.done():
+            self._rescue = asyncio.ensure_future(self._rescue_flow())
+            self._rescue.add_done_callback(self._reap)
+
+    async def _rescue_flow(self) -> None:
+        """Invariant 11: while a refresh intent is pending, keep trying without any caller.
+
+        Each try is one request (callers that come meanwhile join it, so one request is in
+        flight at a time), spaced so that a network that comes back is noticed within
+        ``min(RESCUE_SHARE * grace_period, RESCUE_MAX_GAP)``; a ``Retry-After`` is honoured
+        unless it would pass the grace deadline, where one last try is made just before it.
+        Stops on commit, a permanent answer, sign-out, close, or the deadline.
+        """
+        one_try = dataclasses.replace(self.retry, max_attempts=1)
+        gap = min(self.grace_period * RESCUE_SHARE, RESCUE_MAX_GAP)
+        hint: float | None = None
+        announced = False
+        while self._open:
+            record = await self.journal.load(self.account)
+            intent = record.intent
+            if intent is None or intent.kind != "refresh" or record.tokens is None:
+                return  # committed, ended or signed out meanwhile
+            left = self._anchor(intent.started_at) + self.grace_period - self._clock.monotonic()
+            if left <= GRACE_GUARD:  # no try could land inside the window any more
+                log.warning(
+                    "the grace window of account %s closed with its refresh still pending",
+                    self.account,
+                )
+                return
+            if not announced:
+                announced = True
+                self._emit(EventKind.RECOVERING)
+            # The last try goes just inside the window, even if Retry-After asked for more.
+            wait = min(max(gap, hint or 0.0), left - GRACE_GUARD)
+            if not await self._pause(wait):
+                return
+            try:
+                await asyncio.shield(self._start_refresh(None, force=True, policy=one_try))
+                return
+            except (TransientError, ProtocolError) as exc:
+                hint = exc.retry_after if isinstance(exc, RateLimited) else None
+            except TokenJournalError:
+                return  # ended, signed out, or the journal failed: nothing left to rescue
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep on the clock, cut short by ``close()``; returns whether still open."""
+        if not self._open:
+            return False
+        closing = asyncio.ensure_future(self._closing.wait())
+        sleeping = asyncio.ensure_future(self._clock.sleep(seconds))
         try:
-            tokens = await self._refresh_once(keyed_on, force)
+            await asyncio.wait((closing, sleeping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            sleeping.cancel()
+        return self._open
+
+    def _anchor(self, started_at: float) -> float:
+        """The monotonic instant at which the intent that started at wall time
+        ``started_at`` began: exact for an intent this process wrote, else read off the wall
+        clock once (an intent from an earlier run only has its wall time)."""
+        if self._intent_anchor[0] != started_at:
+            now = self._clock.monotonic() - (self._clock.time() - started_at)
+            self._intent_anchor = (started_at, now)
+        return self._intent_anchor[1]
+
+    async def _refresh_flow(
+        self, keyed_on: str | None, force: bool, policy: RetryPolicy
+    ) -> TokenSet:
+        try:
+            tokens = await self._refresh_once(keyed_on, force, policy)
         except (SessionEnded, NotSignedIn):
             raise
-        except TokenJournalError as exc:
-            expired = self._tokens is None or self._tokens.is_expired(self._clock.time())
-            self._set_state(SessionState.OFFLINE if expired else SessionState.VALID)
-            self._emit(EventKind.REFRESH_FAILED, exc.code)
+        except BaseException as exc:
+            # Whatever went wrong (the network, the journal, a cancel, a bug), the state
+            # must not stick at REFRESHING: the tokens are kept, so say whether they work.
+            if self._tokens is not None:
+                expired = self._clock.monotonic() >= self._expires_at
+                self._set_state(SessionState.OFFLINE if expired else SessionState.VALID)
+            if isinstance(exc, Exception):
+                code = exc.code if isinstance(exc, TokenJournalError) else "internal_error"
+                self._emit(EventKind.REFRESH_FAILED, code)
             raise
         if self._tokens is not None:
             self._set_state(SessionState.VALID)
         return tokens
 
-    async def _refresh_once(self, keyed_on: str | None, force: bool) -> TokenSet:
+    async def _refresh_once(
+        self, keyed_on: str | None, force: bool, policy: RetryPolicy
+    ) -> TokenSet:
         while True:
             record = await self.journal.load(self.account)
             adopted = self._adopt(record)
@@ -519,10 +682,16 @@ class TokenManager:
                 raise NotSignedIn(f"account {self.account!r} is being signed out")
             if keyed_on is not None and tokens.access_token != keyed_on:
                 return tokens  # the rejected token was already replaced (invariant 10)
-            now = self._clock.time()
-            settled = record.intent is None and not tokens.needs_refresh(now, self.refresh_margin)
+            settled = record.intent is None and not self._stale()
             if settled and (adopted or not force):
                 return tokens  # fresh: not stale yet, or another process just refreshed it
+            if tokens.refresh_token is None:
+                # Nothing to renew with (legal in OAuth 2.0): no intent, no request. The
+                # token was used until the server rejected it or the app asked for more.
+                if not force:
+                    return tokens
+                return await self._end("no_refresh_token", record.generation)
+            now = self._clock.time()
             _faults.crash_point("before_intent")
             began = await self.journal.begin_refresh(
                 self.account, self._holder, record.generation, now, self.lease_ttl
@@ -536,8 +705,11 @@ class TokenManager:
             assert isinstance(began, Started)
             _faults.crash_point("after_intent")
             self._set_state(SessionState.REFRESHING)
+            if began.intent.started_at == now:  # ours, just written: anchor it exactly
+                self._intent_anchor = (now, self._clock.monotonic())
+            deadline = self._anchor(began.intent.started_at) + self.grace_period
             try:
-                return await self._rotate(tokens, record.generation, began.intent.started_at)
+                return await self._rotate(tokens, record.generation, deadline, policy)
             except _LeaseLost:
                 # We were paused past our lease and another process took over: its refresh
                 # is the one we wanted. Adopt its commit (or wait for it) instead.
@@ -557,8 +729,11 @@ class TokenManager:
                 return
             pause = min(pause * 1.5, WAIT_MAX)
 
-    async def _rotate(self, tokens: TokenSet, generation: int, started_at: float) -> TokenSet:
-        """Spend the refresh token, commit the successor, wake the waiters."""
+    async def _rotate(
+        self, tokens: TokenSet, generation: int, deadline: float, policy: RetryPolicy
+    ) -> TokenSet:
+        """Spend the refresh token, commit the successor, wake the waiters. ``deadline`` is
+        the grace deadline on the monotonic clock."""
         device = self._device_info()
 
         async def renew() -> None:
@@ -580,7 +755,7 @@ class TokenManager:
 
         try:
             answer = await self._exchange(
-                build, tokens, grace_deadline=started_at + self.grace_period, before_retry=renew
+                build, tokens, grace_deadline=deadline, before_retry=renew, policy=policy
             )
         except _LeaseLost:
             raise  # the lease is another holder's now: nothing of ours to release
@@ -614,7 +789,7 @@ class TokenManager:
                 raise NotSignedIn(f"account {self.account!r} was signed out meanwhile")
             return record.tokens
         _faults.crash_point("after_commit")
-        self._use(answer)
+        self._use(answer, fresh=True)
         self._generation = committed
         self._quiet_until = 0.0
         self._set_state(SessionState.VALID)
@@ -637,14 +812,15 @@ class TokenManager:
         *,
         grace_deadline: float | None,
         before_retry: Callable[[], Awaitable[None]] | None = None,
+        policy: RetryPolicy | None = None,
     ) -> TokenSet | Failure:
         """Send until a pair or a final failure arrives, within the retry policy.
 
         Returns the pair or a non-retryable :class:`Failure`; raises a
         :class:`TransientError` (or :class:`ProtocolError` for malformed answers) when the
-        budget runs out.
+        budget runs out or the manager closes. ``grace_deadline`` is monotonic.
         """
-        policy = self.retry
+        policy = policy or self.retry
         started = self._clock.monotonic()
         attempt = 0
         while True:
@@ -657,9 +833,7 @@ class TokenManager:
             except _NetworkFailure as exc:
                 failure, detail = None, str(exc)
             else:
-                answer = self.protocol.parse_tokens(
-                    status, headers, body, self._clock.time(), previous
-                )
+                answer = self._parse(status, headers, body, previous)
                 if isinstance(answer, TokenSet) and not _sendable(answer):
                     # Whatever the protocol made of it: a token no header can carry (CR/LF,
                     # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
@@ -669,14 +843,25 @@ class TokenManager:
                 if isinstance(answer, TokenSet) or not is_retryable(answer):
                     return answer
                 failure, detail = answer, answer.code
-            elapsed = self._clock.monotonic() - started
-            delay = policy.delay(
-                attempt, failure, now=self._clock.time(), grace_deadline=grace_deadline
-            )
-            if attempt >= policy.max_attempts or elapsed + delay > policy.max_elapsed:
+            now = self._clock.monotonic()
+            delay = policy.delay(attempt, failure, now=now, grace_deadline=grace_deadline)
+            if attempt >= policy.max_attempts or now - started + delay > policy.max_elapsed:
                 raise _transient_error(failure, detail)
             log.info("auth call failed (%s); try %d again in %.2fs", detail, attempt + 1, delay)
-            await self._clock.sleep(delay)
+            if not await self._pause(delay):
+                raise _transient_error(failure, f"{detail}; the manager closed")
+
+    def _parse(
+        self, status: int, headers: Mapping[str, str], body: bytes, previous: TokenSet | None
+    ) -> TokenSet | Failure:
+        """The protocol's reading of a token answer; a protocol that raises on what the
+        server sent (a third-party one, or a case ours missed) has met a malformed answer,
+        which is retried like any other, never a raw exception out of the refresh."""
+        try:
+            return self.protocol.parse_tokens(status, headers, body, self._clock.time(), previous)
+        except Exception as exc:
+            log.warning("the auth protocol could not read a %d answer: %s", status, type(exc))
+            return Failure(FailureKind.MALFORMED, "malformed_body", status, "unreadable answer")
 
     async def _send(self, request: HttpRequest) -> Raw:
         """One HTTP exchange with the auth server; no answer is a ``_NetworkFailure``."""

@@ -54,10 +54,11 @@ _T = TypeVar("_T")
 
 
 class OffsetClock:
-    """The system clock shifted by ``offset`` seconds (wall time only).
+    """The system clock moved ``offset`` seconds on, as if that much time had passed.
 
     A fake clock cannot be shared between processes; a shared offset can: the parent moves
     the server's clock and every worker's by the same amount, so expiry is simultaneous.
+    Both clocks move: a manager measures a token's life on the monotonic one.
     """
 
     __slots__ = ("offset",)
@@ -70,8 +71,8 @@ class OffsetClock:
         return time.time() + self.offset
 
     def monotonic(self) -> float:
-        """Monotonic time, unshifted."""
-        return time.monotonic()
+        """Monotonic time plus the offset."""
+        return time.monotonic() + self.offset
 
     async def sleep(self, seconds: float) -> None:
         """Sleep for real."""

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
-from ._tokens import TokenSet, to_datetime
+from ._tokens import TokenSet, fingerprint, to_datetime
 
 #: Answers larger than this are refused unread: a token answer is a few KiB at most.
 MAX_BODY: Final = 1024 * 1024
@@ -68,14 +68,30 @@ class Failure:
     retry_after: float | None = None
 
 
+#: Header values a repr never shows: they carry a bearer or client credentials.
+_SECRET_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    """A request to send, as plain data."""
+    """A request to send, as plain data. Its ``repr`` shows no secret: the body (refresh
+    token, password, client secret) appears as its length and fingerprint, credential
+    headers as fingerprints."""
 
     method: str
     url: str
     headers: tuple[tuple[str, str], ...]
-    body: bytes
+    body: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        headers = ", ".join(
+            f"{name}: {fingerprint(value) if name.lower() in _SECRET_HEADERS else value!r}"
+            for name, value in self.headers
+        )
+        body = f"<{len(self.body)} bytes {fingerprint(self.body.decode('utf-8', 'replace'))}>"
+        return f"HttpRequest({self.method} {self.url}, headers=[{headers}], body={body})"
+
+    __str__ = __repr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +277,36 @@ def jwt_lifetime(token: str) -> tuple[float | None, float | None]:
     return exp_f, iat_f
 
 
+def server_date(headers: Mapping[str, str]) -> float | None:
+    """The answer's ``Date`` header (the server's clock at answering), epoch seconds."""
+    raw = _header(headers, "Date")
+    try:
+        when = parsedate_to_datetime(raw) if raw else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def jwt_server_lifetime(token: str, headers: Mapping[str, str], received_at: float) -> float | None:
+    """How long a JWT lives, measured on the server's clock, not the device's.
+
+    ``exp - iat`` when the token has both; else ``exp`` against the answer's ``Date``; only
+    without either, ``exp`` against the device clock. An IoT box that booted in 1970 or
+    runs a day ahead thus still reads a 15-minute token as 15 minutes.
+    """
+    exp, iat = jwt_lifetime(token)
+    if exp is None:
+        return None
+    if iat is not None and exp > iat:
+        return exp - iat
+    served = server_date(headers)
+    return exp - (served if served is not None else received_at)
+
+
 def expiry_from_lifetime(received_at: float, lifetime: float | None) -> datetime | None:
     """Expiry measured from receipt: immune to a device clock that is off (IoT boxes often are)."""
     if lifetime is None or lifetime <= 0:
@@ -367,13 +413,10 @@ class ManaProtocol:
                     status,
                     "appToken and refreshToken must be non-empty strings",
                 )
-            exp, iat = jwt_lifetime(access)
-            if exp is not None and iat is not None and exp > iat:
-                expires_at = expiry_from_lifetime(received_at, exp - iat)
-            elif exp is not None:  # no iat: trust exp, bounded so no value can overflow
-                expires_at = to_datetime(min(max(exp, 0.0), received_at + MAX_LIFETIME))
-            else:
-                expires_at = None
+            # A token already dead by the server's own clock gets no expiry: it is used
+            # until the 401, which refreshes it, instead of once per call.
+            lifetime = jwt_server_lifetime(access, headers, received_at)
+            expires_at = expiry_from_lifetime(received_at, lifetime)
             return TokenSet(access, refresh, expires_at, to_datetime(received_at))
         return self._classify_error(status, headers, body, received_at)
 
@@ -662,8 +705,7 @@ class OAuth2Protocol:
         if lifetime is not None and lifetime < MIN_LIFETIME:
             lifetime = None  # "expires in a microsecond" would mean a refresh on every call
         if lifetime is None:
-            exp, iat = jwt_lifetime(access)
-            lifetime = exp - iat if exp is not None and iat is not None else None
+            lifetime = jwt_server_lifetime(access, headers, received_at)
         scope = data.get("scope")
         if not isinstance(scope, str) or not scope.strip():
             scope = previous.scope if previous is not None else self.scope

@@ -47,6 +47,9 @@ class TokenSet:
             not isinstance(self.refresh_token, str) or not self.refresh_token
         ):
             raise ValueError("TokenSet.refresh_token must be a non-empty string or None")
+        if not isinstance(self.token_type, str) or not self.token_type.strip():
+            # An empty type read back as "Bearer" made every load look like a new pair.
+            raise ValueError("TokenSet.token_type must be a non-empty string")
         for name in ("expires_at", "received_at"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
@@ -66,6 +69,13 @@ class TokenSet:
         """``expires_at`` as epoch seconds."""
         return None if self.expires_at is None else self.expires_at.timestamp()
 
+    @property
+    def lifetime(self) -> float | None:
+        """Seconds from receipt to expiry, when both are known."""
+        if self.expires_at is None or self.received_at is None:
+            return None
+        return (self.expires_at - self.received_at).total_seconds()
+
     def is_expired(self, now: float) -> bool:
         """Whether the access token has expired at epoch time ``now``."""
         exp = self.expires_at_epoch
@@ -77,9 +87,9 @@ class TokenSet:
         Without the clamp a token that lives 60 s under a 60 s margin would be refreshed on
         every call (google-auth's refresh storm).
         """
-        if self.expires_at is None or self.received_at is None:
+        lifetime = self.lifetime
+        if lifetime is None:
             return refresh_margin
-        lifetime = (self.expires_at - self.received_at).total_seconds()
         return max(0.0, min(refresh_margin, lifetime * MARGIN_FRACTION))
 
     def needs_refresh(self, now: float, refresh_margin: float) -> bool:

@@ -51,6 +51,11 @@ class FakeClock:
         self._now += seconds
         self._mono += seconds
 
+    def jump(self, seconds: float) -> None:
+        """Step the wall clock alone, either way (NTP, a user, a device without a real-time
+        clock); the monotonic clock, like a real one, does not move."""
+        self._now += seconds
+
     async def sleep(self, seconds: float) -> None:
         """Record the wait, advance by it, and let other tasks run."""
         seconds = max(0.0, seconds)
