@@ -153,7 +153,12 @@ def test_malformed_answers_never_become_tokens(status: int, raw: bytes) -> None:
 
 
 def test_an_absurd_exp_without_iat_cannot_overflow() -> None:
-    for exp in (1e300, -1e300):
+    """An exp outside year 0..9999 is no usable exp: the pair is kept, without expiry (the
+    next 401 refreshes it), as for an opaque token. An exp in range is honoured."""
+    for exp in (1e300, -1e300, -1):
         token = jwt.encode({"sub": "u", "exp": exp}, "k" * 32, algorithm="HS256")
         answer = P.parse_tokens(200, {}, body(appToken=token, refreshToken="r2"), 1000.0, OLD)
-        assert isinstance(answer, tj.TokenSet) and answer.expires_at is not None
+        assert isinstance(answer, tj.TokenSet) and answer.expires_at is None
+    token = jwt.encode({"sub": "u", "exp": 2000}, "k" * 32, algorithm="HS256")
+    answer = P.parse_tokens(200, {}, body(appToken=token, refreshToken="r2"), 1000.0, OLD)
+    assert isinstance(answer, tj.TokenSet) and answer.expires_at_epoch == 2000
