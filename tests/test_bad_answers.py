@@ -18,7 +18,9 @@ manager's HTTP calls; the clock is a ``FakeClock``, so retries cost no time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,6 +56,13 @@ class Answer:
     headers: dict[str, str]
     body: bytes
     content_type: str
+
+    def __repr__(self) -> str:  # hostile bodies run to 200 kB: show their head and size
+        body = self.body if len(self.body) <= 200 else self.body[:200] + b"..."
+        return (
+            f"Answer({self.status}, {self.headers!r}, {body!r} ({len(self.body)} bytes), "
+            f"{self.content_type!r})"
+        )
 
 
 # ------------------------------------------------------------------------------ strategies
@@ -181,6 +190,62 @@ def _dump(data: object) -> bytes:
     return json.dumps(data).encode()
 
 
+def raw_jwt(claims: str) -> str:
+    """A JWT whose payload is ``claims`` verbatim (PyJWT would refuse to write NaN)."""
+    segment = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
+    return f"eyJhbGciOiJIUzI1NiJ9.{segment}.c2ln"
+
+
+def pair_body(claims: str) -> bytes:
+    """A Mana success whose access token carries ``claims``."""
+    return json.dumps({"appToken": raw_jwt(claims), "refreshToken": "r"}).encode()
+
+
+#: Numbers no float holds, and literals Python's json accepts but JSON does not.
+HOSTILE_NUMBER = st.sampled_from(
+    ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9" * 400, "-" + "9" * 400, "true", '"1"']
+)
+#: A JWT whose exp/iat is one of those.
+HOSTILE_JWT = st.builds(
+    lambda exp, iat: raw_jwt(f'{{"exp": {exp}, "iat": {iat}}}'),
+    HOSTILE_NUMBER,
+    HOSTILE_NUMBER | st.just("1000"),
+) | HOSTILE_NUMBER.map(lambda exp: raw_jwt(f'{{"exp": {exp}}}'))
+
+
+def _nest(depth: int, kind: str) -> bytes:
+    return (kind[0] * depth + kind[1] * depth).encode()
+
+
+#: Bodies that make parsers raise instead of answer: nesting deeper than the recursion
+#: limit, NaN/Infinity literals and huge integers where numbers go, long strings, and
+#: well-formed pairs whose JWT carries an unusable exp.
+HOSTILE_BODY = st.one_of(
+    # Drawn bodies stay under hypothesis's 30 kB repr limit; 2,000 deep is past Python's
+    # recursion limit already, and the 100,000-deep case is an explicit example below.
+    st.builds(_nest, st.sampled_from([2_000, 5_000]), st.sampled_from(["[]", "{}"])).map(
+        lambda b: b.replace(b"{{", b'{"a":{') if b.startswith(b"{") else b
+    ),
+    st.sampled_from([b'{"appToken": [', b'{"access_token": {']).map(lambda p: p + b"[" * 5_000),
+    st.builds(
+        lambda key, number: f'{{"{key}": {number}}}'.encode(),
+        st.sampled_from(MANA_KEYS + OAUTH_KEYS),
+        HOSTILE_NUMBER,
+    ),
+    st.builds(
+        lambda key, access, number: (
+            f'{{"{key}": "{access}", "refreshToken": "r2", "refresh_token": "r2", '
+            f'"token_type": "Bearer", "expires_in": {number}, "interval": {number}, '
+            f'"grace_expires_at": {number}}}'
+        ).encode(),
+        st.sampled_from(["appToken", "access_token"]),
+        HOSTILE_JWT,
+        HOSTILE_NUMBER,
+    ),
+    st.integers(1_000, 12_000).map(lambda n: b'{"error": "' + b"x" * n + b'"}'),
+)
+
+
 def bodies(keys: list[str], good: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[bytes]:
     """Every shape of body: drawn objects, good ones, truncated ones, non-objects, bytes."""
     objects = st.dictionaries(st.sampled_from(keys), VALUE, max_size=len(keys))
@@ -191,6 +256,7 @@ def bodies(keys: list[str], good: st.SearchStrategy[dict[str, Any]]) -> st.Searc
         JSON.map(_dump),
         st.binary(max_size=40),
         st.sampled_from([b"", b"null", b'{"appToken": NaN}', b"\xff\xfe{}"]),
+        HOSTILE_BODY,
     )
 
 
@@ -230,7 +296,7 @@ TRANSIENT = st.lists(
 def _object(answer: Answer) -> dict[str, Any] | None:
     try:
         data = json.loads(answer.body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -460,3 +526,62 @@ async def test_unusable_tokens_are_malformed_answers(token: str, tmp_path: Path)
     outcome, stored, _, _ = await refresh_case(sent, tj.SQLiteJournal(tmp_path / "t.db"))
     assert isinstance(outcome, tj.TransientError | tj.ProtocolError)
     assert stored == OLD
+
+
+# ------------------------------------------------------------------------------ pure parsers
+
+PROTOCOLS = (
+    tj.ManaProtocol(AUTH),
+    tj.OAuth2Protocol(f"{AUTH}/oauth/token", "client", device_authorization_url=f"{AUTH}/d"),
+)
+
+
+@settings(SETTINGS, max_examples=max(50, SETTINGS.max_examples * 2))
+@given(
+    status=STATUS,
+    headers=HEADERS,
+    body=HOSTILE_BODY | bodies(MANA_KEYS + OAUTH_KEYS, MANA_GOOD | OAUTH_GOOD),
+)
+@example(status=200, headers={}, body=b"[" * 100_000 + b"]" * 100_000)
+@example(status=400, headers={}, body=b'{"error": ' + b"[" * 100_000)
+@example(status=200, headers={}, body=pair_body('{"exp": NaN}'))
+@example(status=200, headers={}, body=pair_body('{"exp": ' + "9" * 400 + "}"))
+@example(status=200, headers={}, body=pair_body('{"exp": 1e999, "iat": 1}'))
+def test_parsers_never_raise_on_hostile_bodies(
+    status: int, headers: dict[str, str], body: bytes
+) -> None:
+    """Regression: a 100,000-deep body raised RecursionError out of the parsers, and a JWT
+    exp of NaN or a 400-digit integer raised ValueError/OverflowError. Every parse now
+    answers a TokenSet or a Failure, and every number in it is finite."""
+    for protocol in PROTOCOLS:
+        for previous in (OLD, None):
+            result = protocol.parse_tokens(status, headers, body, 1_700_000_000.0, previous)
+            assert isinstance(result, tj.TokenSet | tj.Failure)
+            if isinstance(result, tj.TokenSet) and result.expires_at is not None:
+                assert math.isfinite(result.expires_at.timestamp())
+            if isinstance(result, tj.Failure) and result.retry_after is not None:
+                assert math.isfinite(result.retry_after) and result.retry_after >= 0
+            out = protocol.parse_sign_out(status, headers, body)
+            assert out is None or isinstance(out, tj.Failure)
+    oauth = PROTOCOLS[1]
+    assert isinstance(oauth, tj.OAuth2Protocol)
+    code = oauth.parse_device_authorization(status, headers, body, 1_700_000_000.0)
+    assert isinstance(code, tj.DeviceCode | tj.Failure)
+    if isinstance(code, tj.DeviceCode):
+        assert math.isfinite(code.expires_at) and 1.0 <= code.interval <= 3600.0
+
+
+@pytest.mark.parametrize(
+    "exp",
+    ["NaN", "Infinity", "-Infinity", "9" * 400, "-" + "9" * 400, "true", '"2000000000"'],
+    ids=["nan", "inf", "-inf", "400-digits", "-400-digits", "bool", "string"],
+)
+def test_an_unusable_jwt_exp_means_no_expiry_like_an_opaque_token(exp: str) -> None:
+    """Regression: exp NaN gave ValueError, a 400-digit exp OverflowError, out of
+    ManaProtocol.parse_tokens. The server has already rotated, so the pair is kept, with no
+    expiry (the next 401 refreshes it), exactly as for an opaque access token."""
+    for claims in (f'{{"exp": {exp}}}', f'{{"exp": {exp}, "iat": 1000}}'):
+        body = json.dumps({"appToken": raw_jwt(claims), "refreshToken": "r2"}).encode()
+        result = tj.ManaProtocol(AUTH).parse_tokens(200, {}, body, 1_700_000_000.0, OLD)
+        assert isinstance(result, tj.TokenSet)
+        assert result.expires_at is None and result.refresh_token == "r2"

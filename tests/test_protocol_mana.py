@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenjournal as tj
-from tokenjournal._protocols import MAX_BODY, MAX_LIFETIME, DeviceInfo
+from tokenjournal._protocols import MAX_BODY, DeviceInfo
 
 P = tj.ManaProtocol("https://auth.example.com")
 DEVICE = DeviceInfo("0b7f3c1e-5d7a-4c36-9f1e-2f7c1d9a8b01")
@@ -153,11 +153,12 @@ def test_malformed_answers_never_become_tokens(status: int, raw: bytes) -> None:
 
 
 def test_an_absurd_exp_without_iat_cannot_overflow() -> None:
-    far = jwt.encode({"sub": "u", "exp": 1e300}, "k" * 32, algorithm="HS256")
-    answer = P.parse_tokens(200, {}, body(appToken=far, refreshToken="r2"), 1000.0, OLD)
-    assert isinstance(answer, tj.TokenSet) and answer.lifetime == MAX_LIFETIME
-    # Dead on arrival by any clock: no expiry, so it is used until the 401 refreshes it,
-    # never refreshed on every call.
-    past = jwt.encode({"sub": "u", "exp": -1e300}, "k" * 32, algorithm="HS256")
-    answer = P.parse_tokens(200, {}, body(appToken=past, refreshToken="r2"), 1000.0, OLD)
-    assert isinstance(answer, tj.TokenSet) and answer.expires_at is None
+    """An exp outside year 0..9999 is no usable exp: the pair is kept, without expiry (the
+    next 401 refreshes it), as for an opaque token. An exp in range is honoured."""
+    for exp in (1e300, -1e300, -1):
+        token = jwt.encode({"sub": "u", "exp": exp}, "k" * 32, algorithm="HS256")
+        answer = P.parse_tokens(200, {}, body(appToken=token, refreshToken="r2"), 1000.0, OLD)
+        assert isinstance(answer, tj.TokenSet) and answer.expires_at is None
+    token = jwt.encode({"sub": "u", "exp": 2000}, "k" * 32, algorithm="HS256")
+    answer = P.parse_tokens(200, {}, body(appToken=token, refreshToken="r2"), 1000.0, OLD)
+    assert isinstance(answer, tj.TokenSet) and answer.expires_at_epoch == 2000

@@ -13,7 +13,10 @@ only build the requests and parse the answers) and reports, per behaviour, pass 
   rejected with ``token_expired`` / ``invalid_grant``.
 
 Each probe signs in afresh, so one probe's revocation cannot spoil the next. Tokens are never
-printed; the table shows fingerprints and error codes only.
+printed; the table shows fingerprints and error codes only. The server is not trusted: every
+piece of its text is escaped, cut short and scrubbed of every token the run sent or received
+before it is printed, every body is read through the capped reader, and every number goes
+through the one number parser.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal, TextIO
 
 import aiohttp
 from yarl import URL
 
+from ._numbers import epoch_or_iso, epoch_seconds
 from ._protocols import (
     AuthProtocol,
     DeviceInfo,
@@ -38,8 +41,10 @@ from ._protocols import (
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
+    _load_json_object,
 )
 from ._table import render_table
+from ._terminal import printable
 from ._tokens import TokenSet, fingerprint
 from ._transport import Raw, send
 
@@ -152,18 +157,6 @@ class Reply:
         return "nothing"
 
 
-def _epoch(value: object) -> float | None:
-    """``grace_expires_at`` as epoch seconds: the server may send ISO 8601 or a number."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) / (1000.0 if value > 1e11 else 1.0)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
 class Probe:
     """The HTTP side: send protocol-built requests, parse answers with the same protocol."""
 
@@ -186,24 +179,34 @@ class Probe:
         self.device = DeviceInfo(
             str(uuid.uuid4()), "tokenjournal-conformance", "cli", "tokenjournal-conformance"
         )
+        #: Every token sent or received, and the credentials: never printed, whatever the
+        #: server echoes back in an error code.
+        self.secrets: set[str] = {options.password}
+        if options.client_secret:
+            self.secrets.add(options.client_secret)
+
+    def _remember(self, tokens: TokenSet | None) -> None:
+        if tokens is not None:
+            self.secrets.add(tokens.access_token)
+            if tokens.refresh_token is not None:
+                self.secrets.add(tokens.refresh_token)
 
     async def _send(self, request: HttpRequest) -> Raw:
         return await send(self.http, request, self.options.timeout)
 
     async def _exchange(self, request: HttpRequest, previous: TokenSet | None) -> Reply:
+        self._remember(previous)
         try:
             status, headers, body = await self._send(request)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return Reply(None, type(exc).__name__)
         answer = self.protocol.parse_tokens(status, headers, body, time.time(), previous)
         grace_at = None
         if isinstance(answer, TokenSet):
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = None
-            if isinstance(data, dict):
-                grace_at = _epoch(data.get("grace_expires_at"))
+            self._remember(answer)
+            data = _load_json_object(body)
+            if data is not None:  # ISO 8601 or a number, in seconds or milliseconds
+                grace_at = epoch_or_iso(data.get("grace_expires_at"))
         return Reply(answer, grace_expires_at=grace_at)
 
     async def sign_in(self) -> Reply:
@@ -218,24 +221,25 @@ class Probe:
     async def clock(self, advance: float | None = None) -> tuple[float | None, str | None]:
         """Read (GET) or advance (POST) the server's test clock: ``(now, error)``."""
         url = f"{self.origin}/_test/clock"
-        timeout = aiohttp.ClientTimeout(total=self.options.timeout)
-        try:
-            if advance is None:
-                ctx = self.http.get(url, timeout=timeout)
-            else:
-                ctx = self.http.post(url, json={"advance": advance}, timeout=timeout)
-            async with ctx as response:
-                if response.status != 200:
-                    return (
-                        None,
-                        f"{'GET' if advance is None else 'POST'} /_test/clock "
-                        f"answered {response.status}",
-                    )
-                data = await response.json(content_type=None)
+        accept = (("Accept", "application/json"),)
+        if advance is None:
+            request = HttpRequest("GET", url, accept, b"")
+        else:
+            body = json.dumps({"advance": advance}).encode()
+            request = HttpRequest(
+                "POST", url, (*accept, ("Content-Type", "application/json")), body
+            )
+        try:  # the capped reader: an endless body is cut at MAX_BODY, not buffered whole
+            status, _, raw = await self._send(request)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return None, f"/_test/clock failed ({type(exc).__name__})"
-        now = data.get("now") if isinstance(data, dict) else None
-        return (float(now) if isinstance(now, int | float) else None), None
+        if status != 200:
+            return None, f"{request.method} /_test/clock answered {status}"
+        data = _load_json_object(raw)
+        now = epoch_seconds(data.get("now")) if data is not None else None
+        if now is None:
+            return None, f"{request.method} /_test/clock answered no usable 'now'"
+        return now, None
 
 
 def _count(n: int, noun: str) -> str:
@@ -479,23 +483,39 @@ class _Run:
 
 
 async def run_conformance(options: ConformanceOptions) -> ConformanceReport:
-    """Run every probe against ``options.url`` and return the report (no printing)."""
+    """Run every probe against ``options.url`` and return the report (no printing).
+
+    Every detail is made printable at the end, when every token of the run is known: a
+    server may echo in an error code a token it hands out only later.
+    """
     async with aiohttp.ClientSession() as http:
-        run = _Run(Probe(options, http))
+        probe = Probe(options, http)
+        run = _Run(probe)
         if await run.rotation_and_replay():
             await run.concurrent()
             await run.two_generations()
             await run.after_window()  # last: it moves the server's clock
-    return ConformanceReport(options.url, options.protocol, run.replay_style, tuple(run.checks))
+    checks = tuple(
+        replace(c, detail=printable(c.detail, limit=DETAIL_LIMIT, secrets=probe.secrets))
+        for c in run.checks
+    )
+    return ConformanceReport(options.url, options.protocol, run.replay_style, checks)
 
 
 _MARK: Final = {"pass": "PASS", "fail": "FAIL", "skip": "skip", "info": "note"}
+#: The longest detail cell: several server codes may share one.
+DETAIL_LIMIT: Final = 200
 
 
 def render_text(report: ConformanceReport) -> str:
     """The pass/fail table and the verdict."""
     rows = [
-        (c.title, "required" if c.required else "info", _MARK[c.outcome], c.detail)
+        (
+            printable(c.title),
+            "required" if c.required else "info",
+            _MARK[c.outcome],
+            printable(c.detail, limit=DETAIL_LIMIT),
+        )
         for c in report.checks
     ]
     required = [c for c in report.checks if c.required]
@@ -507,7 +527,7 @@ def render_text(report: ConformanceReport) -> str:
     )
     return "\n".join(
         [
-            f"tokenjournal conformance  {report.url}  ({report.protocol})",
+            f"tokenjournal conformance  {printable(report.url)}  ({report.protocol})",
             "",
             render_table(("check", "kind", "result", "detail"), rows),
             "",
@@ -529,7 +549,15 @@ def main(
 ) -> int:
     """The `conformance` command: print the table; 0 only if every required row passed."""
     out = out or sys.stdout
-    report = asyncio.run(run_conformance(options))
+    try:
+        report = asyncio.run(run_conformance(options))
+    except Exception as exc:  # a server found a path nobody foresaw: one line, no traceback
+        print(
+            f"tokenjournal conformance: the run failed ({type(exc).__name__}); "
+            f"no verdict for {printable(options.url)}",
+            file=sys.stderr,
+        )
+        return 1
     if json_output:
         out.write(json.dumps(as_json(report), indent=2) + "\n")
     else:

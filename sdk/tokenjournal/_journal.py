@@ -536,7 +536,9 @@ class SQLiteJournal:
         if self.read_only:
             if not self.path.exists():
                 raise JournalError(f"journal {self.path} does not exist")
-            uri = f"file:{self.path}?mode=ro"
+            # Quoted: a '?', '#' or '%' in the path would otherwise be URI syntax, and SQLite
+            # would read (and create!) another file.
+            uri = self.path.absolute().as_uri() + "?mode=ro"
             self._db = await self._guard(_connect(uri, uri=True))
         else:
             self._prepare_file()

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import platform
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
@@ -58,6 +58,7 @@ from ._protocols import (
     OAuth2Protocol,
 )
 from ._retry import GRACE_GUARD, RetryPolicy, is_retryable
+from ._terminal import printable
 from ._tokens import TokenSet, fingerprint
 from ._transport import Raw, is_loopback, send
 
@@ -70,6 +71,8 @@ LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
+#: A server's error code longer than this is cut: codes are identifiers, not essays.
+CODE_LIMIT: Final = 64
 #: The grace rescue (invariant 11) tries again at least this often, as a share of the grace
 #: window and in seconds: a network that comes back is noticed within the smaller of the two,
 #: and a 300 s window costs about ten requests.
@@ -107,6 +110,16 @@ def _sendable(tokens: TokenSet) -> bool:
     return all(
         t is None or (t.isascii() and t.isprintable())
         for t in (tokens.access_token, tokens.refresh_token)
+    )
+
+
+def _scrubbed(failure: Failure, secrets: Iterable[str]) -> Failure:
+    """``failure`` with its server-supplied text printable, short, and free of secrets."""
+    secrets = tuple(secrets)
+    return dataclasses.replace(
+        failure,
+        code=printable(failure.code, limit=CODE_LIMIT, secrets=secrets),
+        message=printable(failure.message, secrets=secrets),
     )
 
 
@@ -374,7 +387,9 @@ class TokenManager:
         OAuth 2.0 password grant: ``username``, ``password``)."""
         self._require_open()
         request = self.protocol.build_sign_in(credentials, self._device_info())
-        answer = await self._exchange(lambda: request, None, grace_deadline=None)
+        answer = await self._exchange(
+            lambda: request, None, grace_deadline=None, secrets=credentials.values()
+        )
         if isinstance(answer, Failure):
             raise SignInFailed(answer.code)
         await self._store_sign_in(answer)
@@ -813,14 +828,20 @@ class TokenManager:
         grace_deadline: float | None,
         before_retry: Callable[[], Awaitable[None]] | None = None,
         policy: RetryPolicy | None = None,
+        secrets: Iterable[str] = (),
     ) -> TokenSet | Failure:
         """Send until a pair or a final failure arrives, within the retry policy.
 
         Returns the pair or a non-retryable :class:`Failure`; raises a
         :class:`TransientError` (or :class:`ProtocolError` for malformed answers) when the
-        budget runs out or the manager closes. ``grace_deadline`` is monotonic.
+        budget runs out or the manager closes. ``grace_deadline`` is monotonic. A failure's
+        code and message are the server's words: they are made printable and stripped of
+        every secret of this exchange (``secrets``, the tokens of ``previous``) before they
+        reach an exception, a log line, an event or the journal.
         """
         policy = policy or self.retry
+        if previous is not None:
+            secrets = (*secrets, previous.access_token, previous.refresh_token or "")
         started = self._clock.monotonic()
         attempt = 0
         while True:
@@ -840,6 +861,8 @@ class TokenManager:
                     answer = Failure(
                         FailureKind.MALFORMED, "malformed_body", status, "unusable token"
                     )
+                if isinstance(answer, Failure):
+                    answer = _scrubbed(answer, secrets)
                 if isinstance(answer, TokenSet) or not is_retryable(answer):
                     return answer
                 failure, detail = answer, answer.code

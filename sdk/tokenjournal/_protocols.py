@@ -11,15 +11,14 @@ import base64
 import binascii
 import enum
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
+from ._numbers import MAX_SECONDS, epoch_seconds, http_date, positive_seconds, retry_after
 from ._tokens import TokenSet, fingerprint, to_datetime
 
 #: Answers larger than this are refused unread: a token answer is a few KiB at most.
@@ -27,7 +26,7 @@ MAX_BODY: Final = 1024 * 1024
 #: How long to wait after a ``rotation_in_progress`` that came without ``Retry-After``.
 CONFLICT_WAIT: Final = 1.0
 #: The longest access-token lifetime the SDK believes: ten years.
-MAX_LIFETIME: Final = 10 * 365 * 86400.0
+MAX_LIFETIME: Final = MAX_SECONDS
 
 _JSON: Final = (("Content-Type", "application/json"), ("Accept", "application/json"))
 _FORM: Final = (
@@ -173,23 +172,7 @@ class AuthProtocol(Protocol):
 
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
     """``Retry-After`` in seconds (delta-seconds or an HTTP date), or ``None``."""
-    raw = _header(headers, "Retry-After")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:  # "inf" and "nan" parse as floats; a wait of forever is no hint at all
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
+    return retry_after(_header(headers, "Retry-After"), now)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -206,9 +189,19 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def _load_json_object(body: bytes) -> dict[str, Any] | None:
     if len(body) > MAX_BODY:
         return None
+    return _json_object(body)
+
+
+def _json_object(text: bytes | str) -> dict[str, Any] | None:
+    """A JSON object, or ``None`` for anything else; never raises.
+
+    ``NaN`` and the infinities (which Python's parser accepts) are left to the number
+    readers to refuse; a body nested thousands deep makes ``json`` raise ``RecursionError``,
+    which is a malformed answer like any other, not a crash.
+    """
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return data if isinstance(data, dict) else None
 
@@ -266,29 +259,21 @@ def jwt_lifetime(token: str) -> tuple[float | None, float | None]:
         return None, None
     segment = parts[1]
     try:
-        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        payload = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (ValueError, binascii.Error):
         return None, None
-    if not isinstance(claims, dict):
+    claims = _json_object(payload)
+    if claims is None:
         return None, None
-    exp, iat = claims.get("exp"), claims.get("iat")
-    exp_f = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-    iat_f = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None
-    return exp_f, iat_f
+    # An exp of NaN, Infinity, a 400-digit integer, a boolean or a string is read as no
+    # exp at all, exactly like an opaque token: the server has already rotated, so the
+    # pair is kept and the next 401 refreshes it (see parse_tokens).
+    return epoch_seconds(claims.get("exp")), epoch_seconds(claims.get("iat"))
 
 
 def server_date(headers: Mapping[str, str]) -> float | None:
     """The answer's ``Date`` header (the server's clock at answering), epoch seconds."""
-    raw = _header(headers, "Date")
-    try:
-        when = parsedate_to_datetime(raw) if raw else None
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    return http_date(_header(headers, "Date"))
 
 
 def jwt_server_lifetime(token: str, headers: Mapping[str, str], received_at: float) -> float | None:
@@ -458,6 +443,8 @@ RESERVED_PARAMS: Final = frozenset(
 DEVICE_INTERVAL: Final = 5.0
 #: Both are whole seconds in the RFCs; anything shorter is a server bug, not an instruction.
 MIN_INTERVAL: Final = 1.0
+#: A polling interval longer than an hour is a server bug too; it is capped, not obeyed.
+MAX_INTERVAL: Final = 3600.0
 MIN_LIFETIME: Final = 1.0
 
 
@@ -467,25 +454,6 @@ def oauth_error_code(data: Mapping[str, Any] | None) -> str | None:
     if not isinstance(code, str) or not code.strip():
         return None
     return code.strip().lower()
-
-
-def positive_seconds(value: object) -> float | None:
-    """A positive, finite number of seconds, or ``None``.
-
-    Accepts numbers and numeric strings (some servers send ``"expires_in": "3600"``);
-    booleans, zero, negatives, NaN and infinities are ``None``: unusable, not fatal.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if 0 < number < float("inf") else None
 
 
 def basic_credentials(client_id: str, client_secret: str) -> str:
@@ -643,7 +611,10 @@ class OAuth2Protocol:
             uri,
             _nonempty_str(data, "verification_uri_complete"),
             received_at + expires_in,
-            max(MIN_INTERVAL, positive_seconds(data.get("interval")) or DEVICE_INTERVAL),
+            max(
+                MIN_INTERVAL,
+                positive_seconds(data.get("interval"), MAX_INTERVAL) or DEVICE_INTERVAL,
+            ),
         )
 
     def build_device_token(self, device_code: str) -> HttpRequest:
@@ -739,7 +710,7 @@ class OAuth2Protocol:
             return Failure(FailureKind.PENDING, code, status, code)
         if code == "slow_down":
             # GitHub sends the new interval along; RFC 8628 servers leave it to the client.
-            new_interval = positive_seconds(data.get("interval")) if data else None
+            new_interval = positive_seconds(data.get("interval"), MAX_INTERVAL) if data else None
             return Failure(FailureKind.SLOW_DOWN, code, status, code, new_interval)
         if code in OAUTH_TRANSIENT:
             return Failure(FailureKind.SERVER, code, status, code, parse_retry_after(headers, now))

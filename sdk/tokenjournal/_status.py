@@ -3,12 +3,17 @@
 The journal is opened with ``SQLiteJournal(path, read_only=True)``: no creation, no
 migration, no write. Tokens are never shown, only their fingerprints. Every failure to read
 (missing, locked, corrupt, newer schema) becomes one line on stderr and a non-zero exit.
+
+A journal is a file anyone with access may have edited: every text field it holds (account,
+device id, ended code, lease holder and host, the path itself) is escaped and cut short
+before it is printed, and every number is rendered without trusting it to be in range.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import sys
@@ -20,6 +25,8 @@ from typing import Any, Final, TextIO
 
 from ._errors import JournalError, TokenJournalError
 from ._journal import AccountRecord, SQLiteJournal, pid_alive
+from ._numbers import MAX_EPOCH
+from ._terminal import printable
 from ._tokens import fingerprint
 
 #: How long `status` waits for a journal another process has locked before saying so.
@@ -124,11 +131,14 @@ async def read_journal(
     Raises :class:`~tokenjournal.JournalError` when the file is missing, locked for longer
     than ``wait`` seconds, corrupt, not a journal, or of a newer schema.
     """
-    journal = SQLiteJournal(path, read_only=True, busy_timeout=wait)
+    shown = SQLiteJournal(path, read_only=True, busy_timeout=wait).path
     # Checked before SQLite sees it: aiosqlite leaves its worker thread to report a failed
     # connect to the event loop later, which may be gone by then (a noisy thread error).
-    if journal.path.exists() and not journal.path.is_file():
-        raise JournalError(f"journal {journal.path} is not a file")
+    if shown.exists() and not shown.is_file():
+        raise JournalError(f"journal {shown} is not a file")
+    if not shown.exists():
+        raise JournalError(f"journal {shown} does not exist")
+    journal = SQLiteJournal(shown, read_only=True, busy_timeout=wait)
     await journal.open()
     try:
         device_id = await journal.device_id()
@@ -137,7 +147,7 @@ async def read_journal(
         await journal.close()
     moment = time.time() if now is None else now
     return JournalStatus(
-        str(journal.path),
+        str(shown),
         device_id,
         moment,
         tuple(_account_status(r, moment) for r in records),
@@ -151,11 +161,15 @@ def when(epoch: float | None) -> str:
     """Epoch seconds as ``2030-01-02 03:04:05Z`` (``-`` for none)."""
     if epoch is None:
         return "-"
+    if not (isinstance(epoch, int | float) and 0 <= epoch <= MAX_EPOCH):
+        return "?"  # a tampered journal: a number no datetime holds
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def span(seconds: float) -> str:
     """A duration for people: ``45s``, ``12m 03s``, ``3h 20m``, ``9d 4h``."""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "?"
     s = int(abs(seconds))
     if s < 60:
         return f"{s}s"
@@ -168,7 +182,7 @@ def span(seconds: float) -> str:
 
 def relative(epoch: float, now: float) -> str:
     """``in 5m 00s`` or ``3s ago``."""
-    delta = epoch - now
+    delta = epoch - now if math.isfinite(epoch) and math.isfinite(now) else math.nan
     return f"in {span(delta)}" if delta >= 0 else f"{span(delta)} ago"
 
 
@@ -177,7 +191,7 @@ def _state_line(a: AccountStatus, now: float) -> str:
         return "signed in"
     if a.state == "ended":
         at = f" at {when(a.ended_at)} ({relative(a.ended_at, now)})" if a.ended_at else ""
-        return f"ended by the server: {a.ended_code}{at}; sign in again"
+        return f"ended by the server: {printable(a.ended_code)}{at}; sign in again"
     return "signed out"
 
 
@@ -186,6 +200,8 @@ def _access_line(a: AccountStatus, now: float) -> str:
         return "-"
     if a.access_expires_at is None:
         return f"{a.access_fingerprint}, no expiry given (refreshed on a 401)"
+    if not math.isfinite(a.access_expires_at):
+        return f"{a.access_fingerprint}, expiry unreadable"
     verb = "expires" if a.access_expires_at > now else "expired"
     return (
         f"{a.access_fingerprint}, {verb} {when(a.access_expires_at)} "
@@ -201,10 +217,10 @@ def _intent_line(a: AccountStatus) -> str:
         "refresh": "refresh pending (resumed on the next start, inside the grace window)",
         "sign_out": "sign-out pending (finished on the next start)",
         "device_code": "device sign-in pending",
-    }.get(i.kind, i.kind)
+    }.get(i.kind, printable(i.kind))
     return (
         f"{what}; started {when(i.started_at)} ({span(i.age)} ago), "
-        f"refresh token {i.refresh_fingerprint}, generation {i.generation}"
+        f"refresh token {printable(i.refresh_fingerprint)}, generation {i.generation}"
     )
 
 
@@ -214,21 +230,21 @@ def _lease_line(a: AccountStatus, now: float) -> str:
         return "none"
     alive = {None: "on another host", True: "alive", False: "gone"}[lz.holder_alive]
     until = "expired" if lz.expired else f"until {when(lz.expires_at)}"
-    return f"{lz.holder} (pid {lz.pid}, {alive}), {until}"
+    return f"{printable(lz.holder)} (pid {lz.pid}, {alive}), {until}"
 
 
 def render_text(status: JournalStatus) -> str:
     """The human-readable report."""
     now = status.read_at
     lines = [
-        f"journal   {status.path}",
-        f"device    {status.device_id}",
+        f"journal   {printable(status.path, limit=4096)}",
+        f"device    {printable(status.device_id)}",
         f"accounts  {len(status.accounts)}",
     ]
     for a in status.accounts:
         lines += [
             "",
-            f"account {a.account}",
+            f"account {printable(a.account)}",
             f"  state       {_state_line(a, now)}",
             f"  access      {_access_line(a, now)}",
             f"  refresh     {a.refresh_fingerprint}",
@@ -260,10 +276,11 @@ def run_status(
     try:
         status = asyncio.run(read_journal(Path(path), wait=wait))
     except TokenJournalError as exc:
-        err.write(f"tokenjournal status: {exc}\n")
+        err.write(f"tokenjournal status: {printable(exc, limit=4096)}\n")
         return EXIT_UNREADABLE
     except OSError as exc:  # e.g. the path names a folder we may not enter
-        err.write(f"tokenjournal status: cannot read {path}: {exc.strerror or exc}\n")
+        reason = printable(f"cannot read {path}: {exc.strerror or exc}", limit=4096)
+        err.write(f"tokenjournal status: {reason}\n")
         return EXIT_UNREADABLE
     if json_output:
         out.write(json.dumps(as_json(status), indent=2) + "\n")

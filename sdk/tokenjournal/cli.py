@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from . import __version__
+from ._signals import stop_signals_interrupt
 
 PROG: Final = "tokenjournal"
 EXIT_USAGE: Final = 2
@@ -413,18 +414,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     ns, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if ns.command == "bench":
-        return _bench(ns, rest)
-    if rest:
+    if ns.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Handler | None = getattr(ns, "handler", None)
-    if handler is None:
+    if handler is None and ns.command != "bench":
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    try:
-        return handler(ns)
-    except KeyboardInterrupt:
-        return 130
+    # SIGTERM (timeout, CI, systemd) and SIGHUP clean up exactly like Ctrl-C.
+    with stop_signals_interrupt() as received:
+        try:
+            if ns.command == "bench":
+                return _bench(ns, rest)
+            assert handler is not None
+            return handler(ns)
+        except KeyboardInterrupt:
+            return received.exit_status
 
 
 if __name__ == "__main__":

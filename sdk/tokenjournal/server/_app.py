@@ -198,9 +198,19 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or 408: a body trickled in a byte a minute must not hold a connection
+    (and a handler) forever. Oversize bodies raise 413 from aiohttp."""
+    try:
+        async with asyncio.timeout(request.app[STATE].config.read_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or `BadRequest`. Oversize bodies raise 413 from aiohttp."""
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -247,7 +257,7 @@ async def read_form(request: web.Request) -> dict[str, str]:
         raise OAuthError(
             "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
         )
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         pairs = parse_qsl(
             raw.decode("ascii"),
@@ -806,7 +816,10 @@ async def hook_clock(request: web.Request) -> web.StreamResponse:
             raise BadRequest("advance must be a number")
         if not math.isfinite(seconds) or seconds < 0:
             raise BadRequest("advance must be a finite number >= 0")
-        state.clock.advance(seconds)
+        try:
+            state.clock.advance(seconds)
+        except ValueError as exc:  # past year 9999: every expiry would overflow
+            raise BadRequest(str(exc)) from None
     return web.json_response({"now": state.clock.now(), "offset": state.clock.offset})
 
 

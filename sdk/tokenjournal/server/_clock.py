@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Final
+
+#: The clock never passes the end of year 9999: every expiry it feeds must still be a
+#: datetime, and `now` must stay a finite JSON number.
+MAX_NOW: Final = 253402214400.0
 
 
 class ServerClock:
@@ -34,5 +39,7 @@ class ServerClock:
             raise TypeError("seconds must be a number")
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError("seconds must be a finite number >= 0")
+        if self.now() + seconds > MAX_NOW:
+            raise ValueError("the clock cannot go past the year 9999")
         self._offset += float(seconds)
         return self.now()

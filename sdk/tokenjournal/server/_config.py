@@ -59,9 +59,22 @@ class ServerConfig:
     """Lifetime of a device code (RFC 8628 `expires_in`)."""
     device_interval: int = 5
     """Initial polling interval of the device flow, in seconds."""
+    header_timeout: float = 15.0
+    """A connection must send a whole request head within this long of opening (and an
+    idle keep-alive connection is closed after it): slowloris clients are dropped."""
+    read_timeout: float = 30.0
+    """A request body must arrive within this long (else 408)."""
+    max_connections: int = 1024
+    """Open connections beyond this are answered 503 and closed at once (`serve` only)."""
 
     def __post_init__(self) -> None:
-        for name in ("access_ttl", "refresh_ttl", "device_expires_in"):
+        for name in (
+            "access_ttl",
+            "refresh_ttl",
+            "device_expires_in",
+            "header_timeout",
+            "read_timeout",
+        ):
             _positive(name, getattr(self, name))
         if isinstance(self.grace, bool) or not isinstance(self.grace, int | float):
             raise TypeError("grace must be a number")
@@ -79,6 +92,10 @@ class ServerConfig:
             raise TypeError("device_interval must be an int")
         if self.device_interval < 1:
             raise ValueError("device_interval must be >= 1")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int):
+            raise TypeError("max_connections must be an int")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         if not self.db_path:
             raise ValueError("db_path must not be empty (use ':memory:')")
         emails = [email for email, _ in self.users]

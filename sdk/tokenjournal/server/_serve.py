@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
-from .._transport import is_loopback
+from .._transport import resolves_to_loopback
 from ._app import create_app
 from ._config import DEMO_CLIENT_ID, ServerConfig
 
@@ -54,6 +54,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"an OAuth client, public without SECRET (repeatable; default {DEMO_CLIENT_ID})",
     )
     parser.add_argument("--max-body", type=int, default=defaults.max_body)
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        metavar="SECONDS",
+        help="drop a connection that has not sent a whole request head by then, and an "
+        f"idle one (default {defaults.header_timeout:g})",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=defaults.read_timeout,
+        metavar="SECONDS",
+        help=f"answer 408 to a body slower than this (default {defaults.read_timeout:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"answer 503 beyond N open connections (default {defaults.max_connections})",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> ServerConfig:
@@ -76,25 +98,65 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         oauth_replay=ns.oauth_replay,
         clients=clients,
         max_body=ns.max_body,
+        header_timeout=ns.header_timeout,
+        read_timeout=ns.read_timeout,
+        max_connections=ns.max_connections,
     )
 
 
 def check_bind(config: ServerConfig, host: str) -> None:
     """Refuse test mode anywhere but loopback: it can rewind security (clock, faults)."""
-    if config.test_mode and not is_loopback(host):
+    if config.test_mode and not resolves_to_loopback(host):
         raise ValueError(
             f"test mode exposes /_test/* control routes and is only allowed on a loopback "
             f"host (127.0.0.1, localhost, ::1), not {host!r}"
         )
 
 
+#: What a connection over the cap gets before it is closed.
+BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+class _Busy(asyncio.Protocol):
+    """Answers 503 and hangs up: the connection is over the cap."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(BUSY)
+        transport.close()
+
+
+class _Capped:
+    """The protocol factory of the listening socket: aiohttp's, up to ``cap`` connections."""
+
+    def __init__(self, server: web.Server, cap: int) -> None:
+        self.server = server
+        self.cap = cap
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.server.connections) >= self.cap:
+            return _Busy()
+        return self.server()
+
+
 async def _serve(config: ServerConfig, host: str, port: int) -> None:
-    runner = web.AppRunner(create_app(config), shutdown_timeout=5.0)
+    # keepalive_timeout starts when a connection opens and only a complete request head
+    # resets it, so it is also the header timeout: a client trickling a header is dropped.
+    runner = web.AppRunner(
+        create_app(config), shutdown_timeout=5.0, keepalive_timeout=config.header_timeout
+    )
     await runner.setup()
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        address: Any = runner.addresses[0]
+        loop = asyncio.get_running_loop()
+        assert runner.server is not None
+        listener = await loop.create_server(
+            _Capped(runner.server, config.max_connections), host, port, reuse_address=True
+        )
+        address: Any = listener.sockets[0].getsockname()
         shown = f"[{host}]" if ":" in host else host
         print(
             f"tokenjournal reference server on http://{shown}:{int(address[1])}"
@@ -102,17 +164,18 @@ async def _serve(config: ServerConfig, host: str, port: int) -> None:
             flush=True,
         )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
 
 
 def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8787) -> None:
-    """Serve until SIGINT/SIGTERM (blocking). Prints one line with the URL.
+    """Serve until SIGINT, SIGTERM or SIGHUP (blocking). Prints one line with the URL.
 
     Raises `ValueError` before binding anything if `config.test_mode` is on and `host` is
     not a loopback address. Tokens never appear in its output or logs.

@@ -1,0 +1,1 @@
+"""Hostile-input suite: misbehaving servers, tampered journals, signals."""
