@@ -246,9 +246,10 @@ async def test_open_finishing_a_crashed_sign_out_keeps_a_sign_in_made_meanwhile(
     await journal.store_tokens("default", pair("old"), NOW)
     await journal.begin_sign_out("default", NOW)
     await journal.close()
-    logout_may_answer = asyncio.Event()
+    logout_sent, logout_may_answer = asyncio.Event(), asyncio.Event()
 
     async def slow_logout(url: URL, **_: Any) -> CallbackResult:
+        logout_sent.set()
         await logout_may_answer.wait()
         return CallbackResult(status=204)
 
@@ -256,13 +257,11 @@ async def test_open_finishing_a_crashed_sign_out_keeps_a_sign_in_made_meanwhile(
     with aioresponses() as mock:
         mock.post(f"{AUTH}/auth/logout", callback=slow_logout)
         async with tj.TokenManager(AUTH, journal=path, clock=FakeClock()) as tm:
-            await asyncio.sleep(0)  # the background finish sends the logout
+            await logout_sent.wait()  # the background finish is telling the server
             await tm.set_tokens(newer)
             logout_may_answer.set()
-            while tm._background:
-                await asyncio.sleep(0.01)
-            assert tm.state is tj.SessionState.VALID and tm.tokens == newer
-            assert await tm.access_token() == newer.access_token
+        # close() let the background finish run to its end
+    assert tm.state is tj.SessionState.VALID and tm.tokens == newer
     journal = tj.SQLiteJournal(path, read_only=True)
     await journal.open()
     record = await journal.load("default")
@@ -274,9 +273,10 @@ async def test_a_sign_out_racing_another_process_sign_in_adopts_it(tmp_path: Pat
     """Regression (issue 11 §4): process A signs out (its logout is slow) while process B
     signs in on the shared journal: B's sign-in stays, and A adopts it."""
     path = tmp_path / "tokens.db"
-    logout_may_answer = asyncio.Event()
+    logout_sent, logout_may_answer = asyncio.Event(), asyncio.Event()
 
     async def slow_logout(url: URL, **_: Any) -> CallbackResult:
+        logout_sent.set()
         await logout_may_answer.wait()
         return CallbackResult(status=204)
 
@@ -288,7 +288,7 @@ async def test_a_sign_out_racing_another_process_sign_in_adopts_it(tmp_path: Pat
         async with a, b:
             await a.set_tokens(pair("a"))
             signing_out = asyncio.ensure_future(a.sign_out())
-            await asyncio.sleep(0.05)  # A's sign-out is journaled, its logout in flight
+            await logout_sent.wait()  # A's sign-out is journaled, its logout in flight
             await b.set_tokens(newer)
             logout_may_answer.set()
             await signing_out

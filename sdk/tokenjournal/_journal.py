@@ -43,7 +43,7 @@ BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
 BUSY_SLICE_MS: Final = 25
-log = logging.getLogger("tokenjournal.journal")
+log = logging.getLogger("tokenjournal")
 IntentKind = Literal["refresh", "sign_out", "device_code"]
 _T = TypeVar("_T")
 
@@ -542,7 +542,7 @@ class SQLiteJournal:
         transaction is never split over several calls (the thread would carry on with the
         first half alone); ``abandoned`` tells the job that nobody waits for it any more.
         """
-        conn = db or self._conn()
+        conn = db if db is not None else self._conn()
         abandoned = threading.Event()
 
         def call() -> _T:
