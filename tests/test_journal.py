@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -180,14 +181,14 @@ async def test_rotated_tokens_do_not_linger_in_the_file(tmp_path: Path) -> None:
     await journal.begin_refresh("a", ME, 1, NOW, 30.0)
     await journal.commit_refresh("a", ME, 1, tj.TokenSet("B" * 40, "NEWREFRESH" * 8), NOW)
     await journal.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert b"OLDREFRESH" not in path.read_bytes()
 
 
 async def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "tokens.db"
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA user_version = 99")
     before = path.read_bytes()
     with pytest.raises(tj.JournalError, match="newer"):

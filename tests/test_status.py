@@ -42,8 +42,8 @@ async def _build(path: Path) -> None:
         await journal.store_tokens("bob", pair(2), NOW)
         await journal.end_session("bob", "token_expired", NOW + 20)
         await journal.store_tokens("carol", pair(3), NOW)
-        await journal.begin_sign_out("carol", NOW + 30)
-        await journal.finish_sign_out("carol", NOW + 31)
+        leaving = await journal.begin_sign_out("carol", NOW + 30)
+        await journal.finish_sign_out("carol", NOW + 31, leaving.generation)
     finally:
         await journal.close()
 

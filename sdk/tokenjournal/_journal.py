@@ -19,22 +19,31 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import sqlite3
+import threading
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import aiosqlite
 
 from ._errors import JournalError
+from ._protocols import MAX_LIFETIME
 from ._tokens import TokenSet, fingerprint, to_datetime
 
 SCHEMA_VERSION: Final = 1
 BUSY_TIMEOUT_MS: Final = 5000
+#: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
+#: a call whose caller was cancelled stops waiting for the lock at the next slice.
+BUSY_SLICE_MS: Final = 25
+log = logging.getLogger("tokenjournal")
 IntentKind = Literal["refresh", "sign_out", "device_code"]
 _T = TypeVar("_T")
 
@@ -206,12 +215,25 @@ class Journal(Protocol):
         """
         ...
 
-    async def begin_sign_out(self, account: str, now: float) -> None:
-        """Journal a sign-out before the server is told, so a crash finishes it next start."""
+    async def begin_sign_out(self, account: str, now: float) -> AccountRecord:
+        """Journal a sign-out before the server is told, so a crash finishes it next start.
+
+        Returns the record as the sign-out leaves it: its pair is the one to log out, its
+        generation (one more than before, so an in-flight refresh cannot commit over the
+        sign-out) is what :meth:`finish_sign_out` expects. With no pair nothing is written;
+        with a sign-out already journaled, that one is returned unchanged.
+        """
         ...
 
-    async def finish_sign_out(self, account: str, now: float) -> int:
-        """Clear the pair and the intent after the server was told."""
+    async def finish_sign_out(
+        self, account: str, now: float, expected_generation: int
+    ) -> int | None:
+        """Clear the pair and the intent after the server was told: a compare-and-swap.
+
+        Returns the new generation, or ``None`` when the generation moved since
+        :meth:`begin_sign_out` (a sign-in made meanwhile, here or in another process, or
+        another finish of the same sign-out): the newer decision stays.
+        """
         ...
 
     async def save_device_code(self, account: str, payload: str, now: float) -> None:
@@ -322,17 +344,22 @@ class MemoryJournal:
         self._put(AccountRecord(account, None, rec.generation + 1, code, now))
         return rec.generation + 1
 
-    async def begin_sign_out(self, account: str, now: float) -> None:
-        """Journal the sign-out."""
+    async def begin_sign_out(self, account: str, now: float) -> AccountRecord:
+        """Journal the sign-out (see :meth:`Journal.begin_sign_out`)."""
         rec = await self.load(account)
-        fp = fingerprint(rec.tokens.refresh_token if rec.tokens else None)
-        self._put(replace(rec, intent=Intent("sign_out", fp, now, rec.generation)))
+        if rec.tokens is None or _signing_out(rec):
+            return rec
+        fp = fingerprint(rec.tokens.refresh_token)
+        intent = Intent("sign_out", fp, now, rec.generation + 1)
+        rec = replace(rec, generation=intent.generation, intent=intent)
+        self._put(rec)
+        return rec
 
-    async def finish_sign_out(self, account: str, now: float) -> int:
-        """Clear the pair."""
-        rec = await self.load(account)
-        self._put(AccountRecord(account, None, rec.generation + 1, "signed_out", now))
-        return rec.generation + 1
+    async def finish_sign_out(
+        self, account: str, now: float, expected_generation: int
+    ) -> int | None:
+        """Clear the pair, unless a newer decision was made."""
+        return await self.end_session(account, "signed_out", now, expected_generation)
 
     async def save_device_code(self, account: str, payload: str, now: float) -> None:
         """Journal a pending device code."""
@@ -450,12 +477,40 @@ def _connect(target: str, *, uri: bool = False) -> aiosqlite.Connection:
     return connection
 
 
+class _Abandoned(Exception):
+    """The caller was cancelled before the commit: the transaction is rolled back."""
+
+
+@dataclass(slots=True)
+class _Tx:
+    """A transaction in progress on the connection's worker thread."""
+
+    conn: sqlite3.Connection
+    #: It replaced or dropped a secret: after the commit, checkpoint the WAL into the file
+    #: and truncate it, so the old value is left in no file of the journal.
+    scrub: bool = False
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
 class SQLiteJournal:
     """A :class:`Journal` in one SQLite file. Several processes may share it.
 
     ``path`` may start with ``~``. The file is created 0600; a folder that has to be created
     for it is created 0700; an existing folder is never changed. ``read_only=True`` opens it
     without creating, migrating or writing anything (the ``status`` command uses it).
+
+    Every call is one job on aiosqlite's worker thread, a transaction included (BEGIN,
+    statements and COMMIT together): a caller that is cancelled or times out never leaves
+    the connection inside a transaction, and one cancelled before the commit changes nothing.
+    A call that replaces or drops a secret checkpoints the WAL away before it returns, so no
+    replaced token stays readable in ``tokens.db``, ``-wal`` or ``-shm``.
     """
 
     def __init__(
@@ -469,8 +524,8 @@ class SQLiteJournal:
         self.busy_timeout = busy_timeout
         self.read_only = read_only
         self._db: aiosqlite.Connection | None = None
-        # One connection is shared by all coroutines: a transaction must not interleave.
-        self._lock = asyncio.Lock()
+        # open() and close() one at a time: two concurrent opens must not make two connections.
+        self._life = asyncio.Lock()
         self._commits = 0
         self._device_id: str | None = None
 
@@ -484,70 +539,142 @@ class SQLiteJournal:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _guard(self, op: Awaitable[_T]) -> _T:
-        try:
-            return await op
-        except sqlite3.Error as exc:
-            raise JournalError(_describe(exc, str(self.path))) from exc
-
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:
             raise RuntimeError("the journal is not open: use `async with TokenManager(...)`")
         return self._db
 
-    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            cursor = await self._guard(self._conn().execute(sql, tuple(params)))
-            rows = await self._guard(cursor.fetchall())
-            await cursor.close()
-            return list(rows)
-
-    async def _transaction(
-        self, body: Callable[[aiosqlite.Connection], Awaitable[_T]], *, write: bool = True
+    async def _run(
+        self,
+        job: Callable[[sqlite3.Connection, threading.Event], _T],
+        db: aiosqlite.Connection | None = None,
     ) -> _T:
+        """Run ``job`` as one call on the connection's worker thread.
+
+        Cancelling the awaiting coroutine cannot stop a job the thread has started, so a
+        transaction is never split over several calls (the thread would carry on with the
+        first half alone); ``abandoned`` tells the job that nobody waits for it any more.
+        """
+        conn = db if db is not None else self._conn()
+        abandoned = threading.Event()
+
+        def call() -> _T:
+            # aiosqlite's own connection object, used only on its own worker thread.
+            return job(conn._conn, abandoned)
+
+        try:
+            # aiosqlite has no public "run this function on the worker thread"; _execute is
+            # what each of its own methods uses.
+            return cast(_T, await conn._execute(call))  # type: ignore[no-untyped-call]
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
+        except sqlite3.Error as exc:
+            raise JournalError(_describe(exc, str(self.path))) from exc
+
+    def _patiently(self, step: Callable[[], _T], abandoned: threading.Event) -> _T:
+        """``step``, retried while the file is locked, up to ``busy_timeout``.
+
+        SQLite's own busy wait cannot be interrupted, so it waits in short slices
+        (``BUSY_SLICE_MS``) and a job whose caller gave up stops waiting at the next one.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or abandoned.is_set() or time.monotonic() >= deadline:
+                    raise
+
+    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        args = tuple(params)
+
+        def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[sqlite3.Row]:
+            return self._patiently(lambda: conn.execute(sql, args).fetchall(), abandoned)
+
+        return await self._run(job)
+
+    async def _transaction(self, body: Callable[[_Tx], _T], *, write: bool = True) -> _T:
         """Run ``body`` in one BEGIN IMMEDIATE transaction, committed durably."""
         if self.read_only and write:
             raise JournalError(f"journal {self.path} was opened read-only")
-        db = self._conn()
-        async with self._lock:
-            await self._guard(db.execute("BEGIN IMMEDIATE"))
-            try:
-                result = await self._guard(body(db))
-                await self._guard(db.commit())
-            except BaseException:
-                # Roll back on any error, cancellation included; the shield keeps the
-                # rollback from being cancelled halfway.
-                await asyncio.shield(self._rollback(db))
-                raise
-            self._commits += 1
-            return result
+        return await self._run(lambda conn, abandoned: self._in_transaction(conn, body, abandoned))
 
-    @staticmethod
-    async def _rollback(db: aiosqlite.Connection) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            await db.rollback()
+    def _in_transaction(
+        self, conn: sqlite3.Connection, body: Callable[[_Tx], _T], abandoned: threading.Event
+    ) -> _T:
+        if abandoned.is_set():
+            raise _Abandoned  # cancelled while queued behind another call: never started
+        self._patiently(lambda: conn.execute("BEGIN IMMEDIATE"), abandoned)
+        tx = _Tx(conn)
+        try:
+            result = body(tx)
+            if abandoned.is_set():
+                raise _Abandoned
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        self._commits += 1
+        if tx.scrub:
+            self._scrub(conn)
+        return result
+
+    def _scrub(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the file and truncate it to zero bytes.
+
+        ``secure_delete`` zeroes a replaced value in the page SQLite writes next, but in WAL
+        mode the page that held it lives on: in earlier WAL frames, and in the main file
+        until a checkpoint overwrites it. A TRUNCATE checkpoint does both at once.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    log.warning("journal %s: checkpoint failed: %s", self.path, exc)
+                    return
+                busy = 1
+            if not busy:
+                return
+            if time.monotonic() >= deadline:
+                # Another process kept reading: the next scrub (or open) finishes the job.
+                log.warning("journal %s: checkpoint kept busy by other readers", self.path)
+                return
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the file (creating it 0600 and its folder 0700 if needed), then migrate."""
-        if self._db is not None:
-            return
-        if self.read_only:
-            if not self.path.exists():
-                raise JournalError(f"journal {self.path} does not exist")
-            # Quoted: a '?', '#' or '%' in the path would otherwise be URI syntax, and SQLite
-            # would read (and create!) another file.
-            uri = self.path.absolute().as_uri() + "?mode=ro"
-            self._db = await self._guard(_connect(uri, uri=True))
-        else:
-            self._prepare_file()
-            self._db = await self._guard(_connect(str(self.path)))
-        try:
-            await self._configure()
-        except BaseException:
-            await self.close()
-            raise
+        """Open the file (creating it 0600 and its folder 0700 if needed), then migrate.
+
+        Safe to call concurrently and twice: one connection is made.
+        """
+        async with self._life:
+            if self._db is not None:
+                return
+            if self.read_only:
+                if not self.path.exists():
+                    raise JournalError(f"journal {self.path} does not exist")
+                # Quoted: a '?', '#' or '%' in the path would otherwise be URI syntax, and
+                # SQLite would read (and create!) another file.
+                uri = self.path.absolute().as_uri() + "?mode=ro"
+                connecting = _connect(uri, uri=True)
+            else:
+                self._prepare_file()
+                connecting = _connect(str(self.path))
+            try:
+                db = await connecting
+            except sqlite3.Error as exc:
+                raise JournalError(_describe(exc, str(self.path))) from exc
+            try:
+                await self._run(self._configure, db)
+            except BaseException:
+                await asyncio.shield(self._close_quietly(db))
+                raise
+            self._db = db
 
     def _prepare_file(self) -> None:
         # Every folder we have to create is 0700 (os.makedirs applies its mode to the leaf
@@ -570,18 +697,19 @@ class SQLiteJournal:
         finally:
             os.close(fd)
 
-    async def _configure(self) -> None:
-        db = self._conn()
-        db.row_factory = sqlite3.Row
-        timeout_ms = int(self.busy_timeout * 1000)
-        await self._guard(db.execute(f"PRAGMA busy_timeout = {timeout_ms}"))
+    def _configure(self, conn: sqlite3.Connection, abandoned: threading.Event) -> None:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")  # the rest: _patiently
         # One statement is one snapshot: a journal that another process is creating right
         # now shows no tables at version 0, or its tables at version 1, never a mix.
-        rows = await self._read(
-            "SELECT (SELECT user_version FROM pragma_user_version),"
-            " (SELECT count(*) FROM sqlite_master)"
+        row = self._patiently(
+            lambda: conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version),"
+                " (SELECT count(*) FROM sqlite_master)"
+            ).fetchone(),
+            abandoned,
         )
-        version, objects = int(rows[0][0]), int(rows[0][1])
+        version, objects = int(row[0]), int(row[1])
         if version > SCHEMA_VERSION:
             raise JournalError(
                 f"journal {self.path} has schema {version}, newer than this tokenjournal "
@@ -599,33 +727,39 @@ class SQLiteJournal:
                     f"journal {self.path} is not a tokenjournal journal (schema {version})"
                 )
             return
-        await self._guard(db.execute("PRAGMA journal_mode = WAL"))
-        await self._guard(db.execute("PRAGMA synchronous = FULL"))
-        await self._guard(db.execute("PRAGMA secure_delete = ON"))
+        self._patiently(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall(), abandoned)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA secure_delete = ON")
         if version < SCHEMA_VERSION:
-            await self._migrate(version)
+            self._in_transaction(conn, self._migrate, abandoned)
+        # A process killed between a commit and its checkpoint left replaced secrets in
+        # the WAL: clear them before anything else happens.
+        self._scrub(conn)
 
-    async def _migrate(self, version: int) -> None:
-        async def body(db: aiosqlite.Connection) -> None:
-            rows = list(await (await db.execute("PRAGMA user_version")).fetchall())
-            current = int(rows[0][0])  # another process may have migrated meanwhile
-            for step in range(current, SCHEMA_VERSION):
-                for statement in MIGRATIONS[step]:
-                    await db.execute(statement)
-            await db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('device_id', ?)",
-                (str(uuid.uuid4()),),
-            )
-            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-        await self._transaction(body)
+    @staticmethod
+    def _migrate(tx: _Tx) -> None:
+        current = int(tx.execute("PRAGMA user_version").fetchone()[0])
+        # (another process may have migrated meanwhile)
+        for step in range(current, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                tx.execute(statement)
+        tx.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('device_id', ?)",
+            (str(uuid.uuid4()),),
+        )
+        tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
-        db, self._db = self._db, None
-        if db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await db.close()
+        async with self._life:
+            db, self._db = self._db, None
+            if db is not None:
+                await self._close_quietly(db)
+
+    @staticmethod
+    async def _close_quietly(db: aiosqlite.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await db.close()
 
     # -- reads -------------------------------------------------------------------------
 
@@ -651,25 +785,29 @@ class SQLiteJournal:
         return _record(account, tuple(rows[0]))
 
     @staticmethod
-    async def _load_in(db: aiosqlite.Connection, account: str) -> AccountRecord:
-        cursor = await db.execute(_LOAD_SQL, (account,))
-        row = await cursor.fetchone()
-        await cursor.close()
+    def _load_in(tx: _Tx, account: str) -> AccountRecord:
+        row = tx.execute(_LOAD_SQL, (account,)).fetchone()
         assert row is not None
         return _record(account, tuple(row))
 
     # -- writes ------------------------------------------------------------------------
 
     @staticmethod
-    async def _put_tokens(
-        db: aiosqlite.Connection,
+    def _put_tokens(
+        tx: _Tx,
         account: str,
         tokens: TokenSet | None,
         generation: int,
         now: float,
         ended: tuple[str | None, float | None] = (None, None),
     ) -> None:
-        await db.execute(
+        received = tokens.received_at.timestamp() if tokens and tokens.received_at else None
+        expires = tokens.expires_at_epoch if tokens else None
+        if expires is not None:
+            # "Never expires" (datetime.max) would not read back as a datetime: keep a
+            # lifetime a datetime can hold, the same cap the protocols put on an answer.
+            expires = min(expires, (now if received is None else received) + MAX_LIFETIME)
+        tx.execute(
             """INSERT INTO accounts (account, access_token, refresh_token, expires_at, received_at,
                    token_type, scope, generation, ended_code, ended_at, updated_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -683,8 +821,8 @@ class SQLiteJournal:
                 account,
                 tokens.access_token if tokens else None,
                 tokens.refresh_token if tokens else None,
-                tokens.expires_at_epoch if tokens else None,
-                tokens.received_at.timestamp() if tokens and tokens.received_at else None,
+                expires,
+                received,
                 tokens.token_type if tokens else None,
                 tokens.scope if tokens else None,
                 generation,
@@ -693,14 +831,16 @@ class SQLiteJournal:
                 now,
             ),
         )
+        # Whatever pair (or device code) the row held before is replaced: scrub it away.
+        tx.scrub = True
 
     async def store_tokens(self, account: str, tokens: TokenSet, now: float) -> int:
         """Replace the pair (sign-in), clear any end and intent."""
 
-        async def body(db: aiosqlite.Connection) -> int:
-            rec = await self._load_in(db, account)
-            await self._put_tokens(db, account, tokens, rec.generation + 1, now)
-            await db.execute("DELETE FROM intents WHERE account = ?", (account,))
+        def body(tx: _Tx) -> int:
+            rec = self._load_in(tx, account)
+            self._put_tokens(tx, account, tokens, rec.generation + 1, now)
+            tx.execute("DELETE FROM intents WHERE account = ?", (account,))
             return rec.generation + 1
 
         return await self._transaction(body)
@@ -710,21 +850,22 @@ class SQLiteJournal:
     ) -> BeginResult:
         """Take the lease and write the intent in one durable transaction."""
 
-        async def body(db: aiosqlite.Connection) -> BeginResult:
-            rec = await self._load_in(db, account)
+        def body(tx: _Tx) -> BeginResult:
+            rec = self._load_in(tx, account)
             if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
                 return Stale(rec)
             if lease_is_live(rec.lease, holder, now):
                 assert rec.lease is not None
                 return Busy(rec.lease)
             intent = _kept_or_new_intent(rec, now)
-            await db.execute(
+            tx.execute(
                 "INSERT OR REPLACE INTO leases (account, holder, pid, host, expires_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (account, holder.id, holder.pid, holder.host, now + lease_ttl),
             )
             if intent is not rec.intent:
-                await db.execute(
+                tx.scrub = rec.intent is not None and rec.intent.payload is not None
+                tx.execute(
                     "INSERT OR REPLACE INTO intents "
                     "(account, kind, refresh_fp, started_at, generation, payload) "
                     "VALUES (?, ?, ?, ?, ?, NULL)",
@@ -743,8 +884,8 @@ class SQLiteJournal:
     async def renew_lease(self, account: str, holder: Holder, now: float, lease_ttl: float) -> bool:
         """Extend our lease; ``False`` if another holder took it over."""
 
-        async def body(db: aiosqlite.Connection) -> bool:
-            cursor = await db.execute(
+        def body(tx: _Tx) -> bool:
+            cursor = tx.execute(
                 "UPDATE leases SET expires_at = ? WHERE account = ? AND holder = ?",
                 (now + lease_ttl, account, holder.id),
             )
@@ -757,16 +898,16 @@ class SQLiteJournal:
     ) -> int | None:
         """Successor in, intent out, lease released: one durable compare-and-swap."""
 
-        async def body(db: aiosqlite.Connection) -> int | None:
-            rec = await self._load_in(db, account)
+        def body(tx: _Tx) -> int | None:
+            rec = self._load_in(tx, account)
             if rec.generation != expected_generation:
-                await db.execute(
+                tx.execute(
                     "DELETE FROM leases WHERE account = ? AND holder = ?", (account, holder.id)
                 )
                 return None
-            await self._put_tokens(db, account, tokens, rec.generation + 1, now)
-            await db.execute("DELETE FROM intents WHERE account = ?", (account,))
-            await db.execute("DELETE FROM leases WHERE account = ?", (account,))
+            self._put_tokens(tx, account, tokens, rec.generation + 1, now)
+            tx.execute("DELETE FROM intents WHERE account = ?", (account,))
+            tx.execute("DELETE FROM leases WHERE account = ?", (account,))
             return rec.generation + 1
 
         return await self._transaction(body)
@@ -774,57 +915,70 @@ class SQLiteJournal:
     async def release(self, account: str, holder: Holder) -> None:
         """Give up the lease; the intent stays, since the token may have reached the server."""
 
-        async def body(db: aiosqlite.Connection) -> None:
-            await db.execute(
-                "DELETE FROM leases WHERE account = ? AND holder = ?", (account, holder.id)
-            )
+        def body(tx: _Tx) -> None:
+            tx.execute("DELETE FROM leases WHERE account = ? AND holder = ?", (account, holder.id))
 
         await self._transaction(body)
+
+    def _end_in(
+        self, tx: _Tx, account: str, code: str, now: float, expected_generation: int | None
+    ) -> int | None:
+        rec = self._load_in(tx, account)
+        if expected_generation is not None and rec.generation != expected_generation:
+            return None
+        self._put_tokens(tx, account, None, rec.generation + 1, now, (code, now))
+        tx.execute("DELETE FROM intents WHERE account = ?", (account,))
+        tx.execute("DELETE FROM leases WHERE account = ?", (account,))
+        return rec.generation + 1
 
     async def end_session(
         self, account: str, code: str, now: float, expected_generation: int | None = None
     ) -> int | None:
         """Clear the pair, the intent and the lease; record the code and the time (unless
         the generation moved: then nothing changes)."""
+        return await self._transaction(
+            lambda tx: self._end_in(tx, account, code, now, expected_generation)
+        )
 
-        async def body(db: aiosqlite.Connection) -> int | None:
-            rec = await self._load_in(db, account)
-            if expected_generation is not None and rec.generation != expected_generation:
-                return None
-            await self._put_tokens(db, account, None, rec.generation + 1, now, (code, now))
-            await db.execute("DELETE FROM intents WHERE account = ?", (account,))
-            await db.execute("DELETE FROM leases WHERE account = ?", (account,))
-            return rec.generation + 1
+    async def begin_sign_out(self, account: str, now: float) -> AccountRecord:
+        """Journal the sign-out before the server is told; see :meth:`Journal.begin_sign_out`."""
 
-        return await self._transaction(body)
-
-    async def begin_sign_out(self, account: str, now: float) -> None:
-        """Journal the sign-out before the server is told."""
-
-        async def body(db: aiosqlite.Connection) -> None:
-            rec = await self._load_in(db, account)
-            fp = fingerprint(rec.tokens.refresh_token if rec.tokens else None)
-            await db.execute(
+        def body(tx: _Tx) -> AccountRecord:
+            rec = self._load_in(tx, account)
+            if rec.tokens is None or _signing_out(rec):
+                return rec
+            fp = fingerprint(rec.tokens.refresh_token)
+            intent = Intent("sign_out", fp, now, rec.generation + 1)
+            tx.scrub = rec.intent is not None and rec.intent.payload is not None
+            tx.execute(
                 "INSERT OR REPLACE INTO intents "
                 "(account, kind, refresh_fp, started_at, generation, payload) "
                 "VALUES (?, 'sign_out', ?, ?, ?, NULL)",
-                (account, fp, now, rec.generation),
+                (account, fp, now, intent.generation),
             )
+            tx.execute(
+                "UPDATE accounts SET generation = ?, updated_at = ? WHERE account = ?",
+                (intent.generation, now, account),
+            )
+            return replace(rec, generation=intent.generation, intent=intent)
 
-        await self._transaction(body)
+        return await self._transaction(body)
 
-    async def finish_sign_out(self, account: str, now: float) -> int:
-        """Clear the pair and the intent."""
-        generation = await self.end_session(account, "signed_out", now)
-        assert generation is not None  # no compare-and-swap asked for
-        return generation
+    async def finish_sign_out(
+        self, account: str, now: float, expected_generation: int
+    ) -> int | None:
+        """Clear the pair and the intent, unless a newer decision was made (``None``)."""
+        return await self._transaction(
+            lambda tx: self._end_in(tx, account, "signed_out", now, expected_generation)
+        )
 
     async def save_device_code(self, account: str, payload: str, now: float) -> None:
         """Journal a pending device code."""
 
-        async def body(db: aiosqlite.Connection) -> None:
-            rec = await self._load_in(db, account)
-            await db.execute(
+        def body(tx: _Tx) -> None:
+            rec = self._load_in(tx, account)
+            tx.scrub = rec.intent is not None and rec.intent.payload is not None
+            tx.execute(
                 "INSERT OR REPLACE INTO intents "
                 "(account, kind, refresh_fp, started_at, generation, payload) "
                 "VALUES (?, 'device_code', '-', ?, ?, ?)",
@@ -836,15 +990,85 @@ class SQLiteJournal:
     async def clear_device_code(self, account: str) -> None:
         """Forget the pending device code."""
 
-        async def body(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def body(tx: _Tx) -> None:
+            cursor = tx.execute(
                 "DELETE FROM intents WHERE account = ? AND kind = 'device_code'", (account,)
             )
+            tx.scrub = cursor.rowcount > 0
 
         await self._transaction(body)
 
 
+#: What a datetime can hold, with a day to spare at each end (years 1 and 9999).
+_EPOCH_MIN: Final = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_EPOCH_MAX: Final = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+#: Generations are SQLite INTEGERs that get + 1: anything past this was not written by us.
+_MAX_GENERATION: Final = 2**62
+
+
+class _Row:
+    """Reads one row's columns, each checked for the type this module writes.
+
+    A row edited by hand (or by a buggy tool) must give a :class:`JournalError` that names
+    the account and the column, or a clamped value, never a raw TypeError/OverflowError
+    from deep inside a refresh. The file itself is never touched.
+    """
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+
+    def bad(self, column: str, why: str) -> JournalError:
+        return JournalError(
+            f"journal account {self.account!r}: column {column} {why}; "
+            "fix or delete the row (the file was left untouched)"
+        )
+
+    def text(self, column: str, value: object) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        raise self.bad(column, f"holds a {type(value).__name__}, not text")
+
+    def required_text(self, column: str, value: object) -> str:
+        text = self.text(column, value)
+        if not text:
+            raise self.bad(column, "is empty")
+        return text
+
+    def number(self, column: str, value: object) -> float | None:
+        """Epoch seconds; out-of-range values are clamped to what a datetime can hold."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.bad(column, f"holds a {type(value).__name__}, not a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise self.bad(column, "is out of range") from None
+        if math.isnan(number):
+            raise self.bad(column, "is NaN")
+        return min(max(number, _EPOCH_MIN), _EPOCH_MAX)
+
+    def required_number(self, column: str, value: object) -> float:
+        number = self.number(column, value)
+        if number is None:
+            raise self.bad(column, "is empty")
+        return number
+
+    def integer(self, column: str, value: object, high: int) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.bad(column, f"holds a {type(value).__name__}, not an integer")
+        if not 0 <= value <= high:
+            raise self.bad(column, f"is out of range ({value})")
+        return value
+
+    def when(self, column: str, value: object) -> datetime | None:
+        return to_datetime(self.number(column, value))
+
+
 def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
+    r = _Row(account)
     (
         access,
         refresh,
@@ -865,26 +1089,49 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
         l_host,
         l_exp,
     ) = row
-    tokens = (
-        TokenSet(
-            access,
-            refresh,
-            to_datetime(expires_at),
-            to_datetime(received_at),
-            token_type or "Bearer",
-            scope,
+    tokens = None
+    if r.text("access_token", access):
+        received = r.when("received_at", received_at)
+        expires = r.number("expires_at", expires_at)
+        if expires is not None and received is not None:
+            # A row from before the cap (or edited by hand): the same cap as on write.
+            expires = min(expires, received.timestamp() + MAX_LIFETIME)
+        try:
+            tokens = TokenSet(
+                access,
+                r.text("refresh_token", refresh) or None,
+                to_datetime(expires),
+                received,
+                r.text("token_type", token_type) or "Bearer",
+                r.text("scope", scope),
+            )
+        except ValueError as exc:
+            raise r.bad("access_token", f"does not make a token pair ({exc})") from None
+    intent = None
+    if i_kind is not None:
+        if i_kind not in ("refresh", "sign_out", "device_code"):
+            raise r.bad("intents.kind", f"is not a known kind ({i_kind!r})")
+        intent = Intent(
+            i_kind,
+            r.required_text("intents.refresh_fp", i_fp),
+            r.required_number("intents.started_at", i_started),
+            r.integer("intents.generation", i_gen, _MAX_GENERATION),
+            r.text("intents.payload", i_payload),
         )
-        if access
-        else None
-    )
-    intent = Intent(i_kind, i_fp, float(i_started), int(i_gen), i_payload) if i_kind else None
-    lease = Lease(l_holder, int(l_pid), l_host, float(l_exp)) if l_holder else None
+    lease = None
+    if l_holder is not None:
+        lease = Lease(
+            r.required_text("leases.holder", l_holder),
+            r.integer("leases.pid", l_pid, 2**31),
+            r.required_text("leases.host", l_host),
+            r.required_number("leases.expires_at", l_exp),
+        )
     return AccountRecord(
         account,
         tokens,
-        int(generation or 0),
-        ended_code,
-        None if ended_at is None else float(ended_at),
+        r.integer("generation", generation or 0, _MAX_GENERATION),
+        r.text("ended_code", ended_code),
+        r.number("ended_at", ended_at),
         intent,
         lease,
     )

@@ -281,7 +281,7 @@ class TokenManager:
             self._emit(EventKind.RECOVERING)
             self._start_refresh(None, force=True)
         elif intent is not None and intent.kind == "sign_out":
-            self._spawn(self._finish_sign_out(record.tokens))
+            self._spawn(self._finish_sign_out(record.tokens, record.generation))
 
     @staticmethod
     def _trace_configs() -> list[aiohttp.TraceConfig]:
@@ -413,13 +413,15 @@ class TokenManager:
         self._require_open()
         if self._task is not None and not self._task.done():
             await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
-        record = await self.journal.load(self.account)
+        # The pair to log out and the generation to finish on come from the same
+        # transaction that journals the sign-out.
+        record = await self.journal.begin_sign_out(self.account, self._clock.time())
         if record.tokens is None:
             self._adopt(record)
             return
-        await self.journal.begin_sign_out(self.account, self._clock.time())
+        self._generation = record.generation  # our own step: not an adoption
         _faults.crash_point("mid_sign_out")
-        await self._finish_sign_out(record.tokens)
+        await self._finish_sign_out(record.tokens, record.generation)
 
     # ------------------------------------------------------------------ internals: state
 
@@ -529,7 +531,7 @@ class TokenManager:
         log.warning("the server ended the session of account %s: %s", self.account, code)
         raise SessionEnded(code)
 
-    async def _finish_sign_out(self, tokens: TokenSet | None) -> None:
+    async def _finish_sign_out(self, tokens: TokenSet | None, generation: int) -> None:
         request = self.protocol.build_sign_out(tokens, self._device_info()) if tokens else None
         if request is not None:
             try:
@@ -542,7 +544,13 @@ class TokenManager:
             except _NetworkFailure as exc:
                 # The user asked to sign out: honour it locally even if the server is away.
                 log.warning("logout could not reach the server (%s); signing out locally", exc)
-        self._generation = await self.journal.finish_sign_out(self.account, self._clock.time())
+        finished = await self.journal.finish_sign_out(self.account, self._clock.time(), generation)
+        if finished is None:
+            # A newer decision (a sign-in here or in another process, or the same sign-out
+            # finished elsewhere) was journaled meanwhile: it stands; take it.
+            self._adopt(await self.journal.load(self.account))
+            return
+        self._generation = finished
         self._use(None)
         self._ended_code = None
         self._set_state(SessionState.SIGNED_OUT)

@@ -31,16 +31,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
 import aiohttp
-import aiosqlite
 
 from ._errors import TokenJournalError
 from ._events import EventKind, TokenEvent
-from ._journal import BeginResult, Holder, SQLiteJournal
+from ._journal import BeginResult, Holder, SQLiteJournal, _Tx
 from ._manager import TokenManager
 from ._tokens import fingerprint
 
@@ -92,9 +91,7 @@ class CountingJournal(SQLiteJournal):
         self.reads += 1
         return await super()._read(sql, params)
 
-    async def _transaction(
-        self, body: Callable[[aiosqlite.Connection], Awaitable[_T]], *, write: bool = True
-    ) -> _T:
+    async def _transaction(self, body: Callable[[_Tx], _T], *, write: bool = True) -> _T:
         self.transactions += 1
         return await super()._transaction(body, write=write)
 

@@ -19,8 +19,17 @@ def fingerprint(secret: str | None) -> str:
 
 
 def to_datetime(epoch: float | None) -> datetime | None:
-    """Epoch seconds to an aware UTC datetime (``None`` stays ``None``)."""
-    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+    """Epoch seconds to an aware UTC datetime (``None`` stays ``None``).
+
+    A value beyond what a datetime holds (a stored "never expires", an edited row) is
+    clamped to the years 1..9999 instead of raising; NaN is no time and raises ValueError.
+    """
+    if epoch is None:
+        return None
+    if epoch != epoch:
+        raise ValueError("NaN is not a time")
+    # 0001-01-02 and 9999-01-01 UTC: a day to spare at each end for time-zone arithmetic.
+    return datetime.fromtimestamp(min(max(epoch, -62135510400.0), 253370764800.0), tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)
