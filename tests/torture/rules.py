@@ -14,7 +14,7 @@ import tokenjournal as tj
 #: A journal error with one of these in its text means the connection was left inside a
 #: transaction (ours) or another connection was (the busy timeout ran out). The phases never
 #: hold the write lock for longer than the busy timeout, so either one is a stuck transaction.
-STUCK_MARKS: Final = ("within a transaction", "locked")
+STUCK_MARKS: Final = ("within a transaction", "inside a transaction", "locked")
 #: ``RuntimeError`` texts the SDK documents for a call on a manager that is not open.
 MISUSE_MARKS: Final = ("not open", "closed")
 

@@ -316,8 +316,20 @@ def idle_scenario(down: float, step: float = 0.0) -> Scenario:
                 elif out.rescue_seconds is None or out.rescue_seconds > NOTICE + NOTICE_SLACK:
                     out.late_rescue += 1
                     out.problems.append(f"rescue noticed the network: {out.rescue_seconds} s")
-                # The app comes back after the window: the session must still be there.
-                await _call(out, "access_token after the window", tm.access_token())
+                # The app comes back after the window: the session must still be there, with
+                # a live token. A pending intent past the window is a lost session even if the
+                # device clock still calls the old access token valid.
+                asked_at = bench.server.now()
+                verdict, token = await _call(
+                    out, "access_token after the window", tm.access_token(), expect_signed_in=False
+                )
+                exp = _exp(token) if verdict == "ok" else None
+                if exp is not None and exp <= asked_at:
+                    out.expired_served += 1
+                    out.problems.append("the call after the window got an expired token")
+                if not saved or verdict in ("ended", "not_signed_in"):
+                    out.lost_inside += 1
+                    out.problems.append(f"session lost: the call after the window gave {verdict}")
                 replays = bench.delta(base, "grace_replays")
                 out.grace_replays = replays
                 if saved and replays != 1:
