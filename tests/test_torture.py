@@ -1,9 +1,10 @@
 """The torture harness in CI: its short form, its fault proxy, and what it found.
 
 ``test_short_run`` runs ``python -m tests.torture --short --json`` (named crash points,
-random SIGKILLs under network chaos, every network fault scenario; about a minute on an
-idle machine) and asserts every must-be-zero figure. The long run behind the README's
-table is ``python -m tests.torture --kills 1000``.
+random SIGKILLs under network chaos, every network fault scenario, a short list of time
+scenarios, cancellation workers and fork rounds; about a minute on an idle machine) and
+asserts every must-be-zero figure. The long run behind the README's table is
+``python -m tests.torture --kills 1000``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt as pyjwt
 import pytest
 from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
 import tokenjournal as tj
-from tests.torture import journals
+from tests.torture import journals, rules
+from tests.torture.clocks import SimClock, Ticker
 from tests.torture.crashes import crash_round
 from tests.torture.procs import ROOT
 from tests.torture.proxy import FaultProxy
+from tests.torture.timephase import NoIatMinter
 from tokenjournal._faults import CRASH_POINTS
 from tokenjournal._journal import Holder, Stale
 from tokenjournal.server import ReferenceServer
@@ -56,6 +60,8 @@ def test_short_run_loses_no_session() -> None:
         figures["network"],
         figures["sessions_lost_details"],
         figures["exceptions_details"],
+        [t for t in figures["time"] if not t["ok"]],
+        figures["cancellation"]["details"],
     )
     assert run.returncode == 0 and figures["passed"], command
     for point in CRASH_POINTS:
@@ -65,6 +71,19 @@ def test_short_run_loses_no_session() -> None:
     assert figures["server_rotations"] == figures["committed_refreshes"] > 0, command
     assert figures["outside_window_recoveries"] == figures["outside_window_clean"] >= 2
     assert all(n["ok"] for n in figures["network"]), command
+    # Phases 4 and 5 ran and bit where they must (issue 11): their rows are in the table.
+    assert {"hung processes", "stuck transactions", "refresh storms"} <= set(
+        figures["must_be_zero"]
+    )
+    kinds = {t["kind"] for t in figures["time"]}
+    assert kinds == {"clock", "idle"}, (command, figures["time"])
+    assert all(t["ok"] for t in figures["time"]), (command, figures["time"])
+    cancel = figures["cancellation"]
+    assert cancel["workers"] >= 4 and cancel["calls"] >= 60, (command, cancel)
+    assert cancel["outcomes"].get("timeout", 0) >= 1, (command, cancel["outcomes"])
+    assert cancel["fork_refresh_requests"] and all(
+        n == 1 for n in cancel["fork_refresh_requests"]
+    ), (command, cancel["details"])
 
 
 # ----------------------------------------------------------------------------- regressions
@@ -80,6 +99,57 @@ async def test_after_send_crash_point_dies_after_the_request_reached_the_server(
     assert outcome.crashed and outcome.recovered, outcome.problems
     stats = server.stats()
     assert (stats["rotations"], stats["grace_replays"], stats["signins"]) == (1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- phases 4, 5
+
+
+async def test_sim_clock_steps_the_wall_clock_but_not_the_monotonic_one(
+    server: ReferenceServer,
+) -> None:
+    clock = SimClock(server, skew=86400.0)
+    assert clock.time() == pytest.approx(server.now() + 86400.0, abs=1.0)
+    mono = clock.monotonic()
+    clock.step(-3600.0)
+    assert clock.time() == pytest.approx(server.now() + 82800.0, abs=1.0)
+    assert clock.monotonic() == pytest.approx(mono, abs=1.0)
+    async with Ticker(server, dt=10.0):
+        before = clock.monotonic()
+        await asyncio.wait_for(clock.sleep(60.0), 5.0)  # virtual seconds: a few real ticks
+        assert clock.monotonic() - before >= 60.0
+
+
+async def test_no_iat_minter_leaves_iat_out_and_still_verifies(server: ReferenceServer) -> None:
+    async with tj.TokenManager(server.url, journal=tj.MemoryJournal()) as tm:
+        minter = server.state.minter
+        server.state._minter = NoIatMinter("k" * 40, 60.0)
+        try:
+            tokens = await tm.sign_in(email="demo@example.com", password="demo")
+        finally:
+            server.state._minter = minter
+    claims = pyjwt.decode(tokens.access_token, options={"verify_signature": False})
+    assert "exp" in claims and "iat" not in claims
+
+
+@pytest.mark.parametrize(
+    ("exc", "verdict"),
+    [
+        (TimeoutError(), "timeout"),
+        (tj.SessionEnded("token_expired"), "ended"),
+        (tj.NotSignedIn("x"), "not_signed_in"),
+        (tj.JournalError("journal j: cannot start a transaction within a transaction"), "stuck"),
+        (tj.JournalError("journal j is locked by another process beyond the busy"), "stuck"),
+        (tj.JournalError("journal j is read-only"), "error"),
+        (tj.NetworkError("down"), "error"),
+        (RuntimeError("the TokenManager is not open: use `async with tm:`"), "misuse"),
+        (RuntimeError("Safety level may not be changed inside a transaction"), "raw"),
+        (ValueError("Invalid isoformat string"), "raw"),
+        (RecursionError(), "raw"),
+    ],
+)
+def test_rules_classify(exc: BaseException, verdict: str) -> None:
+    """What phases 4 and 5 count: a raw error, a stuck transaction, a loss."""
+    assert rules.classify(exc) == verdict
 
 
 # ----------------------------------------------------------------------------- the proxy

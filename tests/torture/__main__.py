@@ -14,6 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .cancel import CancelOptions
 from .driver import RunOptions, run
 from .kills import KillOptions
 
@@ -29,7 +30,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--short",
         action="store_true",
-        help="the CI form: 30 kills, one round of crash points and network faults",
+        help="the CI form: 30 kills, one round of crash points and network faults, "
+        "a short list of time scenarios, 4 cancellation workers and 2 fork rounds",
     )
     p.add_argument(
         "--crash-rounds",
@@ -68,6 +70,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-chaos", action="store_true", help="no proxy or server faults during phase 2"
     )
+    p.add_argument(
+        "--time-rounds",
+        type=int,
+        default=None,
+        help="rounds over every time scenario in phase 4 (default 2; short 1 round of a "
+        "short list; 0 skips the phase)",
+    )
+    p.add_argument(
+        "--cancel-workers",
+        type=int,
+        default=None,
+        help="cancellation workers in phase 5 (default 40; short 4; 0 skips them)",
+    )
+    p.add_argument(
+        "--cancel-ops",
+        type=int,
+        default=None,
+        help="calls under random timeouts per phase-5 worker (default 30; short 20)",
+    )
+    p.add_argument(
+        "--forks",
+        type=int,
+        default=None,
+        help="fork rounds in phase 5 (default 10; short 2; 0 skips them)",
+    )
+    p.add_argument("--fork-children", type=int, default=4, help="children per fork round")
+    p.add_argument(
+        "--drop",
+        type=float,
+        default=0.3,
+        help="share of phase-5 workers that drop their manager without close()",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument(
@@ -76,6 +110,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the journals and worker stderr")
     p.add_argument("--workdir", type=Path, default=None, help="where journals go (kept)")
     return p.parse_args(argv)
+
+
+def _pick(given: int | None, short: bool, short_default: int, long_default: int) -> int:
+    return given if given is not None else (short_default if short else long_default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         keep=ns.keep,
         workdir=ns.workdir,
         command=shlex.join(words),
+        time_rounds=_pick(ns.time_rounds, ns.short, 1, 2),
+        time_short=ns.short,
+        cancel=CancelOptions(
+            workers=_pick(ns.cancel_workers, ns.short, 4, 40),
+            ops=_pick(ns.cancel_ops, ns.short, 20, 30),
+            forks=_pick(ns.forks, ns.short, 2, 10),
+            children=ns.fork_children,
+            drop_share=ns.drop,
+            seed=seed,
+        ),
     )
     figures = asyncio.run(run(options))
     if ns.json_out is not None:

@@ -1,4 +1,4 @@
-"""The driver: runs the three phases and gathers their figures."""
+"""The driver: runs the five phases and gathers their figures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 from tokenjournal._faults import CRASH_POINTS
 from tokenjournal.server import ReferenceServer, ServerConfig
 
-from . import network
+from . import network, timephase
+from .cancel import CancelOptions, CancelPhase
 from .crashes import crash_round
 from .kills import KillOptions, KillPhase
 from .table import Figures
@@ -30,10 +31,14 @@ class RunOptions:
     keep: bool = False
     workdir: Path | None = None
     command: str = "python -m tests.torture"
+    time_rounds: int = 1
+    time_short: bool = False
+    cancel: CancelOptions | None = None
 
 
 async def run(options: RunOptions) -> Figures:
-    """Phase 1 (named crash points) beside phase 3 (network faults), then phase 2 (kills)."""
+    """Phase 1 (named crash points) beside phase 3 (network faults), then phase 2 (kills),
+    then phase 4 (time) beside phase 5 (cancellation and lifecycle)."""
     # The SDK logs every transient failure and every ended session at INFO/WARNING; in a run
     # that provokes thousands of them on purpose, the table is the output.
     logging.getLogger("tokenjournal").setLevel(logging.CRITICAL)
@@ -63,6 +68,19 @@ async def run(options: RunOptions) -> Figures:
             await asyncio.gather(crash_phase(), network_phase())
             if options.kills.kills:
                 figures.kills = await KillPhase(options.kills, workdir, stderr).run()
+
+            async def time_phase() -> None:
+                if options.time_rounds:
+                    figures.time = await timephase.run_all(
+                        workdir, options.time_rounds, short=options.time_short
+                    )
+
+            async def cancel_phase() -> None:
+                if options.cancel is not None:
+                    figures.cancel = await CancelPhase(options.cancel, workdir, stderr).run()
+
+            # Phase 4 runs in this process on virtual time, phase 5 mostly in workers.
+            await asyncio.gather(time_phase(), cancel_phase())
     finally:
         if not options.keep and options.workdir is None:
             with contextlib.suppress(OSError):

@@ -94,8 +94,9 @@ async def spawn(
     crash_at: str | None = None,
     stderr: IO[bytes] | None = None,
     extra: tuple[str, ...] = (),
+    module: str = "tests.torture.worker",
 ) -> Worker:
-    """Start ``python -m tests.torture.worker`` (armed at ``crash_at`` if given)."""
+    """Start ``python -m MODULE`` (the worker by default; armed at ``crash_at`` if given)."""
     env = {k: v for k, v in os.environ.items() if k != "TOKENJOURNAL_CRASH_AT"}
     if crash_at:
         env["TOKENJOURNAL_CRASH_AT"] = crash_at
@@ -103,7 +104,7 @@ async def spawn(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.torture.worker",
+        module,
         "--url",
         url,
         "--journal",

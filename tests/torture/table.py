@@ -9,9 +9,11 @@ from typing import Any
 
 from tokenjournal._faults import CRASH_POINTS
 
+from .cancel import CancelFigures
 from .crashes import CrashOutcome
 from .kills import KillFigures, quantiles
 from .network import NetOutcome
+from .timephase import TimeOutcome
 
 
 @dataclass
@@ -24,8 +26,31 @@ class Figures:
     crash_rounds: list[CrashOutcome] = field(default_factory=list)
     kills: KillFigures | None = None
     network: list[NetOutcome] = field(default_factory=list)
+    time: list[TimeOutcome] = field(default_factory=list)
+    cancel: CancelFigures | None = None
 
     # ------------------------------------------------------------------ derived figures
+
+    def _time_sum(self, name: str) -> int:
+        return sum(getattr(o, name) for o in self.time)
+
+    def new_axes(self) -> dict[str, int]:
+        """The must-be-zero figures of phases 4 (time) and 5 (cancellation, lifecycle)."""
+        c = self.cancel or CancelFigures()
+        return {
+            "sessions lost inside the window (time, cancellation)": self._time_sum("lost_inside")
+            + c.lost,
+            "hung processes": self._time_sum("hung") + c.hung,
+            "stuck transactions": c.stuck,
+            "raw exceptions escaping (time, cancellation)": sum(len(o.raw) for o in self.time)
+            + c.raw,
+            "refresh storms": self._time_sum("storms"),
+            "expired access tokens served": self._time_sum("expired_served"),
+            "grace rescues later than min(10% of window, 30 s)": self._time_sum("late_rescue"),
+            "idle past the window, not one clean SessionEnded": self._time_sum("not_clean_end"),
+            "forked children sending one token again": c.fork_excess,
+            "events() iterators open after close": c.iterators_open,
+        }
 
     def crashes_injected(self) -> Counter[str]:
         """Workers that died at each named point, both phases."""
@@ -59,6 +84,7 @@ class Figures:
             ),
             "outside-window recoveries not a clean SessionEnded": runs - clean,
             "journals not clean after the final recovery": len(k.final_check_failures),
+            **self.new_axes(),
         }
 
     def passed(self) -> bool:
@@ -132,6 +158,44 @@ class Figures:
                 }
                 for o in self.network
             ],
+            "time": [
+                {
+                    "scenario": o.name,
+                    "kind": o.kind,
+                    "ok": o.ok,
+                    "calls": o.calls,
+                    "rotations": o.rotations,
+                    "allowed_rotations": o.allowed_rotations,
+                    "grace_replays": o.grace_replays,
+                    "rescue_seconds": o.rescue_seconds,
+                    "tries_while_down": o.tries_in_window,
+                    "raw": o.raw,
+                    "problems": o.problems,
+                    "seconds": round(o.seconds, 1),
+                }
+                for o in self.time
+            ],
+            "cancellation": self._cancel_json(),
+        }
+
+    def _cancel_json(self) -> dict[str, Any]:
+        c = self.cancel or CancelFigures()
+        return {
+            "workers": c.workers,
+            "calls": c.ops,
+            "calls_under_a_held_write_lock": c.locked_calls,
+            "outcomes": dict(c.outcomes),
+            "managers_dropped_without_close": c.dropped,
+            "sessions_lost": c.lost,
+            "raw_exceptions": c.raw,
+            "stuck_transactions": c.stuck,
+            "hung_processes": c.hung,
+            "iterators_open_after_close": c.iterators_open,
+            "fork_rounds": c.fork_rounds,
+            "fork_refresh_requests": c.fork_requests,
+            "proxy_faults_injected": dict(c.proxy_faults),
+            "details": c.details,
+            "seconds": round(c.seconds, 1),
         }
 
     def render(self) -> str:
@@ -181,6 +245,7 @@ class Figures:
         net_ok = sum(o.ok for o in self.network if not o.outside_window)
         net_all = sum(1 for o in self.network if not o.outside_window)
         row("network fault scenarios passed", f"{net_ok}/{net_all}")
+        self._render_new_axes(row)
         sdk_med, sdk_p99 = quantiles(k.recovery_sdk)
         rs_med, rs_p99 = quantiles(k.recovery_restart)
         row(
@@ -203,9 +268,12 @@ class Figures:
         ]
         lines += [f"{n:<{width}}  {v:>{vwidth}}  {note}".rstrip() for n, v, note in rows]
         failures = [f"  {name}: {value}" for name, value in self.must_be_zero().items() if value]
+        c = self.cancel or CancelFigures()
         problems = (
             self.crash_failures()
             + [f"{o.name}: {'; '.join(o.problems)}" for o in self.network if not o.ok]
+            + [f"{o.name}: {'; '.join(o.problems + o.raw)}" for o in self.time if not o.ok]
+            + [str(d) for d in c.details[:10]]
             + [str(d) for d in k.lost_details]
             + [str(d) for d in k.fatal_details[:5]]
             + list(k.final_check_failures)
@@ -216,6 +284,37 @@ class Figures:
             lines.append("problems:")
             lines += [f"  {p}" for p in problems]
         return "\n".join(lines)
+
+    def _render_new_axes(self, row: Any) -> None:
+        """Phases 4 and 5: what they did, then their must-be-zero rows."""
+        c = self.cancel or CancelFigures()
+        clock = [o for o in self.time if o.kind == "clock"]
+        idle = [o for o in self.time if o.kind == "idle"]
+        rescues = [o.rescue_seconds for o in idle if o.rescue_seconds is not None]
+        tries = [o.tries_in_window for o in idle if o.tries_in_window is not None]
+        row(
+            "time: clock scenarios / idle scenarios",
+            f"{len(clock)} / {len(idle)}",
+            f"{sum(o.calls for o in clock)} calls on skewed or stepped clocks",
+        )
+        row(
+            "time: rescue after the network returned (max)",
+            "-" if not rescues else f"{max(rescues):.1f} s",
+            f"virtual s; tries while down, max {max(tries) if tries else '-'} a window",
+        )
+        row(
+            "cancellation: calls under random timeouts",
+            c.ops,
+            f"{c.workers} workers, {c.locked_calls} under a held write lock, "
+            f"{c.outcomes.get('timeout', 0)} timed out, {c.dropped} managers dropped",
+        )
+        row(
+            "cancellation: fork rounds",
+            c.fork_rounds,
+            f"refresh requests per round {c.fork_requests}",
+        )
+        for name, value in self.new_axes().items():
+            row(name, value, "must be 0")
 
     def dumps(self) -> str:
         """``as_json`` as text."""
