@@ -138,3 +138,27 @@ async def test_a_pair_just_received_is_not_refreshed_again_within_the_floor() ->
             assert tm.tokens is not None
             await tm.refresh_for(tm.tokens.access_token)  # a 401 is obeyed at once
             assert server.rotations >= 3
+
+
+def test_lifetime_is_read_on_the_servers_clock() -> None:
+    """exp against the answer's Date first (right for a grace replay minted a while ago),
+    then exp - iat, then the device clock; dead by the server's clock means expires now,
+    dead by the device clock alone means unknown (used until the 401)."""
+    mana = tj.ManaProtocol(AUTH)
+    now = 1_800_000_000.0
+
+    def parse(token: str, date: float | None, device_now: float = now) -> tj.TokenSet:
+        headers = {"Date": formatdate(date, usegmt=True)} if date is not None else {}
+        body = json.dumps({"appToken": token, "refreshToken": "r"}).encode()
+        answer = mana.parse_tokens(200, headers, body, device_now, None)
+        assert isinstance(answer, tj.TokenSet)
+        return answer
+
+    replayed = _jwt(now + 60, iat=now)  # minted a minute... and replayed 70 s later
+    assert parse(replayed, date=now + 70).lifetime == 0.0  # dead: refresh after the floor
+    assert parse(replayed, date=now + 20).lifetime == pytest.approx(40)
+    assert parse(replayed, date=None).lifetime == pytest.approx(60)  # no Date: exp - iat
+    no_iat = _jwt(now + 900)
+    assert parse(no_iat, date=None, device_now=now + 86400).expires_at is None  # unknown
+    assert parse(no_iat, date=now, device_now=now + 86400).lifetime == pytest.approx(900)
+    assert parse(no_iat, date=None, device_now=now - 3600).lifetime == pytest.approx(4500)

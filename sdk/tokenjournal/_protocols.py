@@ -277,24 +277,32 @@ def server_date(headers: Mapping[str, str]) -> float | None:
 
 
 def jwt_server_lifetime(token: str, headers: Mapping[str, str], received_at: float) -> float | None:
-    """How long a JWT lives, measured on the server's clock, not the device's.
+    """How long a JWT has left to live, measured on the server's clock, not the device's.
 
-    ``exp - iat`` when the token has both; else ``exp`` against the answer's ``Date``; only
-    without either, ``exp`` against the device clock. An IoT box that booted in 1970 or
-    runs a day ahead thus still reads a 15-minute token as 15 minutes.
+    ``exp`` against the answer's ``Date`` (the server's clock when it answered: right for a
+    grace replay too, whose pair was minted a while ago); else ``exp - iat``; only without
+    either, ``exp`` against the device clock. An IoT box that booted in 1970 or runs a day
+    ahead thus still reads a 15-minute token as 15 minutes.
+
+    A token already dead by the server's clock gets ``0.0`` (expires on receipt: refreshed
+    once the pair's staleness floor has passed); one that only looks dead against the
+    device clock gets ``None`` (unknown: used until the server answers 401).
     """
     exp, iat = jwt_lifetime(token)
     if exp is None:
         return None
+    served = server_date(headers)
+    if served is not None:
+        return max(0.0, exp - served)
     if iat is not None and exp > iat:
         return exp - iat
-    served = server_date(headers)
-    return exp - (served if served is not None else received_at)
+    left = exp - received_at
+    return left if left > 0 else None
 
 
 def expiry_from_lifetime(received_at: float, lifetime: float | None) -> datetime | None:
     """Expiry measured from receipt: immune to a device clock that is off (IoT boxes often are)."""
-    if lifetime is None or lifetime <= 0:
+    if lifetime is None or lifetime < 0:
         return None
     # A server's "never expires" (expires_in: 1e11) must not overflow datetime; past the cap
     # the 401 rule refreshes anyway.
@@ -398,8 +406,7 @@ class ManaProtocol:
                     status,
                     "appToken and refreshToken must be non-empty strings",
                 )
-            # A token already dead by the server's own clock gets no expiry: it is used
-            # until the 401, which refreshes it, instead of once per call.
+            # Measured on the server's clock (see jwt_server_lifetime), never storming.
             lifetime = jwt_server_lifetime(access, headers, received_at)
             expires_at = expiry_from_lifetime(received_at, lifetime)
             return TokenSet(access, refresh, expires_at, to_datetime(received_at))

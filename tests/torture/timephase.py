@@ -316,6 +316,9 @@ def idle_scenario(down: float, step: float = 0.0) -> Scenario:
                 elif out.rescue_seconds is None or out.rescue_seconds > NOTICE + NOTICE_SLACK:
                     out.late_rescue += 1
                     out.problems.append(f"rescue noticed the network: {out.rescue_seconds} s")
+                # Rotations up to here: the app's own call below may legitimately refresh a
+                # pair whose short life ran out while it was idle.
+                rotations = bench.delta(base, "rotations")
                 # The app comes back after the window: the session must still be there, with
                 # a live token. A pending intent past the window is a lost session even if the
                 # device clock still calls the old access token valid.
@@ -359,7 +362,7 @@ def idle_scenario(down: float, step: float = 0.0) -> Scenario:
                         f"{tm.state.value}, journal {record.ended_code!r}, then {verdict2}, "
                         f"{asked} requests"
                     )
-            out.rotations = bench.delta(base, "rotations")
+            out.rotations = rotations if inside else bench.delta(base, "rotations")
             if out.rotations > 1:
                 out.storms += out.rotations - 1
                 out.problems.append(f"{out.rotations} rotations for one lost answer")

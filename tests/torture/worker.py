@@ -111,6 +111,12 @@ async def _settle(tm: tj.TokenManager, ns: argparse.Namespace) -> None:
     refresh or sign-out in the background, and a call may start a proactive refresh."""
     began = time.monotonic()
     while time.monotonic() - began < ns.settle:
+        # A refresh task may be scheduled and not have written its intent yet: wait for the
+        # manager's own work too, or the check races it (it read "no intent", then saw one).
+        busy = [t for t in (tm._task, tm._rescue) if t is not None and not t.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=0.5)
+            continue
         record = await tm.journal.load(ns.account)
         if record.intent is None or tm.state is tj.SessionState.ENDED:
             return

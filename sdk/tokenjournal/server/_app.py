@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final, Literal, NoReturn
 from urllib.parse import parse_qsl, unquote_plus
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ._clock import ServerClock
 from ._config import ServerConfig
@@ -885,6 +886,13 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     state = ServerState(config)
     app = web.Application(client_max_size=config.max_body, middlewares=[error_middleware])
     app[STATE] = state
+
+    async def date_from_our_clock(request: web.Request, response: web.StreamResponse) -> None:
+        # The Date header is the server's clock, the one its tokens' exp is minted on: a
+        # client measures a token's life as exp - Date (a test clock moved on included).
+        response.headers[hdrs.DATE] = formatdate(state.clock.now(), usegmt=True)
+
+    app.on_response_prepare.append(date_from_our_clock)
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
         state.open()
