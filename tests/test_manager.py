@@ -1,4 +1,5 @@
-"""TokenManager against the reference server on loopback: the refresh rules of design.md."""
+"""TokenManager against the reference server on loopback: the refresh rules of
+docs/architecture.md (the data path in section 1, the invariants in section 2)."""
 
 from __future__ import annotations
 

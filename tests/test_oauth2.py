@@ -1,7 +1,7 @@
 """TokenManager + OAuth2Protocol against the reference server's OAuth 2.0 endpoint (and, for the
 status codes the reference server never sends, aioresponses with the conftest shim).
 
-Every test names the behaviour or invariant (design.md section 2) it proves.
+Every test names the behaviour or invariant (docs/architecture.md section 2) it proves.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ManaProtocol, sans-IO: every row of design.md 3.1's error table, and malformed answers."""
+"""ManaProtocol, sans-IO: every row of the error table in docs/architecture.md 3.1, and
+malformed answers."""
 
 from __future__ import annotations
 

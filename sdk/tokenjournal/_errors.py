@@ -11,7 +11,8 @@
     ├── ProtocolError        the server said something the protocol does not allow
     └── JournalError         storage: locked, full, read-only, corrupt, newer schema
 
-Messages never contain a token; at most a fingerprint.
+Messages never contain a token; at most a fingerprint. Each class's ``code`` is listed in
+docs/architecture.md section 4.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Off unless ``TOKENJOURNAL_CRASH_AT`` names points (comma separated) when the module is
 imported, or a test calls :func:`arm`. When off, :func:`crash_point` is one global lookup
-and a ``None`` test.
+and a ``None`` test. What each point leaves behind and what the next start does about it:
+docs/architecture.md section 6.
 """
 
 from __future__ import annotations

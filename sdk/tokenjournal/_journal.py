@@ -5,12 +5,15 @@
 every state change one ``BEGIN IMMEDIATE`` transaction. :class:`MemoryJournal` implements
 the same :class:`Journal` protocol in memory, for tests and for users who opt out of disk.
 
-The journal makes the invariants of design.md hold:
+The journal keeps its share of the invariants (docs/architecture.md section 2; the journal
+itself is section 5):
 
 * a refresh token is replaced only in the transaction that stores its successor
-  (:meth:`Journal.commit_refresh`, a compare-and-swap on the account's generation);
-* an intent is written before a refresh token is sent, and cleared by that same commit;
-* the lease row makes one process the refresher per account across processes.
+  (:meth:`Journal.commit_refresh`, a compare-and-swap on the account's generation;
+  invariants 2 and 13);
+* an intent is written before a refresh token is sent, and cleared by that same commit
+  (invariants 1 and 6);
+* the lease row makes one process the refresher per account across processes (invariant 4).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ joins (or starts) the account's one refresh task. That task takes the journal's 
 cross-process single flight), writes the intent, sends the old refresh token, commits the
 successor durably and only then wakes every waiter. A crash anywhere leaves an intent that
 the next start replays first, paced to land inside the server's grace window.
+
+The full account is docs/architecture.md: the data path in section 1, the invariants cited
+here by number in section 2.
 """
 
 from __future__ import annotations
@@ -606,7 +609,8 @@ class TokenManager:
             self._rescue.add_done_callback(self._reap)
 
     async def _rescue_flow(self) -> None:
-        """Invariant 11: while a refresh intent is pending, keep trying without any caller.
+        """Invariant 11 (docs/architecture.md 1.5): while a refresh intent is pending, keep
+        trying without any caller.
 
         Each try is one request (callers that come meanwhile join it, so one request is in
         flight at a time), spaced so that a network that comes back is noticed within

@@ -1,7 +1,8 @@
 """The aiohttp client middleware: the bearer on allowed origins, and the 401 rule.
 
 aiohttp runs client middlewares once per hop of a redirect chain, so the origin check below
-is made for every hop and a redirect to a foreign origin never carries the bearer.
+is made for every hop and a redirect to a foreign origin never carries the bearer
+(invariants 9 and 10, docs/architecture.md section 2).
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def expiry_from_lifetime(received_at: float, lifetime: float | None) -> datetime
 
 # --------------------------------------------------------------------------- Mana
 
-#: Codes that mean the refresh token is dead (design.md 3.1).
+#: Codes that mean the refresh token is dead (docs/architecture.md 3.1).
 MANA_PERMANENT: Final = frozenset(
     {"invalid_token", "token_expired", "invalid_token_state", "token_collision"}
 )
@@ -347,7 +347,8 @@ def mana_error_code(data: Mapping[str, Any] | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ManaProtocol:
-    """The Mana protocol (design.md 3.1): JSON bodies, JWT access tokens, device binding."""
+    """The Mana protocol (docs/architecture.md 3.1): JSON bodies, JWT access tokens, device
+    binding."""
 
     auth_url: str
 
@@ -391,7 +392,7 @@ class ManaProtocol:
         received_at: float,
         previous: TokenSet | None,
     ) -> Answer:
-        """Parse a sign-in or refresh answer (design.md 3.1 error table)."""
+        """Parse a sign-in or refresh answer (docs/architecture.md 3.1, the error table)."""
         if 200 <= status < 300:
             data = _load_json_object(body)
             if data is None:

@@ -3,7 +3,8 @@
 The delay curve comes from ``backoff`` (exponential, full jitter). On top of it the SDK
 honours ``Retry-After``, waits ~1 s on ``rotation_in_progress``, and paces the tries of a
 refresh whose token may already have been rotated so that they land inside the server's
-grace window (intent start + grace period) instead of following a blind curve past it.
+grace window (intent start + grace period) instead of following a blind curve past it
+(docs/architecture.md 1.4 and 3.3).
 """
 
 from __future__ import annotations
@@ -86,5 +87,5 @@ RETRYABLE: Final = frozenset(
 
 
 def is_retryable(failure: Failure) -> bool:
-    """Whether a classified failure is transient (design.md 3.1)."""
+    """Whether a classified failure is transient (docs/architecture.md 3.3)."""
     return failure.kind in RETRYABLE
