@@ -172,3 +172,31 @@ async def test_close_stops_the_rescue_at_once_and_keeps_the_intent(
     async with tj.TokenManager(linked.url, journal_path, clock=clock) as again:
         record = await again.journal.load(again.account)
         assert record.intent is not None and record.intent.kind == "refresh"
+
+
+async def test_a_commit_that_failed_after_the_rotation_is_rescued_too(
+    linked: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full at the commit, after the server rotated: the intent stays, and the rescue
+    replays it inside the window once the disk has room, with no caller."""
+    Network(clock, monkeypatch)
+    async with tj.TokenManager(linked.url, journal_path, clock=clock) as tm:
+        await tm.sign_in(**DEMO)
+        clock.advance(901)
+        real = tm.journal.commit_refresh
+        failures = iter([tj.JournalError("database or disk is full")])
+
+        async def full_once(*args: Any, **kwargs: Any) -> Any:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(tm.journal, "commit_refresh", full_once)
+        with pytest.raises(tj.JournalError):
+            await tm.access_token()
+        assert tm._rescue is not None
+        await asyncio.wait_for(tm._rescue, 30)
+        assert tm.state is tj.SessionState.VALID
+        stats = linked.stats()
+        assert stats["rotations"] == 1 and stats["grace_replays"] == 1

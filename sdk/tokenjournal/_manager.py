@@ -586,8 +586,11 @@ class TokenManager:
         if task.cancelled() or task.exception() is None:
             return
         self._quiet_until = self._clock.monotonic() + self.retry.max_delay
-        if isinstance(task.exception(), TransientError | ProtocolError) and self._open:
-            self._start_rescue()
+        # A journal that failed (disk full at the commit, after the server rotated) leaves the
+        # intent pending just like the network does: the window is used either way.
+        if isinstance(task.exception(), TransientError | ProtocolError | JournalError):
+            if self._open:
+                self._start_rescue()
 
     async def _join(self, keyed_on: str | None, *, force: bool) -> TokenSet:
         self._require_open()
@@ -644,10 +647,10 @@ class TokenManager:
             try:
                 await asyncio.shield(self._start_refresh(None, force=True, policy=one_try))
                 return
-            except (TransientError, ProtocolError) as exc:
+            except (TransientError, ProtocolError, JournalError) as exc:
                 hint = exc.retry_after if isinstance(exc, RateLimited) else None
             except TokenJournalError:
-                return  # ended, signed out, or the journal failed: nothing left to rescue
+                return  # ended or signed out: nothing left to rescue
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep on the clock, cut short by ``close()``; returns whether still open."""
