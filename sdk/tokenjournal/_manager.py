@@ -588,9 +588,9 @@ class TokenManager:
         self._quiet_until = self._clock.monotonic() + self.retry.max_delay
         # A journal that failed (disk full at the commit, after the server rotated) leaves the
         # intent pending just like the network does: the window is used either way.
-        if isinstance(task.exception(), TransientError | ProtocolError | JournalError):
-            if self._open:
-                self._start_rescue()
+        pending = isinstance(task.exception(), TransientError | ProtocolError | JournalError)
+        if pending and self._open:
+            self._start_rescue()
 
     async def _join(self, keyed_on: str | None, *, force: bool) -> TokenSet:
         self._require_open()
