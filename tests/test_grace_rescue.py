@@ -18,6 +18,7 @@ import pytest
 
 import tokenjournal as tj
 from tokenjournal import _manager
+from tokenjournal._transport import NetworkFailure
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.server._clock import ServerClock
 from tokenjournal.testing import FakeClock
@@ -55,12 +56,12 @@ class Network:
         async def send(http: aiohttp.ClientSession, request: Any, limit: float) -> Any:
             self.sent.append(clock.time())
             if clock.time() < self.down_until:
-                raise aiohttp.ClientConnectionError("network down")
+                raise NetworkFailure("ClientConnectionError")  # what send() makes of it
             answer = await real(http, request, limit)
             if self.lose_next_answer and request.url.endswith("/auth/refresh"):
                 self.lose_next_answer = False
                 self.down_until = clock.time() + self.outage
-                raise aiohttp.ServerDisconnectedError()  # the server did rotate
+                raise NetworkFailure("ServerDisconnectedError")  # the server did rotate
             return answer
 
         monkeypatch.setattr(_manager, "send", send)
@@ -159,7 +160,10 @@ async def test_close_stops_the_rescue_at_once_and_keeps_the_intent(
         await real_sleep(seconds)
 
     monkeypatch.setattr(clock, "sleep", slow_sleep)
-    tm = tj.TokenManager(linked.url, journal_path, clock=clock)
+    # The first refresh's own backoff stays under 5 s (fake, instant); the rescue's 30 s gap
+    # is the real wait that close() must cut short.
+    policy = tj.RetryPolicy(max_delay=2.0)
+    tm = tj.TokenManager(linked.url, journal_path, clock=clock, retry=policy)
     await tm.open()
     await tm.sign_in(**DEMO)
     clock.advance(901)

@@ -249,3 +249,44 @@ async def test_a_protocol_that_raises_leaves_a_coherent_state(clock: FakeClock) 
         assert tm.state is tj.SessionState.VALID  # not stuck at REFRESHING
         assert tj.EventKind.REFRESH_FAILED in [e.kind for e in events]
         assert tm.tokens is not None and tm.tokens.refresh_token == "r0"
+
+
+def test_exported_names_live_in_the_public_module() -> None:
+    import pickle
+
+    for name in ("SessionEnded", "TokenManager", "TokenSet", "RetryPolicy", "fingerprint"):
+        assert getattr(tj, name).__module__ == "tokenjournal"
+    error = pickle.loads(pickle.dumps(tj.SessionEnded("token_expired")))
+    assert isinstance(error, tj.SessionEnded) and error.code == "token_expired"
+    assert "tokenjournal.SessionEnded" in repr(type(error))
+
+
+async def test_a_cancelled_sign_out_still_finishes_and_never_hands_out_the_old_pair(
+    server: ReferenceServer, journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the torture run: sign_out() timed out after the logout left; the old pair
+    stayed in memory, the app stored it back with set_tokens(tm.tokens), and the next
+    refresh sent a revoked token (invalid_token_state: session lost)."""
+    async with tj.TokenManager(server.url, journal_path) as tm:
+        await tm.sign_in(**DEMO)
+        real = tm._send
+        answered = asyncio.Event()
+
+        async def slow(request: Any) -> Any:
+            raw = await real(request)  # the server has the logout now
+            answered.set()
+            await asyncio.sleep(0.2)  # its answer is slow to come back
+            return raw
+
+        monkeypatch.setattr(tm, "_send", slow)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tm.sign_out(), 0.05)
+        assert answered.is_set()
+        assert tm.tokens is None and tm.state is tj.SessionState.SIGNED_OUT
+        with pytest.raises(tj.NotSignedIn):
+            await tm.access_token()
+        async with asyncio.timeout(5):  # the sign-out runs to its end all the same
+            while (await tm.journal.load(tm.account)).intent is not None:
+                await asyncio.sleep(0.01)
+        record = await tm.journal.load(tm.account)
+        assert record.tokens is None

@@ -187,3 +187,13 @@ async def test_a_session_ended_during_a_401_is_raised(
                 async with http.get(server.url + "/api/me"):
                     pass
         assert tm.state is tj.SessionState.ENDED
+
+
+@pytest.mark.parametrize("bad", [["ftp://api.example.com"], ["not a url"], ["https://"]])
+def test_the_middleware_validates_its_origins_at_construction(
+    tmp_path: Path, bad: list[str]
+) -> None:
+    with pytest.raises(ValueError, match="allowed_origins"):
+        tj.TokenManager("https://auth.example.com", tmp_path / "j.db", allowed_origins=bad)
+    with pytest.raises(TypeError, match="not one string"):
+        tj.TokenMiddleware(object(), "https://api.example.com")  # type: ignore[arg-type]

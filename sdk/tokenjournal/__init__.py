@@ -71,3 +71,15 @@ __all__ = [
     "__version__",
     "fingerprint",
 ]
+
+
+def _public_home() -> None:
+    # Tracebacks and reprs read `tokenjournal.SessionEnded`, not the private module it lives
+    # in; pickling finds the same object under the public name.
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = __name__
+
+
+_public_home()

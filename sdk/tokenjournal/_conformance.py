@@ -46,7 +46,7 @@ from ._protocols import (
 from ._table import render_table
 from ._terminal import printable
 from ._tokens import TokenSet, fingerprint
-from ._transport import Raw, send
+from ._transport import NetworkFailure, Raw, send
 
 Protocol = Literal["mana", "oauth2"]
 Outcome = Literal["pass", "fail", "skip", "info"]
@@ -198,7 +198,9 @@ class Probe:
         self._remember(previous)
         try:
             status, headers, body = await self._send(request)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except NetworkFailure as exc:
+            return Reply(None, str(exc))
+        except ValueError as exc:
             return Reply(None, type(exc).__name__)
         answer = self.protocol.parse_tokens(status, headers, body, time.time(), previous)
         grace_at = None
@@ -231,7 +233,9 @@ class Probe:
             )
         try:  # the capped reader: an endless body is cut at MAX_BODY, not buffered whole
             status, _, raw = await self._send(request)
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        except NetworkFailure as exc:
+            return None, f"/_test/clock failed ({exc})"
+        except ValueError as exc:
             return None, f"/_test/clock failed ({type(exc).__name__})"
         if status != 200:
             return None, f"{request.method} /_test/clock answered {status}"

@@ -15,17 +15,16 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Final
+from dataclasses import asdict, dataclass, replace
+from typing import Final
 
+from ._clock import Clock
 from ._errors import SignInFailed
-from ._manager import _NetworkFailure, _transient_error
-from ._protocols import DeviceCode, Failure, FailureKind, OAuth2Protocol
-from ._retry import is_retryable
+from ._journal import Journal
+from ._protocols import DeviceCode, FailureKind, HttpRequest, OAuth2Protocol
+from ._retry import RetryPolicy, attempts, is_retryable
 from ._tokens import TokenSet
-
-if TYPE_CHECKING:
-    from ._manager import TokenManager
+from ._transport import NetworkFailure, Raw
 
 log = logging.getLogger("tokenjournal")
 
@@ -37,6 +36,20 @@ SLOW_DOWN_STEP: Final = 5.0
 MAX_EXTRA_WAIT: Final = 60.0
 
 OnCode = Callable[[DeviceCode], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIO:
+    """What the flow needs of its manager, handed in: one exchange (no answer is a
+    :class:`NetworkFailure`), a pause that ``close()`` cuts short (``False``: closed), the
+    clock, the journal and account the code is kept under, and the retry policy."""
+
+    send: Callable[[HttpRequest], Awaitable[Raw]]
+    pause: Callable[[float], Awaitable[bool]]
+    clock: Clock
+    journal: Journal
+    account: str
+    retry: RetryPolicy
 
 
 def _encode(protocol: OAuth2Protocol, code: DeviceCode) -> str:
@@ -56,57 +69,44 @@ def _decode(protocol: OAuth2Protocol, payload: str | None) -> DeviceCode | None:
         return None  # an unreadable pending code is simply not resumed
 
 
-async def _authorize(manager: TokenManager, protocol: OAuth2Protocol) -> DeviceCode:
-    """RFC 8628 3.1 under the manager's retry policy: transient failures are retried."""
+async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
+    """RFC 8628 3.1 under the retry policy: transient failures are retried."""
     request = protocol.build_device_authorization()
-    policy, clock = manager.retry, manager._clock
-    started = clock.monotonic()
-    attempt = 0
-    while True:
-        attempt += 1
-        failure: Failure | None = None
+    loop = attempts(io.retry, io.clock.monotonic, io.pause, what="device authorization")
+    async for attempt in loop:
         try:
-            status, headers, body = await manager._send(request)
-        except _NetworkFailure as exc:
-            detail = str(exc)
-        else:
-            parsed = protocol.parse_device_authorization(status, headers, body, clock.time())
-            if isinstance(parsed, DeviceCode):
-                return parsed
-            if not is_retryable(parsed):
-                raise SignInFailed(parsed.code)
-            failure, detail = parsed, parsed.code
-        delay = policy.delay(attempt, failure, now=clock.time(), grace_deadline=None)
-        elapsed = clock.monotonic() - started
-        if attempt >= policy.max_attempts or elapsed + delay > policy.max_elapsed:
-            raise _transient_error(failure, detail)
-        log.info("device authorization failed (%s); try %d in %.2fs", detail, attempt + 1, delay)
-        await clock.sleep(delay)
+            status, headers, body = await io.send(request)
+        except NetworkFailure as exc:
+            attempt.failed(None, str(exc))
+            continue
+        parsed = protocol.parse_device_authorization(status, headers, body, io.clock.time())
+        if isinstance(parsed, DeviceCode):
+            return parsed
+        if not is_retryable(parsed):
+            raise SignInFailed(parsed.code)
+        attempt.failed(parsed, parsed.code)
+    raise AssertionError("the retry loop ends by raising")  # pragma: no cover
 
 
-async def _pending_code(manager: TokenManager, protocol: OAuth2Protocol) -> DeviceCode:
+async def _pending_code(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     """The journaled code if it is still alive, else a new one, journaled before it is shown."""
-    record = await manager.journal.load(manager.account)
+    record = await io.journal.load(io.account)
     if record.intent is not None and record.intent.kind == "device_code":
         code = _decode(protocol, record.intent.payload)
-        if code is not None and code.expires_at > manager._clock.time():
-            log.info("resuming a pending device sign-in of account %s", manager.account)
+        if code is not None and code.expires_at > io.clock.time():
+            log.info("resuming a pending device sign-in of account %s", io.account)
             return code
-    code = await _authorize(manager, protocol)
-    await manager.journal.save_device_code(
-        manager.account, _encode(protocol, code), manager._clock.time()
-    )
+    code = await _authorize(io, protocol)
+    await io.journal.save_device_code(io.account, _encode(protocol, code), io.clock.time())
     return code
 
 
-async def _give_up(manager: TokenManager, code: str, message: str | None = None) -> SignInFailed:
-    await manager.journal.clear_device_code(manager.account)
+async def _give_up(io: DeviceIO, code: str, message: str | None = None) -> SignInFailed:
+    await io.journal.clear_device_code(io.account)
     return SignInFailed(code, message)
 
 
-async def run_device_flow(
-    manager: TokenManager, protocol: OAuth2Protocol, on_code: OnCode
-) -> TokenSet:
+async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCode) -> TokenSet:
     """Show the code through ``on_code``, poll until approved; returns the new pair.
 
     The caller stores the pair; storing it clears the journaled code in the same
@@ -114,8 +114,8 @@ async def run_device_flow(
     server's code; the journaled code is then forgotten, so the next call starts afresh.
     Closing the manager during the wait raises ``RuntimeError`` and keeps the code.
     """
-    clock = manager._clock
-    code = await _pending_code(manager, protocol)
+    clock = io.clock
+    code = await _pending_code(io, protocol)
     shown = on_code(code)
     if inspect.isawaitable(shown):
         await shown
@@ -126,17 +126,17 @@ async def run_device_flow(
         # A Retry-After or slow_down is honoured, but never past the code's expiry: a
         # server asking for a day must not keep the flow asleep long after the code died.
         left = code.expires_at - clock.time()
-        if not await manager._pause(min(max(backoff, extra), max(0.0, left))):
+        if not await io.pause(min(max(backoff, extra), max(0.0, left))):
             raise RuntimeError(
                 "the TokenManager was closed during the device sign-in; the code stays "
                 "journaled and the next sign_in_device resumes it"
             )
         if clock.time() >= code.expires_at:
-            raise await _give_up(manager, "expired_token", "the device code expired unapproved")
+            raise await _give_up(io, "expired_token", "the device code expired unapproved")
         poll = protocol.build_device_token(code.device_code)
         try:
-            status, headers, body = await manager._send(poll)
-        except _NetworkFailure as exc:  # keep polling the same code until it expires
+            status, headers, body = await io.send(poll)
+        except NetworkFailure as exc:  # keep polling the same code until it expires
             log.info("device poll failed (%s); polling on", exc)
             failures, extra = failures + 1, 0.0
             continue
@@ -150,11 +150,9 @@ async def run_device_flow(
             code = replace(code, interval=interval)
             failures, extra = 0, 0.0
             # Journaled, so a restart polls at the slower pace the server asked for.
-            await manager.journal.save_device_code(
-                manager.account, _encode(protocol, code), clock.time()
-            )
+            await io.journal.save_device_code(io.account, _encode(protocol, code), clock.time())
         elif answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
-            raise await _give_up(manager, answer.code)
+            raise await _give_up(io, answer.code)
         else:  # 5xx, 429, malformed: back off, as RFC 8628 3.5 asks
             failures, extra = failures + 1, answer.retry_after or 0.0
             log.info("device poll failed (%s); polling on", answer.code)

@@ -27,13 +27,12 @@ from yarl import URL
 
 from . import _faults
 from ._clock import Clock, SystemClock
+from ._device import DeviceIO, run_device_flow
 from ._errors import (
     JournalError,
-    NetworkError,
     NotSignedIn,
     ProtocolError,
     RateLimited,
-    ServerError,
     SessionEnded,
     SignInFailed,
     TokenJournalError,
@@ -50,6 +49,7 @@ from ._journal import (
     Started,
     lease_is_live,
 )
+from ._middleware import TokenMiddleware
 from ._protocols import (
     AuthProtocol,
     DeviceCode,
@@ -60,10 +60,10 @@ from ._protocols import (
     ManaProtocol,
     OAuth2Protocol,
 )
-from ._retry import GRACE_GUARD, RetryPolicy, is_retryable
+from ._retry import GRACE_GUARD, RetryPolicy, attempts, is_retryable
 from ._terminal import printable
 from ._tokens import TokenSet, fingerprint
-from ._transport import Raw, is_loopback, send
+from ._transport import NetworkFailure, Raw, is_loopback, send
 
 log = logging.getLogger("tokenjournal")
 
@@ -87,17 +87,8 @@ RESCUE_MAX_GAP: Final = 30.0
 FRESH_FLOOR: Final = 10.0
 
 
-class _NetworkFailure(Exception):
-    """An exchange got no answer (connect/read error or timeout). Carries no token."""
-
-
 class _LeaseLost(Exception):
     """Our lease lapsed and another process took it: our refresh token may be spent."""
-
-
-def _origin(url: str | URL) -> tuple[str, str, int | None]:
-    u = URL(url) if isinstance(url, str) else url
-    return (u.scheme.lower(), (u.host or "").lower(), u.port)
 
 
 def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
@@ -124,18 +115,6 @@ def _scrubbed(failure: Failure, secrets: Iterable[str]) -> Failure:
         code=printable(failure.code, limit=CODE_LIMIT, secrets=secrets),
         message=printable(failure.message, secrets=secrets),
     )
-
-
-def _transient_error(failure: Failure | None, detail: str) -> TokenJournalError:
-    if failure is None:
-        return NetworkError(f"the auth server could not be reached: {detail}")
-    if failure.kind is FailureKind.RATE_LIMITED:
-        return RateLimited(
-            f"the auth server keeps rate limiting ({failure.status})", failure.retry_after
-        )
-    if failure.kind is FailureKind.MALFORMED:
-        return ProtocolError(f"the auth server answered {failure.status} with a malformed body")
-    return ServerError(f"the auth server keeps failing: {failure.code} ({failure.status})")
 
 
 class TokenManager:
@@ -202,10 +181,11 @@ class TokenManager:
             self.journal = journal
         else:
             raise TypeError("journal must be a path, a SQLiteJournal or a MemoryJournal")
-        origins = allowed_origins if allowed_origins is not None else [auth_url]
-        if isinstance(origins, str):
-            raise TypeError("allowed_origins must be a list of URLs, not one string")
-        self.allowed_origins = frozenset(_origin(o) for o in origins)
+        self.middleware = TokenMiddleware(
+            self,
+            allowed_origins if allowed_origins is not None else [auth_url],
+            allow_insecure_http=allow_insecure_http,
+        )
         self._device_meta = (device_name or platform.node() or "device", device_type, user_agent)
         self._device: DeviceInfo | None = None
         self._lease_holder = Holder.for_this_process()
@@ -226,9 +206,6 @@ class TokenManager:
         self._quiet_until = 0.0  # monotonic; no proactive refresh before this (after a failure)
         self._intent_anchor = (math.nan, 0.0)  # (intent started_at, its monotonic instant)
         self.refresh_requests = 0  # refresh requests this manager sent (a figure for tests/bench)
-        from ._middleware import TokenMiddleware
-
-        self.middleware = TokenMiddleware(self)
 
     def __repr__(self) -> str:
         return (
@@ -402,12 +379,11 @@ class TokenManager:
         self, on_code: Callable[[DeviceCode], Awaitable[None] | None]
     ) -> TokenSet:
         """Sign in with the OAuth 2.0 device flow (RFC 8628); see :mod:`tokenjournal._device`."""
-        from ._device import run_device_flow
-
         self._require_open()
         if not isinstance(self.protocol, OAuth2Protocol):
             raise TypeError("sign_in_device needs an OAuth2Protocol with device_authorization_url")
-        tokens = await run_device_flow(self, self.protocol, on_code)
+        io = DeviceIO(self._send, self._pause, self._clock, self.journal, self.account, self.retry)
+        tokens = await run_device_flow(io, self.protocol, on_code)
         await self._store_sign_in(tokens)
         return tokens
 
@@ -419,12 +395,14 @@ class TokenManager:
         # The pair to log out and the generation to finish on come from the same
         # transaction that journals the sign-out.
         record = await self.journal.begin_sign_out(self.account, self._clock.time())
+        # Journaled, the sign-out is decided: from here on no caller gets the old pair (the
+        # server may revoke it any moment), and the rest runs to its end even if this caller
+        # is cancelled: telling the server and clearing the journal are not the caller's.
+        self._adopt(record)
         if record.tokens is None:
-            self._adopt(record)
             return
-        self._generation = record.generation  # our own step: not an adoption
         _faults.crash_point("mid_sign_out")
-        await self._finish_sign_out(record.tokens, record.generation)
+        await asyncio.shield(self._spawn(self._finish_sign_out(record.tokens, record.generation)))
 
     # ------------------------------------------------------------------ internals: state
 
@@ -483,13 +461,18 @@ class TokenManager:
         return self._lease_holder
 
     def _adopt(self, record: AccountRecord, *, announce: bool = True) -> bool:
-        """Take the journal's view if it is newer than ours; returns whether it was."""
-        if record.generation == self._generation and record.tokens == self._tokens:
+        """Take the journal's view if it is newer than ours; returns whether it was.
+
+        A pair whose sign-out is journaled is not held: it is being revoked.
+        """
+        signing_out = record.intent is not None and record.intent.kind == "sign_out"
+        tokens = None if signing_out else record.tokens
+        if record.generation == self._generation and tokens == self._tokens:
             return False
         newer = record.generation > self._generation
         self._generation = record.generation
-        self._use(record.tokens)
-        if record.tokens is not None:
+        self._use(tokens)
+        if tokens is not None:
             self._ended_code = None
             self._set_state(SessionState.VALID)
             if announce and newer:
@@ -544,7 +527,7 @@ class TokenManager:
                     log.warning(
                         "the server refused the logout (%s); signing out locally", failure.code
                     )
-            except _NetworkFailure as exc:
+            except NetworkFailure as exc:
                 # The user asked to sign out: honour it locally even if the server is away.
                 log.warning("logout could not reach the server (%s); signing out locally", exc)
         finished = await self.journal.finish_sign_out(self.account, self._clock.time(), generation)
@@ -559,10 +542,12 @@ class TokenManager:
         self._set_state(SessionState.SIGNED_OUT)
         self._emit(EventKind.SIGNED_OUT)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as the manager's own work: ``close()`` waits for it."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -854,40 +839,30 @@ class TokenManager:
         every secret of this exchange (``secrets``, the tokens of ``previous``) before they
         reach an exception, a log line, an event or the journal.
         """
-        policy = policy or self.retry
         if previous is not None:
             secrets = (*secrets, previous.access_token, previous.refresh_token or "")
-        started = self._clock.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1 and before_retry is not None:
+        loop = attempts(
+            policy or self.retry, self._clock.monotonic, self._pause, grace_deadline=grace_deadline
+        )
+        async for attempt in loop:
+            if attempt.number > 1 and before_retry is not None:
                 await before_retry()
-            failure: Failure | None
             try:
                 status, headers, body = await self._send(build())
-            except _NetworkFailure as exc:
-                failure, detail = None, str(exc)
-            else:
-                answer = self._parse(status, headers, body, previous)
-                if isinstance(answer, TokenSet) and not _sendable(answer):
-                    # Whatever the protocol made of it: a token no header can carry (CR/LF,
-                    # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
-                    answer = Failure(
-                        FailureKind.MALFORMED, "malformed_body", status, "unusable token"
-                    )
-                if isinstance(answer, Failure):
-                    answer = _scrubbed(answer, secrets)
-                if isinstance(answer, TokenSet) or not is_retryable(answer):
-                    return answer
-                failure, detail = answer, answer.code
-            now = self._clock.monotonic()
-            delay = policy.delay(attempt, failure, now=now, grace_deadline=grace_deadline)
-            if attempt >= policy.max_attempts or now - started + delay > policy.max_elapsed:
-                raise _transient_error(failure, detail)
-            log.info("auth call failed (%s); try %d again in %.2fs", detail, attempt + 1, delay)
-            if not await self._pause(delay):
-                raise _transient_error(failure, f"{detail}; the manager closed")
+            except NetworkFailure as exc:
+                attempt.failed(None, str(exc))
+                continue
+            answer = self._parse(status, headers, body, previous)
+            if isinstance(answer, TokenSet) and not _sendable(answer):
+                # Whatever the protocol made of it: a token no header can carry (CR/LF,
+                # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
+                answer = Failure(FailureKind.MALFORMED, "malformed_body", status, "unusable token")
+            if isinstance(answer, Failure):
+                answer = _scrubbed(answer, secrets)
+            if isinstance(answer, TokenSet) or not is_retryable(answer):
+                return answer
+            attempt.failed(answer, answer.code)
+        raise AssertionError("the retry loop ends by raising")  # pragma: no cover
 
     def _parse(
         self, status: int, headers: Mapping[str, str], body: bytes, previous: TokenSet | None
@@ -902,10 +877,7 @@ class TokenManager:
             return Failure(FailureKind.MALFORMED, "malformed_body", status, "unreadable answer")
 
     async def _send(self, request: HttpRequest) -> Raw:
-        """One HTTP exchange with the auth server; no answer is a ``_NetworkFailure``."""
+        """One HTTP exchange with the auth server; no answer is a ``NetworkFailure``."""
         if self._http is None:
             raise RuntimeError("the TokenManager is closed")
-        try:
-            return await send(self._http, request, self.retry.attempt_timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _NetworkFailure(type(exc).__name__) from None
+        return await send(self._http, request, self.retry.attempt_timeout)

@@ -7,17 +7,36 @@ is made for every hop and a redirect to a foreign origin never carries the beare
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable
+from typing import Final, Protocol
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs, payload
 from yarl import URL
 
+from ._tokens import TokenSet
 from ._transport import is_loopback
 
-if TYPE_CHECKING:
-    from ._manager import TokenManager
-
 BEARER: Final = "Bearer "
+
+Origin = tuple[str, str, int | None]
+
+
+class TokenSource(Protocol):
+    """What the middleware needs of a :class:`~tokenjournal.TokenManager`."""
+
+    async def access_token(self) -> str:
+        """A valid access token."""
+        ...
+
+    async def refresh_for(self, rejected_access_token: str) -> TokenSet:
+        """Move past a token the server rejected (a 401); the pair to use now."""
+        ...
+
+
+def origin(url: str | URL) -> Origin:
+    """``(scheme, host, port)`` of ``url``, lower-cased, the port made explicit."""
+    u = URL(url) if isinstance(url, str) else url
+    return (u.scheme.lower(), (u.host or "").lower(), u.port)
 
 
 def _replayable(request: ClientRequest) -> bool:
@@ -39,24 +58,40 @@ class TokenMiddleware:
     raised to the caller.
     """
 
-    __slots__ = ("_manager",)
+    __slots__ = ("_source", "allow_insecure_http", "allowed_origins")
 
-    def __init__(self, manager: TokenManager) -> None:
-        self._manager = manager
+    def __init__(
+        self,
+        source: TokenSource,
+        allowed_origins: Iterable[str],
+        *,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        # Validated here, as aiohttp's own middlewares validate theirs: a typo in an origin
+        # must fail at start-up, not silently send no bearer (or the wrong one) later.
+        if isinstance(allowed_origins, str):
+            raise TypeError("allowed_origins must be a list of URLs, not one string")
+        origins: set[Origin] = set()
+        for entry in allowed_origins:
+            u = URL(entry) if isinstance(entry, str) else None
+            if u is None or u.scheme not in ("http", "https") or not u.host:
+                raise ValueError(f"allowed_origins: {entry!r} is not an http(s) URL")
+            origins.add(origin(u))
+        self._source = source
+        self.allowed_origins: frozenset[Origin] = frozenset(origins)
+        self.allow_insecure_http = bool(allow_insecure_http)
 
     def allows(self, url: URL) -> bool:
         """Whether the bearer may be sent to ``url`` (invariant 9)."""
-        manager = self._manager
-        origin = (url.scheme.lower(), (url.host or "").lower(), url.port)
-        if origin not in manager.allowed_origins:
+        if origin(url) not in self.allowed_origins:
             return False
-        return url.scheme == "https" or is_loopback(url.host) or manager.allow_insecure_http
+        return url.scheme == "https" or is_loopback(url.host) or self.allow_insecure_http
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Run one hop of a request through the bearer and 401 rules."""
         if hdrs.AUTHORIZATION in request.headers or not self.allows(request.url):
             return await handler(request)
-        token = await self._manager.access_token()
+        token = await self._source.access_token()
         request.headers[hdrs.AUTHORIZATION] = BEARER + token
         response = await handler(request)
         if response.status != 401:
@@ -64,9 +99,9 @@ class TokenMiddleware:
         if not _replayable(request):
             # The body cannot be sent again: hand back the 401, but move past the rejected
             # token so the caller's own retry carries a fresh one (invariant 10).
-            await self._manager.refresh_for(token)
+            await self._source.refresh_for(token)
             return response
         response.release()
-        fresh = await self._manager.refresh_for(token)
+        fresh = await self._source.refresh_for(token)
         request.headers[hdrs.AUTHORIZATION] = BEARER + fresh.access_token
         return await handler(request)

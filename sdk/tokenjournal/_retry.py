@@ -1,4 +1,5 @@
-"""Retry policy: how long to wait before the next try, and when to stop. Pure; no I/O.
+"""Retry policy and the one retry loop: how long to wait before the next try, when to stop,
+and which exception says so. The policy is pure; the loop waits through an injected pause.
 
 The delay curve comes from ``backoff`` (exponential, full jitter). On top of it the SDK
 honours ``Retry-After``, waits ~1 s on ``rotation_in_progress``, and paces the tries of a
@@ -10,14 +11,18 @@ grace window (intent start + grace period) instead of following a blind curve pa
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 import backoff
 
+from ._errors import NetworkError, ProtocolError, RateLimited, ServerError, TransientError
 from ._protocols import Failure, FailureKind
+
+log = logging.getLogger("tokenjournal")
 
 #: Each try inside the grace window leaves at least this share of what remains for the next.
 GRACE_SHARE: Final = 0.5
@@ -89,3 +94,60 @@ RETRYABLE: Final = frozenset(
 def is_retryable(failure: Failure) -> bool:
     """Whether a classified failure is transient (docs/architecture.md 3.3)."""
     return failure.kind in RETRYABLE
+
+
+def transient_error(failure: Failure | None, detail: str) -> TransientError | ProtocolError:
+    """The exception a spent retry budget raises; ``failure`` is ``None`` for no answer."""
+    if failure is None:
+        return NetworkError(f"the auth server could not be reached: {detail}")
+    if failure.kind is FailureKind.RATE_LIMITED:
+        return RateLimited(
+            f"the auth server keeps rate limiting ({failure.status})", failure.retry_after
+        )
+    if failure.kind is FailureKind.MALFORMED:
+        return ProtocolError(f"the auth server answered {failure.status} with a malformed body")
+    return ServerError(f"the auth server keeps failing: {failure.code} ({failure.status})")
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of :func:`attempts`; the caller records why it failed before the next."""
+
+    number: int
+    failure: Failure | None = None
+    detail: str = ""
+
+    def failed(self, failure: Failure | None, detail: str) -> None:
+        """This try got ``failure`` (``None``: no answer at all), described by ``detail``."""
+        self.failure, self.detail = failure, detail
+
+
+async def attempts(
+    policy: RetryPolicy,
+    monotonic: Callable[[], float],
+    pause: Callable[[float], Awaitable[bool]],
+    *,
+    grace_deadline: float | None = None,
+    what: str = "auth call",
+) -> AsyncIterator[Attempt]:
+    """The one retry loop: refresh, sign-in, sign-out and device authorization all use it.
+
+    ``async for attempt in attempts(...)``: make one try; return on success or a final
+    answer, else ``attempt.failed(...)`` and go round. Between tries it waits what
+    :meth:`RetryPolicy.delay` says (``grace_deadline`` on the ``monotonic`` clock) through
+    ``pause``, which returns ``False`` when the owner closed. When the budget is spent, or
+    the owner closed, the loop raises :func:`transient_error` for the last failure.
+    """
+    started = monotonic()
+    number = 0
+    while True:
+        number += 1
+        attempt = Attempt(number)
+        yield attempt
+        now = monotonic()
+        delay = policy.delay(number, attempt.failure, now=now, grace_deadline=grace_deadline)
+        if number >= policy.max_attempts or now - started + delay > policy.max_elapsed:
+            raise transient_error(attempt.failure, attempt.detail)
+        log.info("%s failed (%s); try %d again in %.2fs", what, attempt.detail, number + 1, delay)
+        if not await pause(delay):
+            raise transient_error(attempt.failure, f"{attempt.detail}; closed meanwhile")

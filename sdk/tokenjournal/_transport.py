@@ -14,11 +14,23 @@ from ._protocols import MAX_BODY, HttpRequest
 Raw = tuple[int, Mapping[str, str], bytes]
 
 
+class NetworkFailure(Exception):
+    """An exchange got no answer (connect/read error or timeout). Carries no token: its text
+    is the name of what failed."""
+
+
 async def send(http: aiohttp.ClientSession, request: HttpRequest, limit: float) -> Raw:
     """Send ``request`` (no redirects: a token endpoint that redirects is misconfigured) and
     return status, headers and at most ``MAX_BODY + 1`` bytes of body: the protocol refuses
     anything larger, so the rest is never read. ``limit`` bounds the whole exchange in
-    seconds. aiohttp's errors propagate."""
+    seconds. No answer at all is a :class:`NetworkFailure`."""
+    try:
+        return await _exchange(http, request, limit)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise NetworkFailure(type(exc).__name__) from None
+
+
+async def _exchange(http: aiohttp.ClientSession, request: HttpRequest, limit: float) -> Raw:
     async with http.request(
         request.method,
         request.url,
