@@ -387,3 +387,38 @@ async def test_close_ends_a_device_flow_waiting_on_a_long_interval() -> None:
         await asyncio.wait_for(tm.close(), 2)
         with pytest.raises(RuntimeError, match="closed during the device sign-in"):
             await asyncio.wait_for(flow, 2)
+
+
+async def test_the_verification_page_signs_the_device_in(journal_path: Path) -> None:
+    """The verification_uri the reference server hands out opens a page (it was a 404):
+    a person enters the code with the account's password and the device is signed in."""
+    async with serving(device_interval=1) as server:
+        clock = ServerClock(server)
+        tm = manager(server, journal_path, clock)
+
+        async def person(code: tj.DeviceCode) -> None:
+            async with aiohttp.ClientSession() as browser:
+                assert code.verification_uri_complete is not None
+                async with browser.get(code.verification_uri_complete) as page:
+                    text = await page.text()
+                    assert page.status == 200 and code.user_code in text
+                wrong = {"user_code": code.user_code, "email": "demo@example.com"}
+                async with browser.post(
+                    code.verification_uri, data={**wrong, "password": "no", "action": "approve"}
+                ) as refused:
+                    assert refused.status == 401
+                async with browser.post(
+                    code.verification_uri, data={**wrong, "password": "demo", "action": "approve"}
+                ) as done:
+                    assert done.status == 200 and "signed in" in await done.text()
+
+        async with tm:
+            tokens = await tm.sign_in_device(Shown(person))
+            assert tokens.access_token and tm.state is tj.SessionState.VALID
+
+
+async def test_the_verification_page_escapes_what_it_echoes() -> None:
+    async with serving() as server, aiohttp.ClientSession() as browser:
+        async with browser.get(server.url + "/device", params={"user_code": '"><script>'}) as page:
+            text = await page.text()
+        assert "<script>" not in text and "&lt;script&gt;" in text

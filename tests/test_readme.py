@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tokenjournal.server import ReferenceServer, ServerConfig
+from tokenjournal.testing import reference_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -39,6 +40,20 @@ async def test_quickstart_signs_in_once_and_then_reads_the_journal(
         assert status == 0, out
         assert out.startswith("200 {") and "demo@example.com" in out
     assert server.stats()["signins"] == 1  # the second run used the journal
+
+
+async def test_quickstart_signs_in_again_after_the_server_forgot_the_session(
+    tmp_path: Path,
+) -> None:
+    """A test server restarted with its in-memory store: SessionEnded, handled as written."""
+    journal = str(tmp_path / "myapp" / "tokens.db")
+    for run_number in range(2):
+        async with reference_server() as server:  # a new server each time: it forgot us
+            code = quickstart().replace("http://127.0.0.1:8787", server.url)
+            status, out = await run(code.replace("~/.local/state/myapp/tokens.db", journal))
+            assert status == 0, out
+            assert "200 {" in out and "Traceback" not in out
+            assert ("session ended (" in out) == (run_number == 1)
 
 
 def oauth_quickstart() -> str:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import html
 import json
 import logging
 import math
@@ -783,6 +784,61 @@ async def oauth_device_authorization(request: web.Request) -> web.StreamResponse
     )
 
 
+# ------------------------------------------------------------------------------ device page
+
+_PAGE: Final = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign in a device</title>
+<style>body{{font-family:sans-serif;max-width:28em;margin:3em auto}}
+input{{display:block;margin:.3em 0 1em;width:100%;font-size:1.1em}}</style></head>
+<body><h1>Sign in a device</h1>{message}
+<form method="post" action="/device">
+<label>Code shown on the device<input name="user_code" value="{user_code}"
+ autocomplete="off" required></label>
+<label>Email<input name="email" type="email" value="demo@example.com" required></label>
+<label>Password<input name="password" type="password" required></label>
+<button name="action" value="approve">Approve</button>
+<button name="action" value="deny">Deny</button>
+</form></body></html>
+"""
+
+_DEVICE_MESSAGES: Final = {
+    "approved": "The device is signed in. You can close this page.",
+    "denied": "The device was refused.",
+    "unknown": "No device is waiting for that code.",
+    "expired": "That code has expired: start again on the device.",
+    "not_pending": "That code was already used.",
+}
+
+
+def _device_page(user_code: str, message: str = "", status: int = 200) -> web.Response:
+    shown = f"<p><strong>{html.escape(message)}</strong></p>" if message else ""
+    body = _PAGE.format(message=shown, user_code=html.escape(user_code[:32]))
+    return web.Response(text=body, content_type="text/html", status=status)
+
+
+async def device_page(request: web.Request) -> web.StreamResponse:
+    """`GET /device[?user_code=...]`: the RFC 8628 verification page a person opens."""
+    return _device_page(request.query.get("user_code", ""))
+
+
+async def device_decision(request: web.Request) -> web.StreamResponse:
+    """`POST /device` (form): the person approves or denies with the account's password."""
+    state = request.app[STATE]
+    form = await request.post()
+    fields = {k: form.get(k) for k in ("user_code", "email", "password", "action")}
+    if not all(isinstance(v, str) for v in fields.values()):
+        return _device_page("", "Fill in every field.", 400)
+    user_code, email, password, action = (str(fields[k]) for k in fields)
+    if action not in ("approve", "deny"):
+        return _device_page(user_code, "Choose Approve or Deny.", 400)
+    account = state.check_password(email, password)
+    if account is None:
+        return _device_page(user_code, "Wrong email or password.", 401)
+    outcome = state.device_action(user_code, action, account[1])
+    status = _DEVICE_STATUS.get(outcome, 200)
+    return _device_page(user_code, _DEVICE_MESSAGES.get(outcome, outcome), status)
+
+
 # ------------------------------------------------------------------------------ API
 
 
@@ -909,6 +965,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_post("/oauth/token", oauth_token)
     app.router.add_post("/oauth/device_authorization", oauth_device_authorization)
     app.router.add_get("/api/me", api_me)
+    app.router.add_get("/device", device_page)
+    app.router.add_post("/device", device_decision)
     if config.test_mode:
         app.router.add_route("GET", "/_test/clock", hook_clock)
         app.router.add_route("POST", "/_test/clock", hook_clock)
