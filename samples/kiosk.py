@@ -82,6 +82,7 @@ class Kiosk:
         self.status = Status.ONLINE if tm.tokens is not None else Status.ENDED
         self.served = 0
         self._refresh_failing = False  # the last refresh failed (transiently)
+        self.renewals = 0  # refreshes seen (ours or another process's): "watch it refresh"
         self._unreachable = False  # the last request got no answer at all
         self._line = ""
         tm.subscribe(self._on_event)
@@ -97,6 +98,8 @@ class Kiosk:
             tj.EventKind.SIGNED_IN,
         ):
             self._refresh_failing = False
+            if event.kind is not tj.EventKind.SIGNED_IN:
+                self.renewals += 1
         self._update()
 
     def _update(self) -> None:
@@ -130,7 +133,12 @@ class Kiosk:
                 else "cannot serve until the network is back"
             )
             return f"[{self.status.value}] {detail}; reconnecting by itself · served {self.served}"
-        return f"[{self.status.value}] served {self.served}"
+        tokens = self.tm.tokens
+        pass_ = tj.fingerprint(tokens.access_token) if tokens is not None else "-"
+        return (
+            f"[{self.status.value}] served {self.served} · pass {pass_} "
+            f"valid {_duration(self.valid_for())} · renewed {self.renewals}x"
+        )
 
     def show(self) -> None:
         """Redraw the status line in place on a terminal; elsewhere print it when it changes."""

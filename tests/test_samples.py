@@ -146,6 +146,7 @@ def test_kiosk_smoke_goes_online_offline_online_then_session_ended(tmp_path: Pat
         0,
         "[OFFLINE] serving with the current pass for",
         "[OFFLINE] cannot serve until the network is back",
+        "renewed 1x",  # the status line shows the refresh happen ("watch it refresh")
         "[SESSION ENDED] not serving: an operator must sign in again",
         "SESSION ENDED: the auth server ended this kiosk's session (token_expired).",
         "TJ_EMAIL=demo@example.com TJ_PASSWORD=... python samples/kiosk.py --state-dir",
