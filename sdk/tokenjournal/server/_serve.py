@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .._transport import resolves_to_loopback
+from .._urls import resolves_to_loopback
 from ._app import create_app
 from ._config import DEMO_CLIENT_ID, ServerConfig
 
