@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tokenjournal import MemoryJournal, TokenManager
-from tokenjournal import _bench as bench
+from tokenjournal.cli import bench
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
 
@@ -185,7 +185,7 @@ def test_rounds_interleave_the_two_sides() -> None:
 
 def test_module_runs_standalone() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tokenjournal._bench", "--help"],
+        [sys.executable, "-m", "tokenjournal.cli.bench", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tokenjournal._demo import DemoReport, StepReport, TimelineEntry, render_summary
+from tokenjournal.cli.demo import DemoReport, StepReport, TimelineEntry, render_summary
 from tokenjournal.server import ServerConfig
 
 
@@ -165,7 +165,7 @@ async def test_the_demo_fails_against_a_server_without_grace_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The verdicts can fail: with a 1 ms grace window no crash or dropped answer is saved."""
-    import tokenjournal._demo as demo
+    import tokenjournal.cli.demo as demo
 
     def no_grace(**config: Any) -> ServerConfig:
         return ServerConfig(**{**config, "grace": 0.001})

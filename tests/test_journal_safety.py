@@ -31,7 +31,7 @@ from yarl import URL
 
 import tokenjournal as tj
 from tokenjournal._journal import Holder, Started
-from tokenjournal._status import read_journal
+from tokenjournal.cli.status import read_journal
 from tokenjournal.testing import FakeClock
 
 NOW = 1_800_000_000.0

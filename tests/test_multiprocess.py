@@ -1,6 +1,6 @@
 """Invariant 4 across processes: one refresh per account among processes sharing a journal.
 
-Workers are real processes (tests/mp_worker.py, driven by JSON lines over pipes) on one
+Workers are real processes (tests/harness/mp_worker.py, driven by JSON lines over pipes) on one
 SQLite journal file; the reference server runs in the test process. Expiry is made
 simultaneous without sleeping: the test moves the server clock and every worker's clock by
 the same offset. Waits are bounded and poll a condition (server counters, a process state),
@@ -23,22 +23,22 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tokenjournal import SessionState, TokenManager, fingerprint
-from tokenjournal._journal import AccountRecord, Holder, SQLiteJournal, Started
-from tokenjournal._mpbench import (
+from tests.harness.mpbench import (
     WorkerHandle,
     format_table,
     run_mp_latency,
     start_workers,
     worker_args,
 )
+from tokenjournal import SessionState, TokenManager, fingerprint
+from tokenjournal._journal import AccountRecord, Holder, SQLiteJournal, Started
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock, reference_server
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and pids")
 
 DEMO = {"email": "demo@example.com", "password": "demo"}
-WORKER = [sys.executable, str(Path(__file__).with_name("mp_worker.py"))]
+WORKER = [sys.executable, "-m", "tests.harness.mp_worker"]
 TTL = 900.0  # the reference server's default access-token lifetime
 
 

@@ -63,7 +63,8 @@ from ._protocols import (
 from ._retry import GRACE_GUARD, RetryPolicy, attempts, is_retryable
 from ._terminal import printable
 from ._tokens import TokenSet, fingerprint
-from ._transport import NetworkFailure, Raw, is_loopback, send
+from ._transport import NetworkFailure, Raw, send
+from ._urls import is_loopback
 
 log = logging.getLogger("tokenjournal")
 

@@ -14,11 +14,9 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs, payl
 from yarl import URL
 
 from ._tokens import TokenSet
-from ._transport import is_loopback
+from ._urls import Origin, is_loopback, origin
 
 BEARER: Final = "Bearer "
-
-Origin = tuple[str, str, int | None]
 
 
 class TokenSource(Protocol):
@@ -31,12 +29,6 @@ class TokenSource(Protocol):
     async def refresh_for(self, rejected_access_token: str) -> TokenSet:
         """Move past a token the server rejected (a 401); the pair to use now."""
         ...
-
-
-def origin(url: str | URL) -> Origin:
-    """``(scheme, host, port)`` of ``url``, lower-cased, the port made explicit."""
-    u = URL(url) if isinstance(url, str) else url
-    return (u.scheme.lower(), (u.host or "").lower(), u.port)
 
 
 def _replayable(request: ClientRequest) -> bool:

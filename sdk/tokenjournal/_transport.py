@@ -1,10 +1,7 @@
-"""The network edge: send an HttpRequest and read a capped answer; tell loopback hosts apart."""
+"""The network edge: send an HttpRequest and read a capped answer."""
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-import socket
 from collections.abc import Mapping
 
 import aiohttp
@@ -45,44 +42,3 @@ async def _exchange(http: aiohttp.ClientSession, request: HttpRequest, limit: fl
             if len(body) > MAX_BODY:
                 break
         return response.status, dict(response.headers), bytes(body)
-
-
-@functools.lru_cache(maxsize=64)  # pure, and on every request's path: parse each host once
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` is this machine (plain HTTP to it cannot be sniffed on a network)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def resolves_to_loopback(host: str) -> bool:
-    """Whether ``host`` means loopback addresses only, resolving it if it is a name.
-
-    :func:`is_loopback` trusts the name ``localhost`` (it is on every request's path and
-    must not touch DNS); this one is for decisions made once, such as binding the server
-    in test mode: a name (``localhost`` included: ``/etc/hosts`` may say anything) is
-    resolved, and every address it resolves to must be loopback.
-    """
-    literal = host.strip("[]")
-    if not literal:  # binding "" means every interface
-        return False
-    try:
-        return ipaddress.ip_address(literal).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(literal, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return False
-    addresses = {info[4][0] for info in infos}
-    try:
-        return bool(addresses) and all(
-            ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses
-        )
-    except ValueError:
-        return False

@@ -42,8 +42,8 @@ from typing import Any
 import aiohttp
 
 import tokenjournal as tj
-from tokenjournal._bench import Progress, machine, median
-from tokenjournal._table import render_table
+from tokenjournal.cli._table import render_table
+from tokenjournal.cli.bench import Progress, machine, median
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.testing import FakeClock
 

@@ -54,7 +54,7 @@ def test_test_mode_resolves_localhost_instead_of_trusting_the_name(
 ) -> None:
     """Regression: is_loopback("localhost") was True whatever the name resolved to, so
     --test-mode bound /_test/* to whatever /etc/hosts said localhost was."""
-    from tokenjournal._transport import resolves_to_loopback  # new with the fix
+    from tokenjournal._urls import resolves_to_loopback
 
     config = ServerConfig(test_mode=True)
     monkeypatch.setattr(socket, "getaddrinfo", _resolving_to("10.1.2.3"))

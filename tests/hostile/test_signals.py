@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenjournal._signals import stop_signals_interrupt
+from tokenjournal.cli._signals import stop_signals_interrupt
 
 
 def _alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .._transport import resolves_to_loopback
+from .._urls import resolves_to_loopback
 from ._app import create_app
 from ._config import DEMO_CLIENT_ID, ServerConfig
 
@@ -28,16 +28,48 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8787, help="port, 0 for any (default 8787)")
     parser.add_argument("--db", default=defaults.db_path, help="SQLite file (default :memory:)")
-    parser.add_argument("--access-ttl", type=float, default=defaults.access_ttl)
-    parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
-    parser.add_argument("--grace", type=float, default=defaults.grace)
+    parser.add_argument(
+        "--access-ttl",
+        type=float,
+        default=defaults.access_ttl,
+        metavar="SECONDS",
+        help=f"lifetime of an access token (default {defaults.access_ttl:g})",
+    )
+    parser.add_argument(
+        "--refresh-ttl",
+        type=float,
+        default=defaults.refresh_ttl,
+        metavar="SECONDS",
+        help="lifetime of a refresh token from its issue (default "
+        f"{defaults.refresh_ttl:.0f}, {defaults.refresh_ttl / 86400:g} days)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace,
+        metavar="SECONDS",
+        help="how long a rotated refresh token may be replayed for the same pair again "
+        f"(default {defaults.grace:g})",
+    )
     parser.add_argument(
         "--test-mode",
         action="store_true",
         help="enable /_test/* routes and the demo account (loopback hosts only)",
     )
-    parser.add_argument("--conflict", choices=("serialize", "409"), default=defaults.conflict)
-    parser.add_argument("--oauth-replay", choices=("same", "new"), default=defaults.oauth_replay)
+    parser.add_argument(
+        "--conflict",
+        choices=("serialize", "409"),
+        default=defaults.conflict,
+        help="concurrent refreshes of one token: all get the same pair, or the later ones "
+        f"409 rotation_in_progress (default {defaults.conflict})",
+    )
+    parser.add_argument(
+        "--oauth-replay",
+        choices=("same", "new"),
+        default=defaults.oauth_replay,
+        help="an OAuth grace replay returns the same pair (django-oauth-toolkit) or a new "
+        f"one (Auth0, Okta) (default {defaults.oauth_replay})",
+    )
     parser.add_argument(
         "--user",
         action="append",
@@ -53,7 +85,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ID[:SECRET]",
         help=f"an OAuth client, public without SECRET (repeatable; default {DEMO_CLIENT_ID})",
     )
-    parser.add_argument("--max-body", type=int, default=defaults.max_body)
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        default=defaults.max_body,
+        metavar="BYTES",
+        help=f"larger request bodies get 413 (default {defaults.max_body}, at least 1024)",
+    )
     parser.add_argument(
         "--header-timeout",
         type=float,

@@ -1,7 +1,7 @@
 """A worker process for tests/test_multiprocess.py: the bench's worker plus a freeze point.
 
-Run as ``python tests/mp_worker.py [--freeze-at POINT] --url ... --journal ...``. It speaks
-the JSON-line protocol of :mod:`tokenjournal._mpbench`. ``--freeze-at`` names one of
+Run as ``python -m tests.harness.mp_worker [--freeze-at POINT] --url ... --journal ...``. It speaks
+the JSON-line protocol of :mod:`tests.harness.mpbench`. ``--freeze-at`` names one of
 ``tokenjournal._faults.CRASH_POINTS``: the first time the SDK passes it, the worker prints
 ``{"event": "frozen", "point": ...}`` and stops itself with SIGSTOP, so a test can hold a
 lease holder frozen at an exact step and resume it later with SIGCONT.
@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
+from tests.harness.mpbench import Worker, say, worker_main
 from tokenjournal import _faults
-from tokenjournal._mpbench import Worker, say, worker_main
 
 
 def install_freeze(point: str) -> None:

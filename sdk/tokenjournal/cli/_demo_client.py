@@ -1,7 +1,7 @@
 """The demo's client process: a real OS process the demo can SIGKILL mid-refresh.
 
-    python -m tokenjournal._demo_client --url URL --journal PATH refresh
-    python -m tokenjournal._demo_client --url URL --journal PATH recover
+    python -m tokenjournal.cli._demo_client --url URL --journal PATH refresh
+    python -m tokenjournal.cli._demo_client --url URL --journal PATH recover
 
 ``refresh`` forces one refresh (the demo kills the process while the server holds the
 answer back). ``recover`` opens the same journal, lets the manager replay the interrupted
@@ -20,11 +20,11 @@ import os
 import sys
 from typing import Any, Final
 
-from ._errors import SessionEnded, TokenJournalError
-from ._events import EventKind, TokenEvent
-from ._manager import TokenManager
-from ._retry import RetryPolicy
-from ._tokens import fingerprint
+from .._errors import SessionEnded, TokenJournalError
+from .._events import EventKind, TokenEvent
+from .._manager import TokenManager
+from .._retry import RetryPolicy
+from .._tokens import fingerprint
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -106,7 +106,7 @@ async def _run(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one client action; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m tokenjournal._demo_client")
+    parser = argparse.ArgumentParser(prog="python -m tokenjournal.cli._demo_client")
     parser.add_argument("--url", required=True, help="the reference server's base URL")
     parser.add_argument("--journal", required=True, help="the journal file to use")
     parser.add_argument("--account", default="device")

@@ -5,7 +5,7 @@ once, one takes the journal's lease and refreshes; the others wait for its commi
 the new pair. This module measures how long that takes, from the holder's commit to the
 last waiting process using the new token::
 
-    python -m tokenjournal._mpbench --processes 8 --callers 200 --rounds 5
+    python -m tests.harness.mpbench --processes 8 --callers 200 --rounds 5
 
 Each round moves the reference server's clock past the access token's lifetime and tells
 every worker to shift its own clock by as much (a :class:`OffsetClock`), so the token is
@@ -15,7 +15,7 @@ the hot path (the target is zero).
 
 The worker speaks JSON lines: one command per line on stdin, one reply per command on
 stdout, plus ``{"event": ...}`` lines (``ready``, ``begin``) in between. Nothing it prints
-contains a token, only fingerprints (invariant 8). ``tests/mp_worker.py`` extends
+contains a token, only fingerprints (invariant 8). ``tests/harness/mp_worker.py`` extends
 :class:`Worker` with test-only commands.
 """
 
@@ -37,12 +37,14 @@ from typing import IO, Any, Final, TypeVar
 
 import aiohttp
 
-from ._errors import TokenJournalError
-from ._events import EventKind, TokenEvent
-from ._journal import BeginResult, Holder, SQLiteJournal, _Tx
-from ._manager import TokenManager
-from ._tokens import fingerprint
+from tokenjournal._errors import TokenJournalError
+from tokenjournal._events import EventKind, TokenEvent
+from tokenjournal._journal import BeginResult, Holder, SQLiteJournal, _Tx
+from tokenjournal._manager import TokenManager
+from tokenjournal._tokens import fingerprint
 
+#: The repository root: worker programs run there.
+ROOT: Final = Path(__file__).resolve().parents[2]
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
 #: How long the parent waits for one reply before it calls the worker stuck.
 REPLY_TIMEOUT: Final = 60.0
@@ -278,6 +280,7 @@ class WorkerHandle:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
+            cwd=ROOT,  # where ``-m tests.harness...`` resolves
         )
         handle = cls(process, stderr)
         await handle.event("ready")
@@ -402,7 +405,7 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 async def _measure(processes: int, callers: int, rounds: int, stderr: IO[bytes]) -> dict[str, Any]:
-    from .testing import reference_server
+    from tokenjournal.testing import reference_server
 
     with tempfile.TemporaryDirectory(prefix="tokenjournal-mpbench-") as folder:
         path = Path(folder) / "tokens.db"
@@ -410,7 +413,7 @@ async def _measure(processes: int, callers: int, rounds: int, stderr: IO[bytes])
             ttl = float(server.config.access_ttl)
             async with TokenManager(server.url, path) as tm:
                 await tm.sign_in(**DEMO)
-            program = [sys.executable, "-m", "tokenjournal._mpbench", "worker"]
+            program = [sys.executable, "-m", "tests.harness.mpbench", "worker"]
             args = worker_args(server.url, path)
             workers = await start_workers(program, args, processes, stderr)
             per_process: list[float] = []
@@ -492,13 +495,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m tokenjournal._mpbench [worker ...]``."""
+    """``python -m tests.harness.mpbench [worker ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         worker_main(Worker, argv[1:])
         return
     parser = argparse.ArgumentParser(
-        prog="python -m tokenjournal._mpbench",
+        prog="python -m tests.harness.mpbench",
         description="latency from one process's refresh commit to every other process using it",
     )
     parser.add_argument("--processes", type=int, default=8)

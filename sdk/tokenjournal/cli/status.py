@@ -11,6 +11,7 @@ before it is printed, and every number is rendered without trusting it to be in 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -23,11 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from ._errors import JournalError, TokenJournalError
-from ._journal import AccountRecord, SQLiteJournal, pid_alive
-from ._numbers import MAX_EPOCH
-from ._terminal import printable
-from ._tokens import fingerprint
+from .._errors import JournalError, TokenJournalError
+from .._journal import AccountRecord, SQLiteJournal, pid_alive
+from .._numbers import MAX_EPOCH
+from .._terminal import printable
+from .._tokens import fingerprint
+from ._args import Formatter, Subparsers, positive
 
 #: How long `status` waits for a journal another process has locked before saying so.
 DEFAULT_WAIT: Final = 2.0
@@ -287,3 +289,46 @@ def run_status(
     else:
         out.write(render_text(status) + "\n")
     return 0
+
+
+DESCRIPTION: Final = """\
+Show what a journal holds, per account: signed in / ended by the server (with the code and
+the time) / signed out, the access token's expiry, a pending refresh intent (its kind, start,
+age and the refresh token's fingerprint), the refresh lease holder, the generation and the
+device id. Tokens are never shown, only 8-character fingerprints.
+
+The journal is opened read-only and never modified. A missing, locked, corrupt or
+newer-schema journal prints one line to stderr and exits with status 1."""
+
+EPILOG: Final = """\
+examples:
+  tokenjournal status --journal ~/.local/state/myapp/tokens.db
+  tokenjournal status --journal tokens.db --json"""
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``status`` and its options to the command line."""
+    parser = sub.add_parser(
+        "status",
+        help="show what a journal holds (read-only; fingerprints, never tokens)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
+    parser.add_argument(
+        "--journal", required=True, metavar="PATH", help="the journal file (~ is expanded)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--wait",
+        type=positive,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for a journal another process has locked (default 2)",
+    )
+    parser.set_defaults(handler=command)
+
+
+def command(ns: argparse.Namespace) -> int:
+    """``tokenjournal status`` as parsed by :func:`register`."""
+    return run_status(ns.journal, json_output=ns.json, wait=ns.wait)

@@ -21,6 +21,7 @@ is 0 only if every step behaved as expected. Tokens never appear: fingerprints o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -38,15 +39,16 @@ from typing import Any, Final, TextIO
 
 import aiohttp
 
+from .._errors import TokenJournalError
+from .._events import EventKind, SessionState, TokenEvent
+from .._manager import TokenManager
+from .._retry import RetryPolicy
+from .._tokens import fingerprint
+from ..server import ReferenceServer, ServerConfig
+from ._args import Formatter, Subparsers, at_least
 from ._demo_client import EXIT_ENDED, EXIT_OK
-from ._errors import TokenJournalError
-from ._events import EventKind, SessionState, TokenEvent
-from ._manager import TokenManager
-from ._retry import RetryPolicy
-from ._status import AccountStatus, read_journal
 from ._table import render_table
-from ._tokens import fingerprint
-from .server import ReferenceServer, ServerConfig
+from .status import AccountStatus, read_journal
 
 ACCESS_TTL: Final = 900.0
 GRACE: Final = 300.0
@@ -225,7 +227,7 @@ def _describe_result(result: Mapping[str, Any]) -> str:
 
 
 class Child:
-    """A `tokenjournal._demo_client` process whose JSON lines feed the timeline."""
+    """A `tokenjournal.cli._demo_client` process whose JSON lines feed the timeline."""
 
     def __init__(self, proc: asyncio.subprocess.Process, timeline: Timeline) -> None:
         self.proc = proc
@@ -237,11 +239,11 @@ class Child:
 
     @classmethod
     async def start(cls, timeline: Timeline, url: str, journal: Path, action: str) -> Child:
-        """Start ``python -m tokenjournal._demo_client ... action``."""
+        """Start ``python -m tokenjournal.cli._demo_client ... action``."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tokenjournal._demo_client",
+            "tokenjournal.cli._demo_client",
             "--url",
             url,
             "--journal",
@@ -797,4 +799,76 @@ def main(
     return 0 if report.ok else 1
 
 
-__all__ = ["DemoOptions", "DemoReport", "StepReport", "TimelineEntry", "main", "run_demo"]
+DESCRIPTION: Final = """\
+Start the reference server in test mode on a free 127.0.0.1 port and show, as a timeline
+with timings, four things the SDK promises:
+
+  a. 1,000 concurrent requests cross an access-token expiry: exactly one refresh serves them
+  b. a client process SIGKILLed after the server rotated its token (before the answer came)
+     restarts on the same journal and recovers through the grace window, no new sign-in
+  c. the same crash, restarted after the grace window closed: a clear SessionEnded
+     ("token_expired"), the one case no client can save
+  d. a flaky network (two 503s, then an answer lost after the server committed) costs no
+     session
+
+It ends with a table of the server's counters and a verdict per step. Journals live in a
+temporary folder that is removed at the end. Exit status 0 only if every step behaved."""
+
+EPILOG: Final = """\
+examples:
+  tokenjournal demo                 the timeline and the summary
+  tokenjournal demo --quiet         the summary only
+  tokenjournal demo --json | jq .steps[].ok
+                                    a machine-readable report (progress goes to stderr)"""
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``demo`` and its options to the command line."""
+    parser = sub.add_parser(
+        "demo",
+        help="watch the SDK survive expiry storms, crashes and a flaky network (start here)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a machine-readable report on stdout (progress on stderr)",
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no timeline, only the summary (or only the JSON report)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=at_least(200),
+        default=REQUESTS,
+        metavar="N",
+        help=f"concurrent requests in step a (default {REQUESTS}, at least 200)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary journal folder (its path is printed)",
+    )
+    parser.set_defaults(handler=command)
+
+
+def command(ns: argparse.Namespace) -> int:
+    """``tokenjournal demo`` as parsed by :func:`register`."""
+    return main(json_output=ns.json, quiet=ns.quiet, requests=ns.requests, keep=ns.keep)
+
+
+__all__ = [
+    "DemoOptions",
+    "DemoReport",
+    "StepReport",
+    "TimelineEntry",
+    "command",
+    "main",
+    "register",
+    "run_demo",
+]

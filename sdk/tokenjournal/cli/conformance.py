@@ -21,8 +21,10 @@ through the one number parser.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -32,8 +34,8 @@ from typing import Any, Final, Literal, TextIO
 import aiohttp
 from yarl import URL
 
-from ._numbers import epoch_or_iso, epoch_seconds
-from ._protocols import (
+from .._numbers import epoch_or_iso, epoch_seconds
+from .._protocols import (
     AuthProtocol,
     DeviceInfo,
     Failure,
@@ -43,10 +45,11 @@ from ._protocols import (
     OAuth2Protocol,
     _load_json_object,
 )
+from .._terminal import printable
+from .._tokens import TokenSet, fingerprint
+from .._transport import NetworkFailure, Raw, send
+from ._args import EXIT_USAGE, PROG, Formatter, Subparsers, at_least, positive
 from ._table import render_table
-from ._terminal import printable
-from ._tokens import TokenSet, fingerprint
-from ._transport import NetworkFailure, Raw, send
 
 Protocol = Literal["mana", "oauth2"]
 Outcome = Literal["pass", "fail", "skip", "info"]
@@ -567,3 +570,153 @@ def main(
     else:
         out.write(render_text(report) + "\n")
     return 0 if report.ok else 1
+
+
+DESCRIPTION: Final = """\
+Probe an auth server for the behaviours the SDK relies on and print a pass/fail table:
+
+  required     sign-in works; a refresh rotates the refresh token; the old token
+               replayed inside the grace window returns a usable pair; N concurrent
+               refreshes of one token all succeed or answer rotation_in_progress and
+               never end the session; a token two generations old is rejected; with
+               --test-clock, reuse after the window is rejected with token_expired
+               (Mana) or invalid_grant (OAuth 2.0)
+  informative  the grace-replay style (same pair / new pair / none); whether a reuse
+               revokes the whole token family
+
+Each probe signs in afresh. The defaults fit the reference server's demo account. With
+--test-clock the server's clock is moved forward (POST /_test/clock), so use it only on a
+test server. Exit status 0 only if every required check passes."""
+
+EPILOG: Final = """\
+examples:
+  tokenjournal conformance http://127.0.0.1:8787 --test-clock
+  tokenjournal conformance http://127.0.0.1:8787 --protocol oauth2 --test-clock
+  tokenjournal conformance https://auth.example.com --email me@example.com \\
+      --password-env MY_PASSWORD
+  tokenjournal conformance https://idp.example.com --protocol oauth2 \\
+      --token-url https://idp.example.com/realms/x/protocol/openid-connect/token \\
+      --client-id myapp --client-secret-env MY_SECRET --username me --password-env MY_PASSWORD"""
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``conformance`` and its options to the command line."""
+    conf = sub.add_parser(
+        "conformance",
+        help="check that an auth server keeps the promises the SDK relies on",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=Formatter,
+    )
+    conf.add_argument(
+        "url", metavar="URL", help="the server's base URL, e.g. http://127.0.0.1:8787"
+    )
+    conf.add_argument(
+        "--protocol",
+        choices=("mana", "oauth2"),
+        default="mana",
+        help="wire protocol (default mana)",
+    )
+    who = conf.add_argument_group("credentials (defaults: the reference server's demo account)")
+    who.add_argument(
+        "--email",
+        "--username",
+        dest="username",
+        default=DEMO_EMAIL,
+        metavar="NAME",
+        help=f"Mana email or OAuth username (default {DEMO_EMAIL})",
+    )
+    who.add_argument(
+        "--password", default=None, help="password (default demo; prefer --password-env)"
+    )
+    who.add_argument(
+        "--password-env", metavar="VAR", help="read the password from this environment variable"
+    )
+    who.add_argument(
+        "--client-id",
+        metavar="ID",
+        help=f"OAuth client id (default {DEMO_CLIENT_ID}, a public client)",
+    )
+    who.add_argument(
+        "--client-secret",
+        metavar="S",
+        help="OAuth client secret, sent with HTTP Basic (prefer --client-secret-env)",
+    )
+    who.add_argument(
+        "--client-secret-env",
+        metavar="VAR",
+        help="read the client secret from this environment variable",
+    )
+    conf.add_argument(
+        "--token-url", metavar="URL", help="OAuth token endpoint (default URL/oauth/token)"
+    )
+    conf.add_argument(
+        "--test-clock",
+        action="store_true",
+        help="the server has POST /_test/clock: also check reuse after the "
+        "window (moves the server's clock!)",
+    )
+    conf.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="the server's grace window, for --test-clock (default: from "
+        "grace_expires_at, else 300)",
+    )
+    conf.add_argument(
+        "--concurrency",
+        type=at_least(2),
+        default=10,
+        metavar="N",
+        help="refreshes sent at once in the concurrency check (default 10)",
+    )
+    conf.add_argument(
+        "--timeout",
+        type=positive,
+        default=15.0,
+        metavar="SECONDS",
+        help="per request (default 15)",
+    )
+    conf.add_argument("--json", action="store_true", help="machine-readable output")
+    conf.set_defaults(handler=command)
+
+
+def _secret(value: str | None, env_name: str | None, flag: str) -> str | None:
+    if env_name is None:
+        return value
+    if env_name not in os.environ:
+        raise ValueError(f"{flag}: the environment variable {env_name} is not set")
+    return os.environ[env_name]
+
+
+def command(ns: argparse.Namespace) -> int:
+    """``tokenjournal conformance`` as parsed by :func:`register`: checked, then :func:`main`."""
+    if ns.protocol == "mana" and (
+        ns.client_id or ns.client_secret or ns.client_secret_env or ns.token_url
+    ):
+        print(
+            f"{PROG} conformance: --client-id, --client-secret and --token-url need "
+            f"--protocol oauth2",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        password = _secret(ns.password, ns.password_env, "--password-env")
+        secret = _secret(ns.client_secret, ns.client_secret_env, "--client-secret-env")
+        options = ConformanceOptions(
+            url=ns.url,
+            protocol=ns.protocol,
+            username=ns.username,
+            password=password if password is not None else DEMO_PASSWORD,
+            client_id=ns.client_id or DEMO_CLIENT_ID,
+            client_secret=secret,
+            token_url=ns.token_url,
+            test_clock=ns.test_clock,
+            grace=ns.grace,
+            concurrency=ns.concurrency,
+            timeout=ns.timeout,
+        )
+    except ValueError as exc:
+        print(f"{PROG} conformance: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return main(options, json_output=ns.json)

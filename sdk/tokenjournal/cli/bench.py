@@ -51,11 +51,12 @@ from typing import Any, Final, TextIO
 
 import aiohttp
 
-from ._journal import Journal, MemoryJournal
-from ._manager import TokenManager
+from .._journal import Journal, MemoryJournal
+from .._manager import TokenManager
+from ..server import ReferenceServer, ServerConfig
+from ..testing import FakeClock
+from ._args import Formatter, Subparsers
 from ._table import render_table
-from .server import ReferenceServer, ServerConfig
-from .testing import FakeClock
 
 SECTIONS: Final = ("hot", "overhead", "coalescing", "durability", "footprint")
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
@@ -875,7 +876,7 @@ def targets(sections: Result) -> list[Target]:
 
 def machine() -> Result:
     """What the figures were measured on."""
-    from . import __version__
+    from .. import __version__
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -1106,15 +1107,47 @@ def run_bench(ns: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tokenjournal._bench``: the bench without the rest of the CLI."""
-    parser = argparse.ArgumentParser(
-        prog="tokenjournal bench",
-        description="Measure what tokenjournal costs on this device against a loopback "
-        "reference server: hot path, request overhead, coalescing, durability, footprint.",
-    )
+DESCRIPTION: Final = """\
+Measure what tokenjournal costs on this device against a loopback reference server: hot
+path, request overhead, coalescing, durability, footprint. Each figure stands next to a
+baseline measured in the same run. Only the count targets (one refresh for many callers at
+expiry, no journal call on the hot path) decide the exit status: 0 when all are met, 1 when
+one is missed, 2 for bad arguments. The defaults finish in under two minutes on two cores."""
+
+EPILOG: Final = """\
+examples:
+  tokenjournal bench                                  every section, a table on stdout
+  tokenjournal bench --only hot,coalescing --rounds 3 two sections, fewer rounds
+  tokenjournal bench --journal-dir /mnt/sdcard --only durability
+                                                      fsyncs and time per refresh on that disk
+  tokenjournal bench --json --quiet > bench.json      the figures for a script, no progress"""
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_bench_arguments(parser)
-    return run_bench(parser.parse_args(argv))
+    parser.set_defaults(handler=run_bench)
+    return parser
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``bench`` and its options to the command line."""
+    _configure(
+        sub.add_parser(
+            "bench",
+            help="measure refresh and journal costs",
+            description=DESCRIPTION,
+            epilog=EPILOG,
+            formatter_class=Formatter,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tokenjournal.cli.bench``: the bench without the rest of the CLI."""
+    parser = argparse.ArgumentParser(
+        prog="tokenjournal bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter
+    )
+    return run_bench(_configure(parser).parse_args(argv))
 
 
 if __name__ == "__main__":
