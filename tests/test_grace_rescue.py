@@ -161,9 +161,7 @@ async def test_close_stops_the_rescue_at_once_and_keeps_the_intent(
     monkeypatch.setattr(clock, "sleep", slow_sleep)
     # The caller's own backoff stays under 5 s (its jittered delay reached 8 s about one run
     # in four and hung the test there): only the rescue's 30 s pauses take real time.
-    tm = tj.TokenManager(
-        linked.url, journal_path, clock=clock, retry=tj.RetryPolicy(max_delay=4.0)
-    )
+    tm = tj.TokenManager(linked.url, journal_path, clock=clock, retry=tj.RetryPolicy(max_delay=4.0))
     await tm.open()
     await tm.sign_in(**DEMO)
     clock.advance(901)
