@@ -178,3 +178,25 @@ def test_every_duration_of_the_policy_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         tj.RetryPolicy(**{field: 0.0})
     tj.RetryPolicy(max_attempts=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"access_token": "", "refresh_token": "r"}, "TokenSet.access_token must be"),
+        ({"access_token": "a", "refresh_token": ""}, "TokenSet.refresh_token must be"),
+        ({"access_token": "a", "refresh_token": "r", "token_type": ""}, "TokenSet.token_type"),
+        ({"access_token": "a", "refresh_token": None, "expires_at": 1.0}, "TokenSet.expires_at"),
+    ],
+)
+def test_a_rejected_tokenset_names_the_field(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")):
+        tj.TokenSet(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^NaN is not a time$"):
+        to_datetime(math.nan)
+    with pytest.raises(ValueError, match=r"^max_attempts must be at least 1$"):
+        tj.RetryPolicy(max_attempts=0)
+
+
+def test_repr_fingerprints_the_refresh_token_too() -> None:
+    assert f"refresh={tj.fingerprint('refresh-secret')}," in repr(pair())
