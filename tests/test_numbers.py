@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,10 +13,13 @@ from hypothesis import strategies as st
 
 from tokenjournal._numbers import (
     MAX_EPOCH,
+    MAX_NUMBER_TEXT,
     MAX_SECONDS,
+    bounded,
     epoch_or_iso,
     epoch_seconds,
     finite,
+    http_date,
     positive_seconds,
     retry_after,
 )
@@ -77,3 +82,59 @@ def test_retry_after_forms() -> None:
     assert retry_after("1e999", now) is None and retry_after("9" * 400, now) is None
     assert retry_after("Tue, 14 Nov 2023 22:13:30 GMT", now) == 10.0
     assert retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now) == MAX_SECONDS
+
+
+@pytest.fixture
+def east_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local zone is UTC+3, so a naive time read as local time is 3 h off."""
+    monkeypatch.setenv("TZ", "EAT-3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_strings_are_numbers_only_when_asked() -> None:
+    assert finite("5") is None and finite("5", strings=True) == 5.0
+    assert bounded("5", 0, 10) is None and bounded("5", 0, 10, strings=True) == 5.0
+
+
+def test_bounds_are_inclusive_and_zero_is_an_epoch() -> None:
+    assert bounded(0, 0, 1) == 0.0 and bounded(1, 0, 1) == 1.0
+    assert epoch_seconds(0) == 0.0 and epoch_seconds(0.5) == 0.5
+    assert epoch_or_iso(0) == 0.0 and epoch_or_iso("1970-01-01T00:00:00Z") == 0.0
+
+
+def test_number_text_up_to_the_limit_is_read_and_longer_is_refused() -> None:
+    at_limit = "0" * (MAX_NUMBER_TEXT - 2) + "10"
+    assert finite(at_limit, strings=True) == 10.0
+    assert finite("1" + "0" * MAX_NUMBER_TEXT, strings=True) is None
+    assert retry_after(at_limit, 0.0) == 10.0
+    padded = "Tue, 14 Nov 2023 22:13:20" + " " * (MAX_NUMBER_TEXT - 30) + "+0000"
+    assert len(padded) == MAX_NUMBER_TEXT and http_date(padded) == 1_700_000_000.0
+    assert http_date(padded.replace("+0000", " +0000")) is None  # one past the limit
+    iso = "2023-11-14T22:13:20." + "0" * (MAX_NUMBER_TEXT - 20)
+    assert len(iso) == MAX_NUMBER_TEXT and epoch_or_iso(iso) == 1_700_000_000.0
+    assert epoch_or_iso(iso + "0") is None
+
+
+def test_milliseconds_start_past_1e11_seconds() -> None:
+    assert epoch_or_iso(1e11) == 1e11  # the year 5138 in seconds, still seconds
+    assert epoch_or_iso(1e11 + 0.5) == pytest.approx(1e8)  # milliseconds
+
+
+@pytest.mark.usefixtures("east_of_utc")
+def test_zones_are_honoured_and_a_missing_one_is_utc_whatever_the_local_zone() -> None:
+    assert epoch_or_iso("2023-11-14T22:13:20") == 1_700_000_000.0
+    assert epoch_or_iso("2023-11-15T00:13:20+02:00") == 1_700_000_000.0
+    # RFC 5322 "-0000": UTC, zone unknown; email.utils gives a naive datetime for it.
+    assert http_date("Tue, 14 Nov 2023 22:13:20 -0000") == 1_700_000_000.0
+    assert http_date("Wed, 15 Nov 2023 00:13:20 +0200") == 1_700_000_000.0
+    assert retry_after("Tue, 14 Nov 2023 22:13:30 -0000", 1_700_000_000.0) == 10.0
+
+
+def test_retry_after_zero_and_a_past_date_mean_now() -> None:
+    now = 1_700_000_000.0
+    assert retry_after("0", now) == 0.0
+    assert retry_after("Tue, 14 Nov 2023 22:13:10 GMT", now) == 0.0
+    assert http_date(None) is None and http_date("   ") is None

@@ -567,3 +567,94 @@ def test_extra_params_cannot_override_the_protocol() -> None:
         proto(extra_params={"grant_type": "client_credentials"})
     with pytest.raises(TypeError):
         proto(extra_params={"audience": 5})
+
+
+# ----------------------------------------------------------------------------- pinned details
+
+
+def unsigned_jwt(claims: dict[str, object]) -> str:
+    """A JWT-shaped token whose payload is exactly ``claims``."""
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"eyJhbGciOiJIUzI1NiJ9.{payload}.c2ln"
+
+
+def test_revocation_sends_the_refresh_token_as_rfc_7009_says() -> None:
+    p = proto(client_secret="s3cret", revocation_url="https://auth.example.test/oauth/revoke")
+    request = p.build_sign_out(PREVIOUS, DEVICE)
+    assert request is not None and request.url == "https://auth.example.test/oauth/revoke"
+    assert form(request) == {"token": "old-refresh", "token_type_hint": "refresh_token"}
+    assert headers(request)["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_the_password_grant_refuses_a_missing_password() -> None:
+    with pytest.raises(ValueError, match="password"):
+        proto().build_sign_in({"username": "u"}, DEVICE)
+    sent = form(proto().build_sign_in({"email": "e@x.test", "password": ""}, DEVICE))
+    assert (sent["grant_type"], sent["username"], sent["password"]) == ("password", "e@x.test", "")
+
+
+def test_basic_credentials_escape_every_reserved_character() -> None:
+    value = basic_credentials("a/b:c d", "p/q:r")
+    assert base64.b64decode(value.removeprefix("Basic ")) == b"a%2Fb%3Ac%20d:p%2Fq%3Ar"
+
+
+def test_a_3xx_is_neither_tokens_nor_a_revocation_nor_a_device_code() -> None:
+    good = {"access_token": "a", "token_type": "Bearer", "expires_in": 60}
+    assert isinstance(answer(proto(), 299, good), tj.TokenSet)
+    failure = answer(proto(), 300, good)
+    assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.REJECTED
+    assert proto().parse_sign_out(299, {}, b"") is None
+    out = proto().parse_sign_out(300, {}, b"")
+    assert out is not None and out.kind is tj.FailureKind.REJECTED
+    dead = proto().parse_sign_out(400, {}, b'{"error": "invalid_grant"}')
+    assert dead is None  # a dead token is as good as revoked
+    code = {"device_code": "d", "user_code": "U", "verification_uri": "https://v", "expires_in": 9}
+    raw = json.dumps(code).encode()
+    assert isinstance(proto().parse_device_authorization(299, {}, raw, NOW), tj.DeviceCode)
+    moved = proto().parse_device_authorization(300, {}, raw, NOW)
+    assert isinstance(moved, tj.Failure) and moved.kind is tj.FailureKind.REJECTED
+
+
+def test_a_device_authorization_that_is_not_json_is_malformed() -> None:
+    failure = proto().parse_device_authorization(200, {}, b"<html>", NOW)
+    assert isinstance(failure, tj.Failure)
+    assert (failure.kind, failure.code, failure.status) == (
+        tj.FailureKind.MALFORMED,
+        "malformed_body",
+        200,
+    )
+
+
+def test_without_expires_in_a_jwt_with_exp_but_no_iat_lives_until_exp() -> None:
+    access = unsigned_jwt({"exp": NOW + 600})
+    tokens = answer(proto(), 200, {"access_token": access, "token_type": "Bearer"})
+    assert isinstance(tokens, tj.TokenSet) and tokens.expires_at_epoch == NOW + 600
+    assert tokens.received_at is not None and tokens.received_at.timestamp() == NOW
+    assert tokens.lifetime == 600.0
+    opaque = answer(proto(), 200, {"access_token": "opaque", "expires_in": "never"})
+    assert isinstance(opaque, tj.TokenSet) and opaque.expires_at is None
+
+
+def test_an_expires_in_under_a_second_is_no_expiry_and_one_second_is_kept() -> None:
+    short = answer(proto(), 200, {"access_token": "a", "expires_in": 0.5})
+    assert isinstance(short, tj.TokenSet) and short.expires_at is None
+    one = answer(proto(), 200, {"access_token": "a", "expires_in": 1})
+    assert isinstance(one, tj.TokenSet) and one.expires_at_epoch == NOW + 1
+
+
+def test_a_date_form_retry_after_on_an_oauth_error_is_seconds_from_receipt() -> None:
+    hdrs = {"retry-after": "Tue, 14 Nov 2023 22:13:50 GMT"}  # NOW + 30 s
+    failure = answer(proto(), 503, b"", hdrs=hdrs)
+    assert isinstance(failure, tj.Failure) and failure.retry_after == 30.0
+    failure = answer(proto(), 400, {"error": "temporarily_unavailable"}, hdrs=hdrs)
+    assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.SERVER
+    assert failure.retry_after == 30.0
+    failure = answer(proto(), 429, b"", hdrs={"Retry-After": "0"})
+    assert isinstance(failure, tj.Failure) and failure.retry_after == 0.0
+
+
+def test_scope_falls_back_to_the_previous_then_the_requested_one() -> None:
+    p = proto(scope="openid")
+    assert answer(p, 200, {"access_token": "a", "scope": "x"}).scope == "x"  # type: ignore[union-attr]
+    assert answer(p, 200, {"access_token": "a", "scope": " "}).scope == "read write"  # type: ignore[union-attr]
+    assert answer(p, 200, {"access_token": "a"}, prev=None).scope == "openid"  # type: ignore[union-attr]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import tokenjournal as tj
 from tokenjournal._protocols import Failure, FailureKind
-from tokenjournal._retry import GRACE_GUARD
+from tokenjournal._retry import GRACE_GUARD, is_retryable
+from tokenjournal._tokens import to_datetime
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -79,3 +82,121 @@ def test_policy_rejects_nonsense() -> None:
         tj.RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
         tj.RetryPolicy(base_delay=-1)
+
+
+def test_fingerprint_is_short_stable_and_a_dash_for_nothing() -> None:
+    assert tj.fingerprint(None) == "-" and tj.fingerprint("") == "-"
+    assert tj.fingerprint("access-secret") == hashlib.sha256(b"access-secret").hexdigest()[:8]
+    assert tj.fingerprint("é") == hashlib.sha256("é".encode()).hexdigest()[:8]
+
+
+def test_to_datetime_clamps_to_what_a_datetime_holds() -> None:
+    assert to_datetime(None) is None
+    assert to_datetime(0.0) == datetime(1970, 1, 1, tzinfo=UTC)
+    assert to_datetime(1e20) == datetime(9999, 1, 1, tzinfo=UTC)
+    assert to_datetime(-1e20) == datetime(1, 1, 2, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        to_datetime(math.nan)
+
+
+def test_lifetime_and_margin_need_both_expiry_and_receipt() -> None:
+    expiry_only = tj.TokenSet("a", "r", expires_at=NOW)
+    receipt_only = tj.TokenSet("a", "r", received_at=NOW)
+    for tokens in (expiry_only, receipt_only):
+        assert tokens.lifetime is None
+        assert tokens.margin(60.0) == 60.0  # no lifetime: the margin is not clamped
+    assert expiry_only.needs_refresh(NOW.timestamp() - 60, 60.0)
+    assert not expiry_only.needs_refresh(NOW.timestamp() - 61, 60.0)
+    assert not receipt_only.needs_refresh(1e12, 60.0)  # no expiry: only a 401 refreshes
+    assert pair(100.0).lifetime == 100.0
+
+
+def test_a_pair_received_after_its_expiry_has_no_margin_left() -> None:
+    late = tj.TokenSet("a", "r", NOW, NOW + timedelta(seconds=10))
+    assert late.margin(60.0) == 0.0
+    assert late.needs_refresh(NOW.timestamp(), 60.0)
+    assert not late.needs_refresh(NOW.timestamp() - 0.5, 60.0)
+
+
+def test_repr_shows_the_expiry() -> None:
+    assert f"expires_at={(NOW + timedelta(seconds=900)).isoformat()})" in repr(pair())
+    assert repr(tj.TokenSet("a", None)).endswith("refresh=-, expires_at=None)")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"access_token": 1, "refresh_token": "r"},
+        {"access_token": "a", "refresh_token": 1},
+        {"access_token": "a", "refresh_token": "r", "token_type": " "},
+        {"access_token": "a", "refresh_token": "r", "token_type": None},
+        {"access_token": "a", "refresh_token": "r", "received_at": datetime(2026, 1, 1)},
+        {"access_token": "a", "refresh_token": "r", "expires_at": 1767225600.0},
+    ],
+)
+def test_tokenset_rejects_wrong_types(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        tj.TokenSet(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_grace_pacing_holds_until_the_last_guarded_second() -> None:
+    policy = tj.RetryPolicy(base_delay=30.0, max_delay=30.0)
+    # Half a second is left before the guard: the next try still goes before it.
+    near = policy.delay(1, None, now=120.0 - GRACE_GUARD - 0.5, grace_deadline=120.0, rng=lambda: 1)
+    assert near == 0.25
+    at_guard = policy.delay(1, None, now=120.0 - GRACE_GUARD, grace_deadline=120.0, rng=lambda: 1)
+    assert at_guard == 30.0
+
+
+def test_a_zero_delay_and_a_zero_retry_after_mean_try_now() -> None:
+    policy = tj.RetryPolicy()
+    assert policy.delay(1, None, now=0.0, grace_deadline=None, rng=lambda: 0.0) == 0.0
+    now = Failure(FailureKind.RATE_LIMITED, "rate_limited", 429, retry_after=0.0)
+    assert policy.delay(3, now, now=0.0, grace_deadline=50.0) == 0.0
+    late = Failure(FailureKind.SERVER, "server_error", 503, retry_after=40.0)
+    assert policy.delay(1, late, now=0.0, grace_deadline=21.0 + GRACE_GUARD) == 10.5
+    no_hint = Failure(FailureKind.SERVER, "server_error", 503)
+    assert policy.delay(2, no_hint, now=0.0, grace_deadline=None, rng=lambda: 1.0) == 1.0
+
+
+def test_backoff_starts_at_the_base_delay() -> None:
+    policy = tj.RetryPolicy(base_delay=0.5, max_delay=8.0)
+    assert (
+        policy.backoff_delay(0, lambda: 1.0) == 0.5 and policy.backoff_delay(1, lambda: 1.0) == 0.5
+    )
+
+
+@pytest.mark.parametrize("kind", list(FailureKind))
+def test_which_failures_are_retried(kind: FailureKind) -> None:
+    retried = {FailureKind.CONFLICT, FailureKind.RATE_LIMITED, FailureKind.SERVER}
+    retried.add(FailureKind.MALFORMED)
+    assert is_retryable(Failure(kind, "x", 400)) is (kind in retried)
+
+
+@pytest.mark.parametrize("field", ["max_elapsed", "base_delay", "max_delay", "attempt_timeout"])
+def test_every_duration_of_the_policy_must_be_positive(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tj.RetryPolicy(**{field: 0.0})
+    tj.RetryPolicy(max_attempts=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"access_token": "", "refresh_token": "r"}, "TokenSet.access_token must be"),
+        ({"access_token": "a", "refresh_token": ""}, "TokenSet.refresh_token must be"),
+        ({"access_token": "a", "refresh_token": "r", "token_type": ""}, "TokenSet.token_type"),
+        ({"access_token": "a", "refresh_token": None, "expires_at": 1.0}, "TokenSet.expires_at"),
+    ],
+)
+def test_a_rejected_tokenset_names_the_field(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")):
+        tj.TokenSet(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^NaN is not a time$"):
+        to_datetime(math.nan)
+    with pytest.raises(ValueError, match=r"^max_attempts must be at least 1$"):
+        tj.RetryPolicy(max_attempts=0)
+
+
+def test_repr_fingerprints_the_refresh_token_too() -> None:
+    assert f"refresh={tj.fingerprint('refresh-secret')}," in repr(pair())

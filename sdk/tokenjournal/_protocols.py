@@ -380,10 +380,6 @@ class ManaProtocol:
             return None
         return self._json(self._url("/auth/logout"), {"refreshToken": tokens.refresh_token})
 
-    def build_validate(self, access_token: str) -> HttpRequest:
-        """``POST /auth/validate {appToken}``."""
-        return self._json(self._url("/auth/validate"), {"appToken": access_token})
-
     def parse_tokens(
         self,
         status: int,
