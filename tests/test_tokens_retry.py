@@ -10,7 +10,7 @@ import pytest
 
 import tokenjournal as tj
 from tokenjournal._protocols import Failure, FailureKind
-from tokenjournal._retry import GRACE_GUARD, is_retryable
+from tokenjournal._retry import GRACE_GUARD, attempts, is_retryable, transient_error
 from tokenjournal._tokens import to_datetime
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -200,3 +200,94 @@ def test_a_rejected_tokenset_names_the_field(kwargs: dict[str, object], message:
 
 def test_repr_fingerprints_the_refresh_token_too() -> None:
     assert f"refresh={tj.fingerprint('refresh-secret')}," in repr(pair())
+
+
+# ----------------------------------------------------------------------------- the retry loop
+
+
+class Pauses:
+    """The loop's pause: records each wait; answers ``open`` (False: the owner closed)."""
+
+    def __init__(self, clock: list[float], open_: bool = True) -> None:
+        self.clock, self.open, self.waits = clock, open_, []  # type: list[float]
+
+    async def __call__(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.clock[0] += seconds
+        return self.open
+
+
+RATE = Failure(FailureKind.RATE_LIMITED, "rate_limited", 429, retry_after=7.0)
+DOWN = Failure(FailureKind.SERVER, "server_error", 503)
+
+
+async def _run(policy: tj.RetryPolicy, failures: list[Failure | None], pause: Pauses) -> int:
+    tries = 0
+    loop = attempts(policy, lambda: pause.clock[0], pause, what="refresh")
+    async for attempt in loop:
+        tries += 1
+        if tries > len(failures):
+            return tries
+        failure = failures[tries - 1]
+        attempt.failed(failure, failure.code if failure else "ClientConnectionError")
+    raise AssertionError("unreachable")
+
+
+async def test_the_loop_retries_until_an_answer_waiting_what_the_policy_says() -> None:
+    pause = Pauses([0.0])
+    assert await _run(tj.RetryPolicy(), [RATE, None], pause) == 3
+    assert pause.waits[0] == 7.0  # Retry-After honoured
+    assert 0 <= pause.waits[1] <= tj.RetryPolicy().base_delay * 2
+
+
+async def test_a_spent_budget_raises_for_the_last_failure() -> None:
+    pause = Pauses([0.0])
+    with pytest.raises(tj.ServerError, match="server_error"):
+        await _run(tj.RetryPolicy(max_attempts=2), [RATE, DOWN, DOWN], pause)
+    assert len(pause.waits) == 1
+    with pytest.raises(tj.RateLimited) as limited:  # max_elapsed: 7 s would pass 5 s
+        await _run(tj.RetryPolicy(max_elapsed=5.0), [RATE], Pauses([0.0]))
+    assert limited.value.retry_after == 7.0
+    with pytest.raises(tj.NetworkError, match="ClientConnectionError"):
+        await _run(tj.RetryPolicy(max_attempts=1), [None], Pauses([0.0]))
+
+
+async def test_a_close_during_the_wait_raises_for_the_last_failure_at_once() -> None:
+    pause = Pauses([0.0], open_=False)
+    with pytest.raises(tj.RateLimited, match="rate limiting") as raised:
+        await _run(tj.RetryPolicy(), [RATE, RATE], pause)
+    assert raised.value.retry_after == 7.0 and len(pause.waits) == 1
+    with pytest.raises(tj.NetworkError, match="ClientConnectionError; closed meanwhile"):
+        await _run(tj.RetryPolicy(), [None, None], Pauses([0.0], open_=False))
+
+
+async def test_each_retry_is_logged_with_what_failed_and_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("INFO", logger="tokenjournal"):
+        await _run(tj.RetryPolicy(), [RATE], Pauses([0.0]))
+    assert "refresh failed (rate_limited); try 2 again in 7.00s" in caplog.messages
+
+
+async def test_the_loop_paces_inside_the_grace_window_and_may_use_its_whole_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pause = Pauses([0.0])
+    loop = attempts(tj.RetryPolicy(), lambda: pause.clock[0], pause, grace_deadline=5.0)
+    with caplog.at_level("INFO", logger="tokenjournal"):
+        async for attempt in loop:
+            if attempt.number == 2:
+                break
+            attempt.failed(RATE, "rate_limited")
+    # Retry-After asked for 7 s; the window (5 s, less the guard) allows half of what is left.
+    assert pause.waits == [(5.0 - GRACE_GUARD) * 0.5]
+    assert "auth call failed (rate_limited); try 2 again in 2.00s" in caplog.messages
+    # A wait that ends exactly at max_elapsed is still inside the budget.
+    assert await _run(tj.RetryPolicy(max_elapsed=7.0), [RATE], Pauses([0.0])) == 2
+
+
+def test_a_malformed_answer_spends_the_budget_as_a_protocol_error() -> None:
+    malformed = Failure(FailureKind.MALFORMED, "malformed_body", 200)
+    error = transient_error(malformed, "malformed_body")
+    assert isinstance(error, tj.ProtocolError)
+    assert str(error) == "the auth server answered 200 with a malformed body"
