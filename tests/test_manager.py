@@ -63,6 +63,60 @@ async def test_a_refresh_costs_at_most_two_durable_commits(
         assert tm.journal.durable_commits - before == 2
 
 
+class _CountingJournal(tj.MemoryJournal):
+    """Records the manager's journal calls in order (not the journal's own inner ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self._depth = 0
+
+    def __getattribute__(self, name: str) -> object:
+        attr = super().__getattribute__(name)
+        if name not in {"load", "begin_refresh", "renew_lease", "commit_refresh", "release"}:
+            return attr
+
+        async def counted(*args: object, **kwargs: object) -> object:
+            if self._depth == 0:
+                self.calls.append(name)
+            self._depth += 1
+            try:
+                return await attr(*args, **kwargs)  # type: ignore[operator]
+            finally:
+                self._depth -= 1
+
+        return counted
+
+
+async def test_a_refresh_makes_one_journal_round_trip_before_its_request(
+    server: ReferenceServer, clock: FakeClock
+) -> None:
+    """The lease proof comes back from ``begin_refresh``: no read before it (memory is
+    trusted while its generation is the journal's), no re-read after it, no renewal before a
+    first send that the fresh lease covers; one commit after."""
+    journal = _CountingJournal()
+    async with manager(server, journal, clock) as tm:
+        await tm.sign_in(**DEMO)
+        journal.calls.clear()
+        await tm.refresh()
+        assert journal.calls == ["begin_refresh", "commit_refresh"]
+        assert server.stats()["refresh_requests"] == 1
+
+
+async def test_a_send_after_a_long_pause_proves_the_lease_first(
+    server: ReferenceServer, clock: FakeClock
+) -> None:
+    """A retry whose backoff outlasted what the lease covers renews it before sending: a
+    lease lost meanwhile would mean another process may have spent the token."""
+    journal = _CountingJournal()
+    async with manager(server, journal, clock, lease_ttl=3.0) as tm:
+        await tm.sign_in(**DEMO)
+        journal.calls.clear()
+        await tm.refresh()
+        # A 3 s lease cannot cover a 10 s try: every send proves the lease first.
+        assert journal.calls == ["begin_refresh", "renew_lease", "commit_refresh"]
+
+
 async def test_a_cancelled_caller_does_not_cancel_the_shared_refresh(
     server: ReferenceServer, journal_path: Path, clock: FakeClock
 ) -> None:

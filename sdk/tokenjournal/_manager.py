@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -90,6 +91,18 @@ FRESH_FLOOR: Final = 10.0
 
 class _LeaseLost(Exception):
     """Our lease lapsed and another process took it: our refresh token may be spent."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    """What step 1 of a refresh hands on: the pair to renew, the generation it belongs
+    to, the grace deadline (monotonic), and when the lease was last proven ours (monotonic;
+    the one mutable field, moved on by each renewal)."""
+
+    tokens: TokenSet
+    generation: int
+    deadline: float
+    proven_at: float
 
 
 def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
@@ -663,8 +676,42 @@ class TokenManager:
     async def _refresh_flow(
         self, keyed_on: str | None, force: bool, policy: RetryPolicy
     ) -> TokenSet:
+        """The account's one refresh, in three steps (docs/architecture.md 1.2):
+
+        1. ``_claim``: decide whether a refresh is needed and, if so, take the lease and
+           write the intent in one journal transaction (invariants 1, 4, 6);
+        2. ``_exchange``: send the old refresh token through the one retry loop, proving
+           the lease before each send (invariants 4, 5);
+        3. ``_settle``: commit the successor durably, then wake every waiter (invariants 2, 3).
+        """
+        record: AccountRecord | None = None  # the journal as last read, when memory may lag
         try:
-            tokens = await self._refresh_once(keyed_on, force, policy)
+            while True:
+                claim = await self._claim(keyed_on, force, record)
+                if isinstance(claim, TokenSet):  # fresh, already replaced, or adopted
+                    self._set_state(SessionState.VALID)
+                    return claim
+                try:
+                    answer = await self._exchange(
+                        functools.partial(self._build_refresh, claim.tokens),
+                        claim.tokens,
+                        grace_deadline=claim.deadline,
+                        before_send=functools.partial(self._prove_lease, claim),
+                        policy=policy,
+                    )
+                except _LeaseLost:
+                    # We were paused past our lease and another process took over: its
+                    # refresh is the one we wanted. Adopt its commit (or wait for it).
+                    log.info("lost the refresh lease of account %s; adopting", self.account)
+                    record = await self.journal.load(self.account)
+                    force = False
+                    continue
+                except BaseException:
+                    # Budget spent, cancelled, the journal failed: the intent stays for the
+                    # next try, and the lease goes now so no other process waits it out.
+                    await asyncio.shield(self._release())
+                    raise
+                return await self._settle(claim, answer)
         except (SessionEnded, NotSignedIn):
             raise
         except BaseException as exc:
@@ -677,62 +724,65 @@ class TokenManager:
                 code = exc.code if isinstance(exc, TokenJournalError) else "internal_error"
                 self._emit(EventKind.REFRESH_FAILED, code)
             raise
-        if self._tokens is not None:
-            self._set_state(SessionState.VALID)
-        return tokens
 
-    async def _refresh_once(
-        self, keyed_on: str | None, force: bool, policy: RetryPolicy
-    ) -> TokenSet:
-        while True:
+    async def _claim(
+        self, keyed_on: str | None, force: bool, record: AccountRecord | None
+    ) -> TokenSet | _Claim:
+        """Step 1: the pair to answer with, or the lease and intent to refresh with.
+
+        The pair in memory is trusted as long as its generation is the journal's, which
+        ``begin_refresh`` checks in the same transaction that takes the lease: one round trip
+        before the request. When the journal moved on, it hands back the newer record, which
+        is adopted and decided on again; so is ``record``, when the caller read one.
+        """
+        adopted = False
+        if record is None and self._tokens is None:  # signed in elsewhere meanwhile? Read.
             record = await self.journal.load(self.account)
-            adopted = self._adopt(record)
-            tokens = record.tokens
+        while True:
+            if record is not None:
+                adopted = self._adopt(record)
+            tokens = self._tokens
             if tokens is None:
-                if record.ended_code is not None and record.ended_code != "signed_out":
-                    raise SessionEnded(record.ended_code)
+                if self._ended_code is not None and self._ended_code != "signed_out":
+                    raise SessionEnded(self._ended_code)
+                if record is not None and record.intent is not None:
+                    # A journaled sign-out (ours, or one a crash left for open() to finish):
+                    # a refresh would replace its intent, and one more crash would undo it.
+                    raise NotSignedIn(f"account {self.account!r} is being signed out")
                 raise NotSignedIn(f"account {self.account!r} is not signed in")
-            if record.intent is not None and record.intent.kind == "sign_out":
-                # A journaled sign-out (ours, or one a crash left for open() to finish):
-                # a refresh would replace its intent, and one more crash would undo it.
-                raise NotSignedIn(f"account {self.account!r} is being signed out")
             if keyed_on is not None and tokens.access_token != keyed_on:
                 return tokens  # the rejected token was already replaced (invariant 10)
-            settled = record.intent is None and not self._stale()
-            if settled and (adopted or not force):
+            pending = record is not None and record.intent is not None
+            if not pending and not self._stale() and (adopted or not force):
                 return tokens  # fresh: not stale yet, or another process just refreshed it
             if tokens.refresh_token is None:
                 # Nothing to renew with (legal in OAuth 2.0): no intent, no request. The
                 # token was used until the server rejected it or the app asked for more.
                 if not force:
                     return tokens
-                return await self._end("no_refresh_token", record.generation)
+                return await self._end("no_refresh_token", self._generation)
             now = self._clock.time()
             _faults.crash_point("before_intent")
             began = await self.journal.begin_refresh(
-                self.account, self._holder, record.generation, now, self.lease_ttl
+                self.account, self._holder, self._generation, now, self.lease_ttl
             )
             if isinstance(began, Stale):
+                record = began.record
                 continue
             if isinstance(began, Busy):
-                await self._await_other(record.generation)
+                record = await self._await_other(self._generation)
                 force = False  # the other process's commit is the refresh we wanted
                 continue
             assert isinstance(began, Started)
+            taken_at = self._clock.monotonic()
             _faults.crash_point("after_intent")
             self._set_state(SessionState.REFRESHING)
             if began.intent.started_at == now:  # ours, just written: anchor it exactly
-                self._intent_anchor = (now, self._clock.monotonic())
+                self._intent_anchor = (now, taken_at)
             deadline = self._anchor(began.intent.started_at) + self.grace_period
-            try:
-                return await self._rotate(tokens, record.generation, deadline, policy)
-            except _LeaseLost:
-                # We were paused past our lease and another process took over: its refresh
-                # is the one we wanted. Adopt its commit (or wait for it) instead.
-                log.info("lost the refresh lease of account %s; adopting", self.account)
-                force = False
+            return _Claim(tokens, self._generation, deadline, taken_at)
 
-    async def _await_other(self, generation: int) -> None:
+    async def _await_other(self, generation: int) -> AccountRecord:
         """Another process holds the lease: poll the journal until it commits or lapses."""
         pause = WAIT_FIRST
         while True:
@@ -742,46 +792,34 @@ class TokenManager:
             if record.generation != generation or not lease_is_live(
                 record.lease, self._holder, self._clock.time()
             ):
-                return
+                return record
             pause = min(pause * 1.5, WAIT_MAX)
 
-    async def _rotate(
-        self, tokens: TokenSet, generation: int, deadline: float, policy: RetryPolicy
-    ) -> TokenSet:
-        """Spend the refresh token, commit the successor, wake the waiters. ``deadline`` is
-        the grace deadline on the monotonic clock."""
-        device = self._device_info()
+    def _build_refresh(self, tokens: TokenSet) -> HttpRequest:
+        self.refresh_requests += 1
+        return self.protocol.build_refresh(tokens, self._device_info())
 
-        async def renew() -> None:
-            if not await self.journal.renew_lease(
-                self.account, self._holder, self._clock.time(), self.lease_ttl
-            ):
-                raise _LeaseLost
-
-        # begin_refresh took the lease, but we may have been paused since (SIGSTOP, a slow
-        # event callback): if another process took it over, it may have spent our token,
-        # and sending it again could be reuse two generations back. A read, not a write.
-        lease = (await self.journal.load(self.account)).lease
-        if lease is None or lease.holder != self._holder.id:
+    async def _prove_lease(self, claim: _Claim) -> None:
+        """Before each send: is the lease still ours? ``begin_refresh`` took it, and that is
+        proof while it outlives the try about to start. Past that (paused by SIGSTOP or a
+        slow callback, or a long backoff), prove it again by renewing: another process may
+        have taken over and spent our token, and sending it again could be reuse two
+        generations back."""
+        now = self._clock.monotonic()
+        if claim.proven_at + self.lease_ttl - now > self.retry.attempt_timeout + LEASE_SLACK / 2:
+            return
+        if not await self.journal.renew_lease(
+            self.account, self._holder, self._clock.time(), self.lease_ttl
+        ):
             raise _LeaseLost
+        claim.proven_at = now
 
-        def build() -> HttpRequest:
-            self.refresh_requests += 1
-            return self.protocol.build_refresh(tokens, device)
-
-        try:
-            answer = await self._exchange(
-                build, tokens, grace_deadline=deadline, before_retry=renew, policy=policy
-            )
-        except _LeaseLost:
-            raise  # the lease is another holder's now: nothing of ours to release
-        except BaseException:
-            # Budget spent, cancelled, or the journal failed: the intent stays for the next try.
-            await asyncio.shield(self._release())
-            raise
+    async def _settle(self, claim: _Claim, answer: TokenSet | Failure) -> TokenSet:
+        """Step 3: a permanent refusal ends the session; a pair is committed before anyone
+        sees it, unless another process committed first (then its newer pair is adopted)."""
         if isinstance(answer, Failure):
             if answer.kind is FailureKind.PERMANENT:
-                return await self._end(answer.code, generation)
+                return await self._end(answer.code, claim.generation)
             await self._release()
             raise ProtocolError(
                 f"the auth server rejected the refresh request: {answer.code} ({answer.status})"
@@ -789,7 +827,7 @@ class TokenManager:
         _faults.crash_point("after_response")
         try:
             committed = await self.journal.commit_refresh(
-                self.account, self._holder, generation, answer, self._clock.time()
+                self.account, self._holder, claim.generation, answer, self._clock.time()
             )
         except BaseException:
             # Disk full, locked, cancelled: the intent stays for the next try, and the lease
@@ -827,7 +865,7 @@ class TokenManager:
         previous: TokenSet | None,
         *,
         grace_deadline: float | None,
-        before_retry: Callable[[], Awaitable[None]] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
         policy: RetryPolicy | None = None,
         secrets: Iterable[str] = (),
     ) -> TokenSet | Failure:
@@ -846,8 +884,8 @@ class TokenManager:
             policy or self.retry, self._clock.monotonic, self._pause, grace_deadline=grace_deadline
         )
         async for attempt in loop:
-            if attempt.number > 1 and before_retry is not None:
-                await before_retry()
+            if before_send is not None:
+                await before_send()
             try:
                 status, headers, body = await self._send(build())
             except NetworkFailure as exc:
