@@ -9,9 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tokenjournal as tj
-from tokenjournal._protocols import Failure, FailureKind
-from tokenjournal._retry import GRACE_GUARD, attempts, is_retryable, transient_error
-from tokenjournal._tokens import to_datetime
+from tokenjournal._retry import GRACE_GUARD, attempts, transient_error
+from tokenjournal._tokens import Failure, FailureKind, to_datetime
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -170,7 +169,7 @@ def test_backoff_starts_at_the_base_delay() -> None:
 def test_which_failures_are_retried(kind: FailureKind) -> None:
     retried = {FailureKind.CONFLICT, FailureKind.RATE_LIMITED, FailureKind.SERVER}
     retried.add(FailureKind.MALFORMED)
-    assert is_retryable(Failure(kind, "x", 400)) is (kind in retried)
+    assert Failure(kind, "x", 400).retryable is kind.retryable is (kind in retried)
 
 
 @pytest.mark.parametrize("field", ["max_elapsed", "base_delay", "max_delay", "attempt_timeout"])

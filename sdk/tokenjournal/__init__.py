@@ -26,14 +26,12 @@ from ._protocols import (
     AuthProtocol,
     DeviceCode,
     DeviceInfo,
-    Failure,
-    FailureKind,
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
 )
 from ._retry import RetryPolicy
-from ._tokens import TokenSet, fingerprint
+from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 
 __version__ = "0.1.0"
 

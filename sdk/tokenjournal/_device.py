@@ -21,9 +21,9 @@ from typing import Final
 from ._clock import Clock
 from ._errors import SignInFailed
 from ._journal import Journal
-from ._protocols import DeviceCode, FailureKind, HttpRequest, OAuth2Protocol
-from ._retry import RetryPolicy, attempts, is_retryable
-from ._tokens import TokenSet
+from ._protocols import DeviceCode, HttpRequest, OAuth2Protocol
+from ._retry import RetryPolicy, attempts
+from ._tokens import FailureKind, TokenSet
 from ._transport import NetworkFailure, Raw
 
 log = logging.getLogger("tokenjournal")
@@ -82,7 +82,7 @@ async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
         parsed = protocol.parse_device_authorization(status, headers, body, io.clock.time())
         if isinstance(parsed, DeviceCode):
             return parsed
-        if not is_retryable(parsed):
+        if not parsed.retryable:
             raise SignInFailed(parsed.code)
         attempt.failed(parsed, parsed.code)
     raise AssertionError("the retry loop ends by raising")  # pragma: no cover

@@ -55,15 +55,13 @@ from ._protocols import (
     AuthProtocol,
     DeviceCode,
     DeviceInfo,
-    Failure,
-    FailureKind,
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
 )
-from ._retry import GRACE_GUARD, RetryPolicy, attempts, is_retryable
+from ._retry import GRACE_GUARD, RetryPolicy, attempts
 from ._terminal import printable
-from ._tokens import TokenSet, fingerprint
+from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 from ._transport import NetworkFailure, Raw, send
 from ._urls import is_loopback
 
@@ -111,14 +109,6 @@ def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
     if isinstance(protocol, OAuth2Protocol):
         urls += [u for u in (protocol.device_authorization_url, protocol.revocation_url) if u]
     return urls
-
-
-def _sendable(tokens: TokenSet) -> bool:
-    """RFC 6749 A.12/A.17: tokens are 1*VSCHAR (printable ASCII, %x20-7E)."""
-    return all(
-        t is None or (t.isascii() and t.isprintable())
-        for t in (tokens.access_token, tokens.refresh_token)
-    )
 
 
 def _scrubbed(failure: Failure, secrets: Iterable[str]) -> Failure:
@@ -892,13 +882,13 @@ class TokenManager:
                 attempt.failed(None, str(exc))
                 continue
             answer = self._parse(status, headers, body, previous)
-            if isinstance(answer, TokenSet) and not _sendable(answer):
+            if isinstance(answer, TokenSet) and not answer.sendable:
                 # Whatever the protocol made of it: a token no header can carry (CR/LF,
                 # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
                 answer = Failure(FailureKind.MALFORMED, "malformed_body", status, "unusable token")
             if isinstance(answer, Failure):
                 answer = _scrubbed(answer, secrets)
-            if isinstance(answer, TokenSet) or not is_retryable(answer):
+            if isinstance(answer, TokenSet) or not answer.retryable:
                 return answer
             attempt.failed(answer, answer.code)
         raise AssertionError("the retry loop ends by raising")  # pragma: no cover

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
 from ._numbers import MAX_SECONDS, epoch_seconds, http_date, positive_seconds, retry_after
-from ._tokens import TokenSet, fingerprint, to_datetime
+from ._tokens import Failure, FailureKind, TokenSet, fingerprint, to_datetime
 
 #: Answers larger than this are refused unread: a token answer is a few KiB at most.
 MAX_BODY: Final = 1024 * 1024
@@ -33,38 +32,6 @@ _FORM: Final = (
     ("Content-Type", "application/x-www-form-urlencoded"),
     ("Accept", "application/json"),
 )
-
-
-class FailureKind(enum.Enum):
-    """What a failed answer means for the session."""
-
-    #: The server says the refresh token is dead: end the session.
-    PERMANENT = "permanent"
-    #: Another request is rotating this token: wait ~1 s, retry the same token.
-    CONFLICT = "conflict"
-    #: 429: wait (Retry-After), retry.
-    RATE_LIMITED = "rate_limited"
-    #: 5xx or ``temporarily_unavailable``: back off, retry.
-    SERVER = "server"
-    #: A 2xx whose body does not parse: the server may have rotated, so retry like a transient.
-    MALFORMED = "malformed"
-    #: Any other 4xx: our request was wrong. No retry, tokens kept.
-    REJECTED = "rejected"
-    #: Device flow: the person has not approved yet (``authorization_pending``).
-    PENDING = "pending"
-    #: Device flow: poll slower (``slow_down``).
-    SLOW_DOWN = "slow_down"
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A failed answer, classified. ``message`` never holds a token."""
-
-    kind: FailureKind
-    code: str
-    status: int
-    message: str = ""
-    retry_after: float | None = None
 
 
 #: Header values a repr never shows: they carry a bearer or client credentials.

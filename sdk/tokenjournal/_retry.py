@@ -20,7 +20,7 @@ from typing import Final
 import backoff
 
 from ._errors import NetworkError, ProtocolError, RateLimited, ServerError, TransientError
-from ._protocols import Failure, FailureKind
+from ._tokens import Failure, FailureKind
 
 log = logging.getLogger("tokenjournal")
 
@@ -83,17 +83,6 @@ class RetryPolicy:
             if left > 0:
                 wait = min(wait, left * GRACE_SHARE)
         return max(0.0, wait)
-
-
-#: Failure kinds worth another try with the same token.
-RETRYABLE: Final = frozenset(
-    {FailureKind.CONFLICT, FailureKind.RATE_LIMITED, FailureKind.SERVER, FailureKind.MALFORMED}
-)
-
-
-def is_retryable(failure: Failure) -> bool:
-    """Whether a classified failure is transient (docs/architecture.md 3.3)."""
-    return failure.kind in RETRYABLE
 
 
 def transient_error(failure: Failure | None, detail: str) -> TransientError | ProtocolError:

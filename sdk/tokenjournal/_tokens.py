@@ -1,7 +1,9 @@
-"""TokenSet, the value the journal stores and callers receive, and its expiry arithmetic."""
+"""The SDK's vocabulary: TokenSet, the value the journal stores and callers receive, with its
+expiry arithmetic, and Failure, a failed answer as the protocols classify it."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,3 +107,61 @@ class TokenSet:
         """Whether the access token is inside the refresh margin (or expired) at ``now``."""
         exp = self.expires_at_epoch
         return exp is not None and now >= exp - self.margin(refresh_margin)
+
+    @property
+    def sendable(self) -> bool:
+        """Whether both tokens are 1*VSCHAR (RFC 6749 A.12/A.17: printable ASCII): a token
+        with CR/LF, NUL or non-ASCII fits in no header, and a lone surrogate in no journal."""
+        return all(
+            t is None or (t.isascii() and t.isprintable())
+            for t in (self.access_token, self.refresh_token)
+        )
+
+
+class FailureKind(enum.Enum):
+    """What a failed answer means for the session."""
+
+    #: The server says the refresh token is dead: end the session.
+    PERMANENT = "permanent"
+    #: Another request is rotating this token: wait ~1 s, retry the same token.
+    CONFLICT = "conflict"
+    #: 429: wait (Retry-After), retry.
+    RATE_LIMITED = "rate_limited"
+    #: 5xx or ``temporarily_unavailable``: back off, retry.
+    SERVER = "server"
+    #: A 2xx whose body does not parse: the server may have rotated, so retry like a transient.
+    MALFORMED = "malformed"
+    #: Any other 4xx: our request was wrong. No retry, tokens kept.
+    REJECTED = "rejected"
+    #: Device flow: the person has not approved yet (``authorization_pending``).
+    PENDING = "pending"
+    #: Device flow: poll slower (``slow_down``).
+    SLOW_DOWN = "slow_down"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether an answer of this kind is worth another try with the same token:
+        transient (CONFLICT, RATE_LIMITED, SERVER) or possibly rotated (MALFORMED)."""
+        return self in _RETRYABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed answer, classified. ``message`` never holds a token."""
+
+    kind: FailureKind
+    code: str
+    status: int
+    message: str = ""
+    retry_after: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another try with the same token may succeed (its kind says)."""
+        return self.kind.retryable
+
+
+#: Failure kinds worth another try with the same token (docs/architecture.md 3.3).
+_RETRYABLE: Final = frozenset(
+    {FailureKind.CONFLICT, FailureKind.RATE_LIMITED, FailureKind.SERVER, FailureKind.MALFORMED}
+)

@@ -38,15 +38,13 @@ from .._numbers import epoch_or_iso, epoch_seconds
 from .._protocols import (
     AuthProtocol,
     DeviceInfo,
-    Failure,
-    FailureKind,
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
     _load_json_object,
 )
 from .._terminal import printable
-from .._tokens import TokenSet, fingerprint
+from .._tokens import Failure, FailureKind, TokenSet, fingerprint
 from .._transport import NetworkFailure, Raw, send
 from ._args import EXIT_USAGE, PROG, Formatter, Subparsers, at_least, positive
 from ._table import render_table
