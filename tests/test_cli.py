@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 import tokenjournal
-from tokenjournal.cli import build_parser, main
+from tokenjournal.cli import main
 
 SUBCOMMANDS = ("demo", "serve", "status", "conformance")
 
@@ -119,7 +119,9 @@ def test_bench_options_belong_to_the_bench_module(capsys: pytest.CaptureFixture[
 
 def test_bench_registers_its_own_options() -> None:
     bench = pytest.importorskip("tokenjournal.cli.bench")
-    ns = build_parser().parse_args(["bench", "--rounds", "3"])
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench", "--rounds", "3"])
     assert ns.command == "bench" and ns.rounds == 3 and ns.handler is bench.run_bench
 
 
@@ -131,12 +133,11 @@ def test_bench_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_every_serve_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     """Each option line of `serve --help` carries a description (six had none)."""
-    parser = build_parser()
-    serve = next(
-        action.choices["serve"]
-        for action in parser._actions
-        if isinstance(action, argparse._SubParsersAction)
-    )
+    from tokenjournal.cli import serve as serve_command
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    serve_command.register(commands)
+    serve = commands.choices["serve"]
     bare = [a.option_strings for a in serve._actions if a.option_strings and not a.help]
     assert bare == []
 

@@ -440,3 +440,43 @@ async def test_a_failed_commit_releases_the_lease_and_keeps_the_intent(
         assert fresh.refresh_token != record.tokens.refresh_token  # type: ignore[union-attr]
     stats = server.stats()
     assert (stats["rotations"], stats["grace_replays"], stats["family_revocations"]) == (1, 1, 0)
+
+
+async def test_sign_out_retries_a_transient_failure_through_the_retry_loop(
+    journal_path: Path, clock: FakeClock
+) -> None:
+    """The logout is an auth call like the others: a 503 is tried again, so the server
+    hears of it (and revokes the token) instead of the device giving up at once."""
+    url = "https://auth.example.com"
+    with aioresponses() as mock:
+        mock.post(url + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(url + "/auth/logout", status=503)
+        mock.post(url + "/auth/logout", status=204)
+        async with tj.TokenManager(url, journal_path, clock=clock, retry=FAST) as tm:
+            await tm.sign_in(**DEMO)
+            await tm.sign_out()
+            assert tm.state is tj.SessionState.SIGNED_OUT
+        logouts = [k for k in mock.requests if str(k[1]).endswith("/auth/logout")]
+        assert len(mock.requests[logouts[0]]) == 2
+
+
+async def test_sign_out_with_the_server_away_finishes_locally_within_its_budget(
+    journal_path: Path, clock: FakeClock
+) -> None:
+    """The user waits for a sign-out: tries go on for at most SIGN_OUT_BUDGET seconds (on
+    the manager's clock), then the account is signed out locally all the same."""
+    from tokenjournal._manager import SIGN_OUT_BUDGET
+
+    url = "https://auth.example.com"
+    patient = tj.RetryPolicy(max_attempts=50, max_elapsed=600.0, base_delay=1.0, max_delay=4.0)
+    with aioresponses() as mock:
+        mock.post(url + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(url + "/auth/logout", status=503, repeat=True)
+        async with tj.TokenManager(url, journal_path, clock=clock, retry=patient) as tm:
+            await tm.sign_in(**DEMO)
+            started = clock.monotonic()
+            await tm.sign_out()
+            assert clock.monotonic() - started <= SIGN_OUT_BUDGET
+            assert tm.state is tj.SessionState.SIGNED_OUT
+        logouts = [k for k in mock.requests if str(k[1]).endswith("/auth/logout")]
+        assert len(mock.requests[logouts[0]]) >= 2

@@ -290,3 +290,11 @@ def test_a_malformed_answer_spends_the_budget_as_a_protocol_error() -> None:
     error = transient_error(malformed, "malformed_body")
     assert isinstance(error, tj.ProtocolError)
     assert str(error) == "the auth server answered 200 with a malformed body"
+
+
+def test_without_jitter_the_delay_is_the_bare_curve() -> None:
+    """``jitter=False`` (device polling, where RFC 8628 fixes the pace): no random draw."""
+    policy = tj.RetryPolicy(base_delay=10.0, max_delay=65.0, jitter=False)
+    assert [policy.backoff_delay(n, rng=lambda: 0.0) for n in (1, 2, 3, 4)] == [10, 20, 40, 65]
+    jittered = tj.RetryPolicy(base_delay=10.0, max_delay=65.0)
+    assert [jittered.backoff_delay(n, rng=lambda: 0.5) for n in (1, 2, 3, 4)] == [5, 10, 20, 32.5]

@@ -11,20 +11,22 @@ journal stored them. The device code is single use, so the next poll gets
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import math
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 from ._clock import Clock
-from ._errors import SignInFailed
+from ._errors import ProtocolError, SignInFailed, TransientError
 from ._journal import Journal
 from ._protocols import DeviceCode, HttpRequest, OAuth2Protocol
-from ._retry import RetryPolicy, attempts
-from ._tokens import FailureKind, TokenSet
-from ._transport import NetworkFailure, Raw
+from ._retry import RetryPolicy
+from ._tokens import Failure, FailureKind, TokenSet
 
 log = logging.getLogger("tokenjournal")
 
@@ -34,17 +36,36 @@ SLOW_DOWN_STEP: Final = 5.0
 #: by more than this: RFC 8628 3.5 asks for backoff, and the code still has to be polled
 #: before it expires.
 MAX_EXTRA_WAIT: Final = 60.0
+#: The shortest poll interval the flow keeps, whatever the server says.
+MIN_INTERVAL: Final = 1.0
+
+_A = TypeVar("_A")
 
 OnCode = Callable[[DeviceCode], Awaitable[None] | None]
 
 
+class Exchange(Protocol):
+    """The manager's one way to call the auth server: build, send, parse, through the one
+    retry loop under ``policy``; a non-retryable failure comes back, a spent budget raises."""
+
+    def __call__(
+        self,
+        build: Callable[[], HttpRequest],
+        parse: Callable[[int, Mapping[str, str], bytes], _A | Failure],
+        *,
+        policy: RetryPolicy | None = None,
+        secrets: Iterable[str] = (),
+        what: str = "auth call",
+    ) -> Awaitable[_A | Failure]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceIO:
-    """What the flow needs of its manager, handed in: one exchange (no answer is a
-    :class:`NetworkFailure`), a pause that ``close()`` cuts short (``False``: closed), the
-    clock, the journal and account the code is kept under, and the retry policy."""
+    """What the flow needs of its manager, handed in: its exchange, a pause that
+    ``close()`` cuts short (``False``: closed), the clock, the journal and account the code
+    is kept under, and the retry policy."""
 
-    send: Callable[[HttpRequest], Awaitable[Raw]]
+    exchange: Exchange
     pause: Callable[[float], Awaitable[bool]]
     clock: Clock
     journal: Journal
@@ -72,20 +93,31 @@ def _decode(protocol: OAuth2Protocol, payload: str | None) -> DeviceCode | None:
 async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     """RFC 8628 3.1 under the retry policy: transient failures are retried."""
     request = protocol.build_device_authorization()
-    loop = attempts(io.retry, io.clock.monotonic, io.pause, what="device authorization")
-    async for attempt in loop:
-        try:
-            status, headers, body = await io.send(request)
-        except NetworkFailure as exc:
-            attempt.failed(None, str(exc))
-            continue
-        parsed = protocol.parse_device_authorization(status, headers, body, io.clock.time())
-        if isinstance(parsed, DeviceCode):
-            return parsed
-        if not parsed.retryable:
-            raise SignInFailed(parsed.code)
-        attempt.failed(parsed, parsed.code)
-    raise AssertionError("the retry loop ends by raising")  # pragma: no cover
+    parsed = await io.exchange(
+        lambda: request,
+        lambda status, headers, body: protocol.parse_device_authorization(
+            status, headers, body, io.clock.time()
+        ),
+        what="device authorization",
+    )
+    if isinstance(parsed, DeviceCode):
+        return parsed
+    raise SignInFailed(parsed.code)
+
+
+def _poll_policy(retry: RetryPolicy, code: DeviceCode, now: float) -> RetryPolicy:
+    """Failed polls (no answer, 5xx, 429, malformed) back off as RFC 8628 3.5 asks: the
+    wait doubles from twice the interval up to the interval plus ``MAX_EXTRA_WAIT``, with no
+    jitter (the standard fixes the pace), and the code's remaining life is the budget."""
+    interval = max(code.interval, MIN_INTERVAL)
+    return replace(
+        retry,
+        max_attempts=sys.maxsize,
+        max_elapsed=max(code.expires_at - now, MIN_INTERVAL),
+        base_delay=2 * interval,
+        max_delay=interval + MAX_EXTRA_WAIT,
+        jitter=False,
+    )
 
 
 async def _pending_code(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
@@ -119,40 +151,40 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
     shown = on_code(code)
     if inspect.isawaitable(shown):
         await shown
-    failures = 0  # consecutive polls that got no usable answer
-    extra = 0.0  # what a Retry-After asked for beyond the interval
+    extra = 0.0  # beyond the interval: inf once the retry loop gave up before the expiry
     while True:
-        backoff = min(code.interval * 2**failures, code.interval + MAX_EXTRA_WAIT)
         # A Retry-After or slow_down is honoured, but never past the code's expiry: a
         # server asking for a day must not keep the flow asleep long after the code died.
         left = code.expires_at - clock.time()
-        if not await io.pause(min(max(backoff, extra), max(0.0, left))):
+        if not await io.pause(min(max(code.interval, extra), max(0.0, left))):
             raise RuntimeError(
                 "the TokenManager was closed during the device sign-in; the code stays "
                 "journaled and the next sign_in_device resumes it"
             )
         if clock.time() >= code.expires_at:
             raise await _give_up(io, "expired_token", "the device code expired unapproved")
-        poll = protocol.build_device_token(code.device_code)
+        extra = 0.0
         try:
-            status, headers, body = await io.send(poll)
-        except NetworkFailure as exc:  # keep polling the same code until it expires
-            log.info("device poll failed (%s); polling on", exc)
-            failures, extra = failures + 1, 0.0
+            answer = await io.exchange(
+                functools.partial(protocol.build_device_token, code.device_code),
+                lambda status, headers, body: protocol.parse_tokens(
+                    status, headers, body, clock.time(), None
+                ),
+                policy=_poll_policy(io.retry, code, clock.time()),
+                secrets=(code.device_code,),
+                what="device poll",
+            )
+        except (TransientError, ProtocolError):
+            # The next wait the retry loop was asked for (a backoff, a Retry-After) would
+            # pass the code's expiry, or the manager closed: wait out the code, which ends it.
+            extra = math.inf
             continue
-        answer = protocol.parse_tokens(status, headers, body, clock.time(), None)
         if isinstance(answer, TokenSet):
             return answer
-        if answer.kind is FailureKind.PENDING:
-            failures, extra = 0, 0.0
-        elif answer.kind is FailureKind.SLOW_DOWN:
+        if answer.kind is FailureKind.SLOW_DOWN:
             interval = max(code.interval + SLOW_DOWN_STEP, answer.retry_after or 0.0)
             code = replace(code, interval=interval)
-            failures, extra = 0, 0.0
             # Journaled, so a restart polls at the slower pace the server asked for.
             await io.journal.save_device_code(io.account, _encode(protocol, code), clock.time())
-        elif answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
+        elif answer.kind is not FailureKind.PENDING:  # denied, expired, refused
             raise await _give_up(io, answer.code)
-        else:  # 5xx, 429, malformed: back off, as RFC 8628 3.5 asks
-            failures, extra = failures + 1, answer.retry_after or 0.0
-            log.info("device poll failed (%s); polling on", answer.code)

@@ -21,7 +21,7 @@ import os
 import platform
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -52,6 +52,7 @@ from ._journal import (
 )
 from ._middleware import TokenMiddleware
 from ._protocols import (
+    Answer,
     AuthProtocol,
     DeviceCode,
     DeviceInfo,
@@ -67,6 +68,8 @@ from ._urls import is_loopback
 
 log = logging.getLogger("tokenjournal")
 
+_A = TypeVar("_A")
+
 #: How long ``close()`` lets an in-flight refresh finish its commit before leaving its intent.
 CLOSE_WAIT: Final = 5.0
 #: A lease outlives one try by this much, so a slow answer does not hand the refresh over.
@@ -81,6 +84,8 @@ CODE_LIMIT: Final = 64
 #: and a 300 s window costs about ten requests.
 RESCUE_SHARE: Final = 0.1
 RESCUE_MAX_GAP: Final = 30.0
+#: How long ``sign_out()`` keeps trying to tell the server before it signs out locally.
+SIGN_OUT_BUDGET: Final = 10.0
 #: A pair just received is not refreshed again for staleness within the smaller of this and
 #: half its measured life (invariant 12): a device clock that runs ahead, or a server that
 #: hands out short-lived tokens, cannot turn every call into a rotation. A 401 still can.
@@ -372,7 +377,7 @@ class TokenManager:
         self._require_open()
         request = self.protocol.build_sign_in(credentials, self._device_info())
         answer = await self._exchange(
-            lambda: request, None, grace_deadline=None, secrets=credentials.values()
+            lambda: request, self._reader(None), secrets=credentials.values(), what="sign-in"
         )
         if isinstance(answer, Failure):
             raise SignInFailed(answer.code)
@@ -386,7 +391,9 @@ class TokenManager:
         self._require_open()
         if not isinstance(self.protocol, OAuth2Protocol):
             raise TypeError("sign_in_device needs an OAuth2Protocol with device_authorization_url")
-        io = DeviceIO(self._send, self._pause, self._clock, self.journal, self.account, self.retry)
+        io = DeviceIO(
+            self._exchange, self._pause, self._clock, self.journal, self.account, self.retry
+        )
         tokens = await run_device_flow(io, self.protocol, on_code)
         await self._store_sign_in(tokens)
         return tokens
@@ -523,17 +530,27 @@ class TokenManager:
 
     async def _finish_sign_out(self, tokens: TokenSet | None, generation: int) -> None:
         request = self.protocol.build_sign_out(tokens, self._device_info()) if tokens else None
-        if request is not None:
+        if tokens is not None and request is not None:
+            # The user waits for this: a short budget, then the sign-out is honoured
+            # locally even if the server is away (its copy of the token dies on its own).
+            budget = min(self.retry.max_elapsed, SIGN_OUT_BUDGET)
             try:
-                status, headers, body = await self._send(request)
-                failure = self.protocol.parse_sign_out(status, headers, body)
-                if failure is not None:
-                    log.warning(
-                        "the server refused the logout (%s); signing out locally", failure.code
-                    )
-            except NetworkFailure as exc:
-                # The user asked to sign out: honour it locally even if the server is away.
+                answer = await self._exchange(
+                    lambda: request,
+                    lambda status, headers, body: (
+                        self.protocol.parse_sign_out(status, headers, body) or True
+                    ),
+                    policy=dataclasses.replace(self.retry, max_elapsed=budget),
+                    secrets=(tokens.access_token, tokens.refresh_token or ""),
+                    what="logout",
+                )
+            except (TransientError, ProtocolError) as exc:
                 log.warning("logout could not reach the server (%s); signing out locally", exc)
+            else:
+                if isinstance(answer, Failure):
+                    log.warning(
+                        "the server refused the logout (%s); signing out locally", answer.code
+                    )
         finished = await self.journal.finish_sign_out(self.account, self._clock.time(), generation)
         if finished is None:
             # A newer decision (a sign-in here or in another process, or the same sign-out
@@ -684,10 +701,12 @@ class TokenManager:
                 try:
                     answer = await self._exchange(
                         functools.partial(self._build_refresh, claim.tokens),
-                        claim.tokens,
+                        self._reader(claim.tokens),
+                        policy=policy,
                         grace_deadline=claim.deadline,
                         before_send=functools.partial(self._prove_lease, claim),
-                        policy=policy,
+                        secrets=(claim.tokens.access_token, claim.tokens.refresh_token or ""),
+                        what="refresh",
                     )
                 except _LeaseLost:
                     # We were paused past our lease and another process took over: its
@@ -852,26 +871,32 @@ class TokenManager:
     async def _exchange(
         self,
         build: Callable[[], HttpRequest],
-        previous: TokenSet | None,
+        parse: Callable[[int, Mapping[str, str], bytes], _A | Failure],
         *,
-        grace_deadline: float | None,
-        before_send: Callable[[], Awaitable[None]] | None = None,
         policy: RetryPolicy | None = None,
+        grace_deadline: float | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
         secrets: Iterable[str] = (),
-    ) -> TokenSet | Failure:
-        """Send until a pair or a final failure arrives, within the retry policy.
+        what: str = "auth call",
+    ) -> _A | Failure:
+        """Every call to the auth server: send until an answer or a final failure arrives,
+        through the one retry loop (:func:`attempts`) under ``policy``.
 
-        Returns the pair or a non-retryable :class:`Failure`; raises a
-        :class:`TransientError` (or :class:`ProtocolError` for malformed answers) when the
-        budget runs out or the manager closes. ``grace_deadline`` is monotonic. A failure's
-        code and message are the server's words: they are made printable and stripped of
-        every secret of this exchange (``secrets``, the tokens of ``previous``) before they
-        reach an exception, a log line, an event or the journal.
+        Returns what ``parse`` made of the answer, or a non-retryable :class:`Failure`;
+        raises a :class:`TransientError` (or :class:`ProtocolError` for malformed answers)
+        when the budget runs out or the manager closes. ``grace_deadline`` is monotonic.
+        A ``parse`` that raises on what the server sent (a third-party protocol, or a case
+        ours missed) has met a malformed answer, retried like any other; so is a pair whose
+        tokens no header can carry. A failure's code and message are the server's words:
+        they are made printable and stripped of ``secrets`` before they reach an exception,
+        a log line, an event or the journal.
         """
-        if previous is not None:
-            secrets = (*secrets, previous.access_token, previous.refresh_token or "")
         loop = attempts(
-            policy or self.retry, self._clock.monotonic, self._pause, grace_deadline=grace_deadline
+            policy or self.retry,
+            self._clock.monotonic,
+            self._pause,
+            grace_deadline=grace_deadline,
+            what=what,
         )
         async for attempt in loop:
             if before_send is not None:
@@ -881,29 +906,32 @@ class TokenManager:
             except NetworkFailure as exc:
                 attempt.failed(None, str(exc))
                 continue
-            answer = self._parse(status, headers, body, previous)
+            try:
+                answer = parse(status, headers, body)
+            except Exception as exc:
+                log.warning("the auth protocol could not read a %d answer: %s", status, type(exc))
+                answer = Failure(FailureKind.MALFORMED, "malformed_body", status, "unreadable")
             if isinstance(answer, TokenSet) and not answer.sendable:
-                # Whatever the protocol made of it: a token no header can carry (CR/LF,
-                # NUL, non-ASCII) or the journal store (a lone surrogate) is malformed.
+                # A token with CR/LF, NUL or non-ASCII fits in no header (a lone surrogate
+                # in no journal): whatever the protocol made of it, the answer is malformed.
                 answer = Failure(FailureKind.MALFORMED, "malformed_body", status, "unusable token")
-            if isinstance(answer, Failure):
-                answer = _scrubbed(answer, secrets)
-            if isinstance(answer, TokenSet) or not answer.retryable:
+            if not isinstance(answer, Failure):
+                return answer
+            answer = _scrubbed(answer, secrets)
+            if not answer.retryable:
                 return answer
             attempt.failed(answer, answer.code)
         raise AssertionError("the retry loop ends by raising")  # pragma: no cover
 
-    def _parse(
-        self, status: int, headers: Mapping[str, str], body: bytes, previous: TokenSet | None
-    ) -> TokenSet | Failure:
-        """The protocol's reading of a token answer; a protocol that raises on what the
-        server sent (a third-party one, or a case ours missed) has met a malformed answer,
-        which is retried like any other, never a raw exception out of the refresh."""
-        try:
+    def _reader(
+        self, previous: TokenSet | None
+    ) -> Callable[[int, Mapping[str, str], bytes], Answer]:
+        """The protocol's reading of a token answer, at the time it arrives."""
+
+        def read(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
             return self.protocol.parse_tokens(status, headers, body, self._clock.time(), previous)
-        except Exception as exc:
-            log.warning("the auth protocol could not read a %d answer: %s", status, type(exc))
-            return Failure(FailureKind.MALFORMED, "malformed_body", status, "unreadable answer")
+
+        return read
 
     async def _send(self, request: HttpRequest) -> Raw:
         """One HTTP exchange with the auth server; no answer is a ``NetworkFailure``."""

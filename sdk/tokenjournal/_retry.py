@@ -43,6 +43,9 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     attempt_timeout: float = 15.0
+    #: Full jitter on the backoff curve (spreads a fleet's retries); ``False`` gives the bare
+    #: curve, for waits a standard fixes (RFC 8628 device polling).
+    jitter: bool = True
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -52,12 +55,13 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be positive")
 
     def backoff_delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """The full-jitter delay after ``attempt`` (1-based) failed tries, from ``backoff``."""
+        """The delay after ``attempt`` (1-based) failed tries, from ``backoff`` (full jitter
+        unless ``jitter`` is off)."""
         curve = backoff.expo(base=2, factor=self.base_delay, max_value=self.max_delay)
         next(curve)  # backoff's generators yield once before the first real value
         value = next(itertools.islice(curve, max(0, attempt - 1), None))
         # Full jitter as backoff.full_jitter computes it, with the draw injectable for tests.
-        return value * rng()
+        return value * rng() if self.jitter else value
 
     def delay(
         self,

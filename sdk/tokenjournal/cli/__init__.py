@@ -54,26 +54,20 @@ def _not_built_in(sub: Subparsers, name: str) -> None:
     parser.set_defaults(handler=handler, any_arguments=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: each subcommand module registers its own options."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=MAIN_DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=Formatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for name in COMMANDS:
+    for name in COMMANDS:  # each subcommand registers itself and its options
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ImportError:  # a build without it (the bench is the optional one)
             _not_built_in(sub, name)
         else:
             module.register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = build_parser()
     ns, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if rest and not getattr(ns, "any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
