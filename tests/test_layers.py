@@ -37,7 +37,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"server"},  # the reference server (``server.*``)
         {""},  # ``tokenjournal/__init__.py``: the public surface
         {"_manager", "_middleware", "_device"},
-        {"_journal", "_transport", "_retry", "_events", "_faults"},
+        {"_journal", "_doorbell", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
         {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock"},
     )

@@ -26,6 +26,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 from yarl import URL
 
+from . import _doorbell as doorbell
 from . import _faults
 from ._clock import Clock, SystemClock
 from ._device import DeviceIO, run_device_flow
@@ -45,6 +46,7 @@ from ._journal import (
     Busy,
     Holder,
     Journal,
+    Lease,
     SQLiteJournal,
     Stale,
     Started,
@@ -77,6 +79,8 @@ LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
+#: With the holder's doorbell in reach, reads are only a safety net: fewer of them.
+BELL_WAIT_MAX: Final = 0.25
 #: A server's error code longer than this is cut: codes are identifiers, not essays.
 CODE_LIMIT: Final = 64
 #: The grace rescue (invariant 11) tries again at least this often, as a share of the grace
@@ -198,6 +202,7 @@ class TokenManager:
         self._device_meta = (device_name or platform.node() or "device", device_type, user_agent)
         self._device: DeviceInfo | None = None
         self._lease_holder = Holder.for_this_process()
+        self._bell = doorbell.Doorbell()  # open while we hold the lease: wakes waiters
         self._hub = EventHub()
         self._state = SessionState.SIGNED_OUT
         self._tokens: TokenSet | None = None
@@ -711,6 +716,7 @@ class TokenManager:
                 except _LeaseLost:
                     # We were paused past our lease and another process took over: its
                     # refresh is the one we wanted. Adopt its commit (or wait for it).
+                    self._bell.ring()
                     log.info("lost the refresh lease of account %s; adopting", self.account)
                     record = await self.journal.load(self.account)
                     force = False
@@ -718,9 +724,15 @@ class TokenManager:
                 except BaseException:
                     # Budget spent, cancelled, the journal failed: the intent stays for the
                     # next try, and the lease goes now so no other process waits it out.
-                    await asyncio.shield(self._release())
+                    try:
+                        await asyncio.shield(self._release())
+                    finally:
+                        self._bell.ring()  # after the release, so waiters find it free
                     raise
-                return await self._settle(claim, answer)
+                try:
+                    return await self._settle(claim, answer)
+                finally:
+                    self._bell.ring()  # committed (or given up): wake the waiting processes
         except (SessionEnded, NotSignedIn):
             raise
         except BaseException as exc:
@@ -772,14 +784,23 @@ class TokenManager:
                 return await self._end("no_refresh_token", self._generation)
             now = self._clock.time()
             _faults.crash_point("before_intent")
-            began = await self.journal.begin_refresh(
-                self.account, self._holder, self._generation, now, self.lease_ttl
-            )
+            # The bell is up before the lease is visible: a process that sees the lease busy
+            # can always reach it (docs/architecture.md 1.3).
+            self._bell.open(self._holder.id, self.account)
+            try:
+                began = await self.journal.begin_refresh(
+                    self.account, self._holder, self._generation, now, self.lease_ttl
+                )
+            except BaseException:
+                self._bell.ring()
+                raise
+            if not isinstance(began, Started):
+                self._bell.ring()
             if isinstance(began, Stale):
                 record = began.record
                 continue
             if isinstance(began, Busy):
-                record = await self._await_other(self._generation)
+                record = await self._await_other(self._generation, began.lease)
                 force = False  # the other process's commit is the refresh we wanted
                 continue
             assert isinstance(began, Started)
@@ -791,18 +812,40 @@ class TokenManager:
             deadline = self._anchor(began.intent.started_at) + self.grace_period
             return _Claim(tokens, self._generation, deadline, taken_at)
 
-    async def _await_other(self, generation: int) -> AccountRecord:
-        """Another process holds the lease: poll the journal until it commits or lapses."""
+    async def _await_other(self, generation: int, lease: Lease) -> AccountRecord:
+        """Another process holds the lease: wait for its bell (its commit, release or death
+        wakes us at once), reading the journal between pauses in case no bell rings (another
+        host, no abstract sockets, a holder frozen past its lease)."""
         pause = WAIT_FIRST
-        while True:
-            await self._clock.sleep(pause)
-            record = await self.journal.load(self.account)
-            # A holder SIGKILLed on this host is noticed by its pid, not after its lease.
-            if record.generation != generation or not lease_is_live(
-                record.lease, self._holder, self._clock.time()
-            ):
-                return record
-            pause = min(pause * 1.5, WAIT_MAX)
+        bell: asyncio.Task[bool] | None = asyncio.ensure_future(doorbell.rung(lease, self.account))
+        try:
+            while True:
+                if bell is None:
+                    await self._clock.sleep(pause)
+                else:
+                    sleeping = asyncio.ensure_future(self._clock.sleep(pause))
+                    try:
+                        await asyncio.wait((bell, sleeping), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        sleeping.cancel()
+                record = await self.journal.load(self.account)
+                # A holder SIGKILLed on this host is noticed by its pid, not after its lease.
+                if record.generation != generation or not lease_is_live(
+                    record.lease, self._holder, self._clock.time()
+                ):
+                    return record
+                if bell is not None and bell.done():
+                    # Rung, refused or unreachable, and still busy: another holder took over
+                    # (listen to it), or this one has no bell we can reach (poll).
+                    same = record.lease is None or record.lease.holder == lease.holder
+                    lease = record.lease or lease
+                    bell = (
+                        None if same else asyncio.ensure_future(doorbell.rung(lease, self.account))
+                    )
+                pause = min(pause * 1.5, WAIT_MAX if bell is None else BELL_WAIT_MAX)
+        finally:
+            if bell is not None:
+                bell.cancel()
 
     def _build_refresh(self, tokens: TokenSet) -> HttpRequest:
         self.refresh_requests += 1

@@ -1,0 +1,146 @@
+"""The holder's doorbell: a process waiting on another's refresh wakes when the holder
+commits, not at its next poll of the journal (docs/architecture.md 1.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from aioresponses import CallbackResult, aioresponses
+
+import tokenjournal as tj
+from tokenjournal import _doorbell as doorbell
+from tokenjournal._clock import SystemClock
+from tokenjournal._journal import Lease
+
+from .conftest import DEMO
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's"
+)
+URL = "https://auth.example.com"
+
+
+class NeverSleeps(SystemClock):
+    """A clock whose pauses never end: only a doorbell can wake a waiter that uses it."""
+
+    __slots__ = ()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.Event().wait()
+
+
+def lease(holder: str, host: str | None = None) -> Lease:
+    return Lease(holder, 1, host or socket.gethostname(), 0.0)
+
+
+@linux_only
+async def test_ringing_wakes_every_waiter_and_an_absent_bell_answers_at_once() -> None:
+    bell = doorbell.Doorbell()
+    bell.open("holder-1", "acct")
+    waiters = [asyncio.ensure_future(doorbell.rung(lease("holder-1"), "acct")) for _ in range(5)]
+    for _ in range(20):  # let each connect; none may return before the ring
+        await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    bell.ring()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [True] * 5
+    # Rung (or never opened): nobody listens, so a waiter learns it at once and polls.
+    assert await doorbell.rung(lease("holder-1"), "acct") is False
+    assert await doorbell.rung(lease("holder-2"), "acct") is False
+
+
+async def test_a_holder_on_another_host_is_not_called() -> None:
+    bell = doorbell.Doorbell()
+    bell.open("holder-3", "acct")
+    try:
+        assert await doorbell.rung(lease("holder-3", host="elsewhere.invalid"), "acct") is False
+    finally:
+        bell.ring()
+
+
+@linux_only
+def test_the_bell_is_named_for_holder_and_account_and_leaves_no_file(tmp_path: Path) -> None:
+    names = {
+        doorbell.address("h1", "a"),
+        doorbell.address("h1", "b"),
+        doorbell.address("h2", "a"),
+    }
+    assert len(names) == 3 and all(n is not None and n.startswith("\0") for n in names)
+
+
+def _managers(path: Path) -> tuple[tj.TokenManager, tj.TokenManager]:
+    holder = tj.TokenManager(URL, path)
+    waiter = tj.TokenManager(URL, path, clock=NeverSleeps())
+    return holder, waiter
+
+
+async def _holding(holder: tj.TokenManager) -> None:
+    while holder.state is not tj.SessionState.REFRESHING:
+        await asyncio.sleep(0)
+
+
+@linux_only
+async def test_a_waiter_wakes_on_the_holders_commit_without_polling(tmp_path: Path) -> None:
+    """The waiter's clock never finishes a pause: it returns only because the holder rang.
+    It adopts the holder's pair; the server sees one refresh."""
+    gate = asyncio.Event()
+
+    async def slow(url: object, **kwargs: object) -> CallbackResult:
+        await gate.wait()
+        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
+
+    with aioresponses() as mock:
+        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(URL + "/auth/refresh", callback=slow)
+        holder, waiter = _managers(tmp_path / "t.db")
+        async with holder:
+            await holder.sign_in(**DEMO)
+            async with waiter:
+                rotating = asyncio.ensure_future(holder.refresh())
+                await _holding(holder)
+                waiting = asyncio.ensure_future(waiter.refresh())
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                assert not waiting.done()
+                gate.set()
+                assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
+                assert (await rotating).access_token == "a2"
+                assert waiter.refresh_requests == 0
+
+
+@linux_only
+async def test_a_cancelled_caller_leaves_the_shared_wait_on_the_bell(tmp_path: Path) -> None:
+    """Cancelling a caller never cancels the shared refresh (invariant 7), and that refresh,
+    parked on the bell, still wakes on the holder's commit and adopts its pair."""
+    gate = asyncio.Event()
+
+    async def slow(url: object, **kwargs: object) -> CallbackResult:
+        await gate.wait()
+        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
+
+    with aioresponses() as mock:
+        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(URL + "/auth/refresh", callback=slow)
+        holder, waiter = _managers(tmp_path / "t.db")
+        async with holder:
+            await holder.sign_in(**DEMO)
+            async with waiter:
+                rotating = asyncio.ensure_future(holder.refresh())
+                await _holding(holder)
+                waiting = asyncio.ensure_future(waiter.refresh())
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                gate.set()
+                assert (await rotating).access_token == "a2"
+                for _ in range(500):  # until the waiter's own refresh task has adopted
+                    if waiter.tokens is not None and waiter.tokens.access_token == "a2":
+                        break
+                    await asyncio.sleep(0.01)
+                assert waiter.tokens is not None and waiter.tokens.access_token == "a2"
+                assert waiter.refresh_requests == 0
