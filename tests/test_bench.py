@@ -142,7 +142,7 @@ def test_a_missed_count_target_fails_the_command(
 def test_timing_targets_are_reported_but_never_fail_the_command() -> None:
     checks = bench.targets(
         {
-            "overhead": {"ratio": 0.5},
+            "overhead": {"ratio": 0.5, "middleware_cpu_s": 9e-6, "bare_middleware_cpu_s": 1e-6},
             "footprint": {"extra_rss_mib": 50.0},
             "hot": {"journal_calls": 0, "audited_calls_touching_journal": 0},
         }
@@ -152,6 +152,8 @@ def test_timing_targets_are_reported_but_never_fail_the_command() -> None:
     assert by_name["extra RSS"].met is False
     assert not by_name["request throughput ratio"].enforced
     assert not by_name["extra RSS"].enforced
+    added = by_name["middleware CPU over a bare bearer middleware"]
+    assert added.met is False and not added.enforced and added.value == "+8.00 us"
     assert by_name["hot path journal calls"].met and by_name["hot path journal calls"].enforced
     hot_touch = bench.targets({"hot": {"journal_calls": 3, "audited_calls_touching_journal": 1}})
     assert hot_touch[0].met is False

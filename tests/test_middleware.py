@@ -197,3 +197,48 @@ def test_the_middleware_validates_its_origins_at_construction(
         tj.TokenManager("https://auth.example.com", tmp_path / "j.db", allowed_origins=bad)
     with pytest.raises(TypeError, match="not one string"):
         tj.TokenMiddleware(object(), "https://api.example.com")  # type: ignore[arg-type]
+
+
+class _NoSource:
+    async def access_token(self) -> str:
+        raise AssertionError("not called")
+
+    async def refresh_for(self, rejected_access_token: str) -> tj.TokenSet:
+        raise AssertionError("not called")
+
+
+def test_the_remembered_origin_decision_is_the_decision() -> None:
+    """Decided once per origin (the per-request cost): asked again, in any order, past the
+    memory's size, the answer is what the full check says, for every kind of origin."""
+    from tokenjournal._middleware import DECISIONS
+
+    allowed = ["https://api.example.com", "http://127.0.0.1:8080", "http://intranet.example:81"]
+    mw = tj.TokenMiddleware(_NoSource(), allowed)
+    expected = {
+        "https://api.example.com/x?q=1": True,
+        "https://API.example.com:443/y": True,
+        "https://api.example.com:8443/x": False,  # another port is another origin
+        "http://api.example.com/x": False,  # another scheme too
+        "http://127.0.0.1:8080/me": True,  # plain HTTP, but loopback
+        "http://intranet.example:81/me": False,  # plain HTTP to a remote host: no consent
+        "https://evil.example.com/x": False,
+    }
+    for _ in range(3):
+        for url, allowed_here in expected.items():
+            assert mw.allows(URL(url)) is allowed_here, url
+    for n in range(DECISIONS * 2):  # more origins than remembered: forgotten, still right
+        assert mw.allows(URL(f"https://host{n}.example.com/")) is False
+    for url, allowed_here in expected.items():
+        assert mw.allows(URL(url)) is allowed_here, url
+    consenting = tj.TokenMiddleware(_NoSource(), allowed, allow_insecure_http=True)
+    assert consenting.allows(URL("http://intranet.example:81/me")) is True
+
+
+def test_the_origin_policy_is_read_only() -> None:
+    """What is decided once cannot be changed behind the decisions' back."""
+    mw = tj.TokenMiddleware(_NoSource(), ["https://api.example.com"])
+    with pytest.raises(AttributeError):
+        mw.allow_insecure_http = True  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        mw.allowed_origins = frozenset()  # type: ignore[misc]
+    assert mw.allowed_origins == frozenset({("https", "api.example.com", 443)})

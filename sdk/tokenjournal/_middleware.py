@@ -17,6 +17,9 @@ from ._tokens import TokenSet
 from ._urls import Origin, is_loopback, origin
 
 BEARER: Final = "Bearer "
+#: Origins whose decision is remembered; past this the memory starts afresh (an app that
+#: talks to more origins than this pays the full check, nothing else).
+DECISIONS: Final = 256
 
 
 class TokenSource(Protocol):
@@ -50,7 +53,7 @@ class TokenMiddleware:
     raised to the caller.
     """
 
-    __slots__ = ("_source", "allow_insecure_http", "allowed_origins")
+    __slots__ = ("_allow_insecure_http", "_allowed_origins", "_decisions", "_source")
 
     def __init__(
         self,
@@ -70,14 +73,36 @@ class TokenMiddleware:
                 raise ValueError(f"allowed_origins: {entry!r} is not an http(s) URL")
             origins.add(origin(u))
         self._source = source
-        self.allowed_origins: frozenset[Origin] = frozenset(origins)
-        self.allow_insecure_http = bool(allow_insecure_http)
+        self._allowed_origins: frozenset[Origin] = frozenset(origins)
+        self._allow_insecure_http = bool(allow_insecure_http)
+        # The decision depends on the origin alone, and the settings above are read-only:
+        # decide once per origin, not once per request.
+        self._decisions: dict[tuple[str, str | None, int | None], bool] = {}
+
+    @property
+    def allowed_origins(self) -> frozenset[Origin]:
+        """The origins the bearer may go to, as ``(scheme, host, port)``."""
+        return self._allowed_origins
+
+    @property
+    def allow_insecure_http(self) -> bool:
+        """Whether plain HTTP to a non-loopback allowed origin may carry the bearer."""
+        return self._allow_insecure_http
 
     def allows(self, url: URL) -> bool:
         """Whether the bearer may be sent to ``url`` (invariant 9)."""
-        if origin(url) not in self.allowed_origins:
+        key = (url.scheme, url.host, url.port)
+        decided = self._decisions.get(key)
+        if decided is None:
+            if len(self._decisions) >= DECISIONS:
+                self._decisions.clear()
+            decided = self._decisions[key] = self._decide(url)
+        return decided
+
+    def _decide(self, url: URL) -> bool:
+        if origin(url) not in self._allowed_origins:
             return False
-        return url.scheme == "https" or is_loopback(url.host) or self.allow_insecure_http
+        return url.scheme == "https" or is_loopback(url.host) or self._allow_insecure_http
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Run one hop of a request through the bearer and 401 rules."""

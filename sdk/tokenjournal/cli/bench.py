@@ -35,6 +35,7 @@ import gc
 import importlib.util
 import inspect
 import json
+import math
 import os
 import platform
 import shutil
@@ -47,9 +48,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Final, TextIO
 
 import aiohttp
+from aiohttp import hdrs
+from yarl import URL
 
 from .._journal import Journal, MemoryJournal
 from .._manager import TokenManager
@@ -64,6 +68,8 @@ MIB: Final = 1024 * 1024
 #: Targets from the issue. Only the count targets (``enforced``) decide the exit status.
 TARGET_OVERHEAD_RATIO: Final = 0.95
 TARGET_RSS_MIB: Final = 5.0
+#: Client CPU the middleware may add per request over a bare bearer middleware, in us.
+TARGET_MIDDLEWARE_US: Final = 2.0
 #: Every async method of the Journal protocol: what the probe wraps and counts.
 JOURNAL_METHODS: Final = tuple(
     name for name, member in vars(Journal).items() if inspect.iscoroutinefunction(member)
@@ -396,6 +402,37 @@ async def _get_many(
     return time.perf_counter() - wall, time.process_time() - cpu, bad
 
 
+async def _middleware_cpu(tm: TokenManager, url: str, calls: int) -> dict[str, float]:
+    """The client CPU one request spends in the middleware, against the floor: a bare
+    middleware that sets a fixed bearer. Both run on one reused request with a handler that
+    answers at once, so nothing but the middlewares is measured (seconds per call, the
+    fastest of several interleaved rounds)."""
+    request = aiohttp.ClientRequest("GET", URL(url), loop=asyncio.get_running_loop())
+    answer = SimpleNamespace(status=200)
+    bearer = "Bearer " + await tm.access_token()
+
+    async def handler(req: aiohttp.ClientRequest) -> Any:
+        return answer
+
+    async def bare(req: aiohttp.ClientRequest, handler: Any) -> Any:
+        req.headers[hdrs.AUTHORIZATION] = bearer
+        return await handler(req)
+
+    async def timed(middleware: Any) -> float:
+        headers = request.headers
+        started = time.perf_counter()
+        for _ in range(calls):
+            headers.pop(hdrs.AUTHORIZATION, None)
+            await middleware(request, handler)
+        return (time.perf_counter() - started) / calls
+
+    best = {"sdk": math.inf, "bare": math.inf}
+    for _ in range(7):
+        best["sdk"] = min(best["sdk"], await timed(tm.middleware))
+        best["bare"] = min(best["bare"], await timed(bare))
+    return best
+
+
 async def bench_overhead(s: Settings, journal_dir: Path, progress: Progress) -> Result:
     """GETs through ``tm.client_session()`` vs a plain session with a fixed header."""
     async with _server() as server:
@@ -429,7 +466,11 @@ async def bench_overhead(s: Settings, journal_dir: Path, progress: Progress) -> 
             # Paired per round: a round's two halves ran back to back under the same noise.
             ratios = [b / a for a, b in zip(wall["a"], wall["b"], strict=True)]
             cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"], strict=True) if a > 0]
+            progress("request overhead: the middleware alone")
+            alone = await _middleware_cpu(tm, url, max(1000, s.requests * 10))
             return {
+                "middleware_cpu_s": alone["sdk"],
+                "bare_middleware_cpu_s": alone["bare"],
                 "sdk_extra_s_per_request": (fastest(wall["a"]) - fastest(wall["b"])) / s.requests,
                 "sdk_requests_per_s": s.requests / median(wall["a"]),
                 "plain_requests_per_s": s.requests / median(wall["b"]),
@@ -862,6 +903,16 @@ def targets(sections: Result) -> list[Target]:
                 False,
             )
         )
+        added = (float(over["middleware_cpu_s"]) - float(over["bare_middleware_cpu_s"])) * 1e6
+        out.append(
+            Target(
+                "middleware CPU over a bare bearer middleware",
+                f"<= {TARGET_MIDDLEWARE_US:g} us",
+                f"{added:+.2f} us",
+                added <= TARGET_MIDDLEWARE_US,
+                False,
+            )
+        )
     foot = sections.get("footprint")
     if foot:
         mib = float(foot["extra_rss_mib"])
@@ -1002,6 +1053,14 @@ def render(report: Result) -> str:
                 f"{o['sdk_extra_s_per_request'] * 1e6:+.1f} us",
                 "",
                 "",
+            )
+        )
+        rows.append(
+            (
+                "middleware CPU per request vs the floor",
+                f"{o['middleware_cpu_s'] * 1e6:.2f} us vs {o['bare_middleware_cpu_s'] * 1e6:.2f} us"
+                " (a bare bearer middleware)",
+                *_verdict(checks, "middleware CPU over a bare bearer middleware"),
             )
         )
     if "coalescing" in sec:
