@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -152,6 +153,35 @@ def test_kiosk_smoke_goes_online_offline_online_then_session_ended(tmp_path: Pat
         "TJ_EMAIL=demo@example.com TJ_PASSWORD=... python samples/kiosk.py --state-dir",
         "SMOKE OK: ONLINE -> OFFLINE -> ONLINE -> SESSION ENDED",
     )
+
+
+# ---------------------------------------------------------------------------- requests script
+
+
+def test_cli_requests_smoke_stays_signed_in_across_runs(tmp_path: Path) -> None:
+    result = run_sample(tmp_path, "cli_requests.py", "--smoke")
+    assert_lines(
+        result,
+        0,
+        "ok: the second run resumes the session from the journal, no new sign-in",
+        "ok: after expiry the next run refreshes once and gets its 200",
+        "ok: a session the server ended is signed into again, and the call made",
+        "SMOKE OK:",
+    )
+
+
+def test_cli_requests_second_process_resumes_without_signing_in(tmp_path: Path) -> None:
+    """Two separate processes on one state folder: the second needs no password."""
+    state = str(tmp_path / "state")
+    first = run_sample(tmp_path, "cli_requests.py", "--state-dir", state)
+    assert_lines(first, 0, "signed in as demo@example.com", "GET /api/me: 200")
+    second = run_sample(tmp_path, "cli_requests.py", "--state-dir", state)
+    assert_lines(second, 0, "session resumed from journal.db", "GET /api/me: 200")
+    assert "signed in as" not in second.stdout
+    with sqlite3.connect(tmp_path / "state" / "journal.db") as db:
+        (access, refresh), *_ = db.execute("SELECT access_token, refresh_token FROM accounts")
+    assert access not in first.stdout + second.stdout  # fingerprints only
+    assert refresh not in first.stdout + second.stdout
 
 
 # ---------------------------------------------------------------------------- desktop
