@@ -524,6 +524,7 @@ def _blocking_rounds(s: Settings, tm: Any, url: str, progress: Progress) -> Resu
                 # CPU time of the whole process (client and server): other programs on the
                 # machine steal wall time unevenly, CPU time much less so.
                 cpu[name].append(time.process_time() - used)
+        adapter_s = _adapter_costs(tm, url, max(1, s.hot_calls // 10))
         hop_calls = max(1, s.hot_calls // 100)
         started = time.perf_counter()
         for _ in range(s.hot_calls):
@@ -555,10 +556,39 @@ def _blocking_rounds(s: Settings, tm: Any, url: str, progress: Progress) -> Resu
         "pairs": pairs,
         "requests_per_side": s.requests * s.blocking_rounds,
         "not_200": bad,
+        "adapter_s_per_request": adapter_s,
         "access_token_fresh_s": fresh_s,
         "access_token_hop_s": hop_s,
         "refresh_requests": tm.manager.refresh_requests,
     }
+
+
+def _adapter_costs(tm: Any, url: str, n: int) -> dict[str, float]:
+    """What each adapter adds to one request with no network in the way: RequestsAuth on a
+    prepared request, HttpxAuth's flow up to the request it sends (a fresh token, no 401)."""
+    import requests
+
+    from ..adapters import HttpxAuth, RequestsAuth
+
+    out: dict[str, float] = {}
+    auth = RequestsAuth(tm)
+    prepared = requests.Request("GET", url).prepare()
+    started = time.perf_counter()
+    for _ in range(n):
+        prepared.headers.pop("Authorization", None)
+        auth(prepared)
+    out["requests_auth"] = (time.perf_counter() - started) / n
+    if importlib.util.find_spec("httpx") is not None:
+        import httpx
+
+        flow_auth = HttpxAuth(tm)
+        request = httpx.Request("GET", url)
+        started = time.perf_counter()
+        for _ in range(n):
+            request.headers.pop("Authorization", None)
+            next(flow_auth.sync_auth_flow(request))
+        out["httpx_auth"] = (time.perf_counter() - started) / n
+    return out
 
 
 async def bench_blocking(s: Settings, journal_dir: Path, progress: Progress) -> Result:
@@ -1255,6 +1285,15 @@ def _blocking_rows(b: Result, checks: dict[str, Target]) -> list[tuple[str, str,
                 *_verdict(checks, f"blocking throughput ratio ({side})"),
             )
         )
+    costs = b["adapter_s_per_request"]
+    rows.append(
+        (
+            "  adapter's own cost per request (no network)",
+            ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in costs.items()),
+            "",
+            "",
+        )
+    )
     rows.append(
         (
             "  sync access_token(): fresh / via the loop thread",
