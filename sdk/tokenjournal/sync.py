@@ -12,7 +12,7 @@ public method a blocking twin, callable from any thread::
             tm.sign_in(email="me@example.com", password="...")
         token = tm.access_token(timeout=10)
 
-The thread model is docs/architecture.md section 7: a blocking call hands its coroutine to the
+The thread model is docs/architecture.md section 1.9: a blocking call hands its coroutine to the
 loop thread and waits for the answer; ``timeout`` stops the wait (``TimeoutError``) and cancels
 only that caller's coroutine, never the refresh other callers share (invariant 7). A fresh token
 is answered without a trip to the loop thread.
