@@ -189,6 +189,40 @@ def test_a_process_that_never_closes_it_still_exits(
     assert time.monotonic() - started < 60
 
 
+def test_a_forked_child_gets_a_clear_error_not_a_hang(
+    server: ThreadedReferenceServer, tmp_path: Path
+) -> None:
+    """fork() copies the manager but not its loop thread: a call in the child would wait
+    for ever; it raises instead, and a manager opened in the child works."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        import tokenjournal.sync as tjs
+        with tjs.TokenManager(sys.argv[1], sys.argv[2]) as tm:
+            tm.sign_in(email="demo@example.com", password="demo")
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    tm.refresh(timeout=5)
+                except RuntimeError as exc:
+                    print("child:", "fork()" in str(exc), flush=True)
+                with tjs.TokenManager(sys.argv[1], sys.argv[2]) as fresh:
+                    print("child token:", bool(fresh.access_token(timeout=5)), flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, server.url, str(tmp_path / "j.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "child: True" in result.stdout and "child token: True" in result.stdout
+
+
 CHILD = textwrap.dedent(
     """
     import sys

@@ -100,6 +100,7 @@ class TokenManager:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()  # fork() copies this object but not its loop thread
         self._closed = False
         self._lock = threading.Lock()  # open() and close() one at a time
 
@@ -122,7 +123,7 @@ class TokenManager:
 
     def open(self, *, timeout: float | None = None) -> None:
         """Start the loop thread and open the manager (idempotent; see the async ``open``)."""
-        self._refuse_own_thread()
+        self._check_caller()
         with self._lock:
             if self._closed:
                 raise RuntimeError("this sync TokenManager is closed: make a new one")
@@ -146,7 +147,7 @@ class TokenManager:
         Safe to call twice. ``timeout`` defaults to ``CLOSE_TIMEOUT``; when it passes the
         thread is left to the process's end, which the journal survives.
         """
-        self._refuse_own_thread()
+        self._check_caller()
         with self._lock:
             loop, thread = self._loop, self._thread
             self._closed = True  # no new calls from here on
@@ -154,6 +155,8 @@ class TokenManager:
                 return
             try:
                 _wait(loop, self.manager.close, CLOSE_TIMEOUT if timeout is None else timeout)
+                # aiohttp resolves names on the loop's default executor: end its threads too.
+                _wait(loop, loop.shutdown_default_executor, timeout)
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout)
@@ -184,7 +187,7 @@ class TokenManager:
     def access_token(self, *, timeout: float | None = None) -> str:
         """A valid access token: from memory when fresh (no thread hop), else from the one
         shared refresh. A caller that times out leaves the refresh running for the others."""
-        self._refuse_own_thread()  # even when fresh: the same call must not sometimes hang
+        self._check_caller()  # even when fresh: the same call must not sometimes hang
         token = self.manager.fresh_token() if not self._closed else None
         if token is not None:
             return token
@@ -239,8 +242,13 @@ class TokenManager:
 
     # ------------------------------------------------------------------ internals
 
-    def _refuse_own_thread(self) -> None:
+    def _check_caller(self) -> None:
         thread = self._thread
+        if thread is not None and os.getpid() != self._pid:
+            raise RuntimeError(
+                "this tokenjournal.sync.TokenManager was opened before fork(): its loop thread "
+                "stayed in the parent; open a new one in the child (same journal)"
+            )
         if thread is not None and threading.current_thread() is thread:
             raise RuntimeError(
                 "a blocking tokenjournal.sync.TokenManager call was made on the manager's own "
@@ -250,7 +258,7 @@ class TokenManager:
 
     def _call(self, start: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
         """Run ``start()`` on the loop thread and wait up to ``timeout`` for its result."""
-        self._refuse_own_thread()
+        self._check_caller()
         loop = self._loop
         if loop is None or self._closed:
             raise RuntimeError(
@@ -265,7 +273,7 @@ class TokenManager:
 
         For adapters that must not block: ``await asyncio.wrap_future(tm.submit(...))``.
         """
-        self._refuse_own_thread()
+        self._check_caller()
         if self._loop is None or self._closed:
             raise RuntimeError("the sync TokenManager is not open")
         return asyncio.run_coroutine_threadsafe(start(), self._loop)
