@@ -41,6 +41,7 @@ from .sync import TokenManager as SyncTokenManager
 
 if TYPE_CHECKING:
     import httpx
+    import httpx2
     import requests
     import requests.auth
 
@@ -241,7 +242,9 @@ if TYPE_CHECKING:
     class RequestsAuth(_RequestsFlow, requests.auth.AuthBase):
         """A ``requests`` auth: ``session.auth = RequestsAuth(sync_tm)``."""
 
-    class HttpxAuth(_HttpxFlow, httpx.Auth):
+    # Both flavours' Auth, as at run time, so either client's type accepts it; their flow
+    # methods name their own Request types, hence the ignore.
+    class HttpxAuth(_HttpxFlow, httpx.Auth, httpx2.Auth):  # type: ignore[misc]
         """An ``httpx.Auth``: ``httpx.Client(auth=HttpxAuth(sync_tm))``,
         ``httpx.AsyncClient(auth=HttpxAuth(tm))``."""
 
