@@ -66,6 +66,28 @@ def test_sign_in_token_sign_out_and_the_same_error_classes(
     assert "eyJ" not in repr(tm)  # fingerprints only
 
 
+def test_device_flow_and_set_tokens_have_blocking_twins(tmp_path: Path) -> None:
+    with ThreadedReferenceServer(device_interval=1) as server:
+        protocol = tj.OAuth2Protocol(
+            server.url + "/oauth/token",
+            client_id="tokenjournal-demo",
+            client_auth="none",
+            device_authorization_url=server.url + "/oauth/device_authorization",
+        )
+        shown: list[tj.DeviceCode] = []
+
+        def on_code(code: tj.DeviceCode) -> None:  # runs on the manager's thread
+            shown.append(code)
+            server.run(lambda: server.server.device_action(code.user_code, "approve"))
+
+        with tjs.TokenManager(server.url, tmp_path / "a.db", protocol=protocol) as tm:
+            tokens = tm.sign_in_device(on_code, timeout=30)
+            assert tm.state is tj.SessionState.VALID and tm.tokens == tokens and shown
+        with tjs.TokenManager(server.url, tmp_path / "b.db") as other:
+            other.set_tokens(tokens, timeout=10)
+            assert other.tokens == tokens and other.access_token() == tokens.access_token
+
+
 def test_a_closed_manager_refuses_calls_and_cannot_reopen(
     server: ThreadedReferenceServer, journal_path: Path
 ) -> None:
