@@ -19,7 +19,7 @@ import pytest
 
 import tokenjournal as tj
 import tokenjournal.sync as tjs
-from tokenjournal.testing import FakeClock
+from tokenjournal.testing import FakeClock, reference_server
 
 from .conftest import DEMO
 from .harness.threaded import ThreadedReferenceServer
@@ -144,6 +144,38 @@ def test_a_timed_out_caller_does_not_cancel_the_shared_refresh(
     assert tm.manager.refresh_requests == 1
     assert events.count(tj.EventKind.REFRESHED) == 1
     assert tj.EventKind.REFRESH_FAILED not in events
+
+
+def test_a_close_that_times_out_leaves_no_caller_waiting_for_ever(
+    server: ThreadedReferenceServer, journal_path: Path
+) -> None:
+    """close(timeout=) ends the loop thread even with a refresh in flight: the caller that
+    waited on it gets an error at once (not a future no loop will ever complete), and the
+    refresh's intent stays for the next start (invariant 6)."""
+    tm = tjs.TokenManager(server.url, journal_path)
+    tm.open()
+    tm.sign_in(**DEMO)
+    server.set_faults([{"kind": "delay_before", "seconds": 30}])
+    outcome: list[BaseException | tj.TokenSet] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(tm.refresh())  # no timeout of its own
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while tm.state is not tj.SessionState.REFRESHING:  # the request is at the server
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        tm.close(timeout=0.2)
+    thread.join(10)
+    assert not thread.is_alive(), "a caller was left waiting on a stopped loop"
+    assert isinstance(outcome[0], RuntimeError) and "closed" in str(outcome[0])
+    server.set_faults([])
 
 
 def test_subscribe_with_call_hands_the_event_to_the_apps_thread(
@@ -288,3 +320,26 @@ def test_sigkill_of_a_sync_manager_mid_refresh_is_recovered_through_the_grace_wi
     stats = server.stats()
     assert stats["signins"] == 1
     assert (stats["rotations"], stats["grace_replays"], stats["family_revocations"]) == (1, 1, 0)
+
+
+async def test_fresh_token_answers_only_what_access_token_would_answer_without_a_wait(
+    journal_path: Path,
+) -> None:
+    """The sync manager's hop-free hot path: a token before the refresh margin, else None
+    (stale, signed out, closed), so the loop thread decides everything else."""
+    clock = FakeClock()
+    async with reference_server() as srv:
+        tm = tj.TokenManager(srv.url, journal_path, clock=clock)
+        assert tm.fresh_token() is None  # not open
+        async with tm:
+            assert tm.fresh_token() is None  # no pair
+            pair = await tm.sign_in(**DEMO)
+            assert tm.fresh_token() == pair.access_token
+            clock.advance(900 - 60)  # inside the 60 s margin: the loop must start a refresh
+            assert tm.fresh_token() is None
+            assert await tm.access_token() == pair.access_token  # still valid, refreshing
+            fresh = await tm.refresh()
+            assert tm.fresh_token() == fresh.access_token
+            await tm.sign_out()
+            assert tm.fresh_token() is None
+        assert tm.fresh_token() is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -45,6 +46,8 @@ T = TypeVar("T")
 #: How long ``close()`` waits for the loop thread to finish the async ``close()`` (which itself
 #: lets an in-flight refresh commit for up to ``CLOSE_WAIT``) when no timeout is given.
 CLOSE_TIMEOUT: Final = 30.0
+#: How long a close() that timed out waits for what it cancels to finish its cleanup.
+LEFTOVER_WAIT: Final = 2.0
 
 #: Hands a callback and its event to the app's own thread: ``root.after_idle`` for Tk,
 #: ``lambda f, e: QTimer.singleShot(0, lambda: f(e))`` for Qt.
@@ -144,8 +147,9 @@ class TokenManager:
     def close(self, *, timeout: float | None = None) -> None:
         """Close the manager (an in-flight refresh may commit first) and end the loop thread.
 
-        Safe to call twice. ``timeout`` defaults to ``CLOSE_TIMEOUT``; when it passes the
-        thread is left to the process's end, which the journal survives.
+        Safe to call twice. ``timeout`` defaults to ``CLOSE_TIMEOUT``; when it passes, what
+        still runs is cancelled (a refresh's intent stays for the next start), callers still
+        waiting get ``RuntimeError``, and this call raises ``TimeoutError``.
         """
         self._check_caller()
         with self._lock:
@@ -153,11 +157,22 @@ class TokenManager:
             self._closed = True  # no new calls from here on
             if loop is None or thread is None or not thread.is_alive():
                 return
+            closed = False
             try:
                 _wait(loop, self.manager.close, CLOSE_TIMEOUT if timeout is None else timeout)
                 # aiohttp resolves names on the loop's default executor: end its threads too.
                 _wait(loop, loop.shutdown_default_executor, timeout)
+                closed = True
             finally:
+                if not closed:
+                    # What still runs is cancelled before the loop stops: a caller waiting on
+                    # it gets an error now, not a future that no loop will ever complete, and
+                    # a refresh cut here leaves its intent for the next start (invariant 6).
+                    # Then a second close() finishes what the first left (HTTP, journal),
+                    # as the async manager documents.
+                    with contextlib.suppress(Exception):
+                        _wait(loop, _cancel_the_rest, LEFTOVER_WAIT)
+                        _wait(loop, self.manager.close, LEFTOVER_WAIT)
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout)
                 if not thread.is_alive():
@@ -288,11 +303,22 @@ def _wait(
     future = asyncio.run_coroutine_threadsafe(start(), loop)
     try:
         return future.result(timeout)
+    except concurrent.futures.CancelledError:
+        # Only close() cancels a caller's coroutine (a timeout has stopped waiting already).
+        raise RuntimeError("the sync TokenManager was closed while this call waited") from None
     except concurrent.futures.TimeoutError:
         # Cancels this caller's coroutine only: the async manager awaits its shared refresh
         # through asyncio.shield, so the other callers still get it (invariant 7).
         future.cancel()
         raise TimeoutError(f"no answer within {timeout} s") from None
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of this loop and let each run its cleanup."""
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
