@@ -254,8 +254,11 @@ class TkView:
         """The controller changed: draw now on Tk's thread, else hand it over to it."""
         if threading.current_thread() is self._ui_thread:
             self.render()
-        else:
+            return
+        try:
             self.root.after_idle(self.render)
+        except RuntimeError:  # "main thread is not in main loop": the window is closing
+            log.debug("a change after the window closed was not drawn")
 
     def render(self) -> None:
         """Show the latest snapshot (not the one that announced it: hand-overs from two

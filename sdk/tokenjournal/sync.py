@@ -39,7 +39,7 @@ from ._protocols import AuthProtocol, DeviceCode
 from ._retry import RetryPolicy
 from ._tokens import TokenSet
 
-__all__ = ["TokenManager"]
+__all__ = ["Deliver", "TokenManager"]
 
 T = TypeVar("T")
 
