@@ -17,9 +17,10 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -162,6 +163,37 @@ async def backend(args: argparse.Namespace, name: str) -> AsyncIterator[Backend]
             yield Backend(
                 server.url, folder, args.email or DEMO_EMAIL, args.password or DEMO_PASSWORD, server
             )
+
+
+@contextmanager
+def backend_in_thread(args: argparse.Namespace, name: str) -> Iterator[Backend]:
+    """:func:`backend` for programs that are not asyncio programs (the sync manager's): a
+    self-started reference server gets an event loop of its own, in a daemon thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="reference-server", daemon=True)
+    thread.start()
+    started = backend(args, name)
+    try:
+        yield asyncio.run_coroutine_threadsafe(started.__aenter__(), loop).result()
+    finally:
+        try:
+            asyncio.run_coroutine_threadsafe(started.__aexit__(None, None, None), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+
+def run_blocking(main: Callable[[], int]) -> NoReturn:
+    """:func:`run` for a blocking ``main``."""
+    try:
+        code = main()
+    except SmokeFailed as exc:
+        print(f"SMOKE FAILED: {exc}", flush=True)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
 
 
 def run(main: Coroutine[Any, Any, int]) -> NoReturn:

@@ -1,11 +1,13 @@
 """Desktop app: a Tkinter window that signs in, shows the session live, and calls an API.
 
 What it shows:
-- asyncio and Tk in one thread with no blocking call in the UI: asyncio owns the loop and a
-  task pumps Tk's events (``root.update()``) every few milliseconds, so a slow network never
-  freezes the window and button handlers can start coroutines.
-- A controller with no Tk in it (sign in, call ``GET /api/me``, sign out, follow the session
-  through ``tm.subscribe``) and a thin Tk view over it: the same controller runs headless.
+- No asyncio in the app: ``tokenjournal.sync.TokenManager`` keeps the session on its own
+  thread, Tk's ``mainloop()`` owns the main thread and sleeps until something happens (no
+  polling loop: the window costs next to no CPU while idle), and each button runs its
+  blocking work (sign in, ``GET /api/me`` through ``requests`` and ``RequestsAuth``, sign out)
+  on a worker thread, so a slow network never freezes the window.
+- Session events reach the window on Tk's own thread: ``tm.subscribe(..., call=root.after_idle)``.
+- A controller with no Tk in it and a thin Tk view over it: the same controller runs headless.
 - The session state shown live (valid / refreshing / offline / ended) with the access
   token's fingerprint, never the token.
 - A clear message when the server ends the session, and the sign-in form back.
@@ -15,41 +17,48 @@ Run it:
     python samples/desktop_tk.py --auth-url https://auth.example --email me@example.com
     python samples/desktop_tk.py --smoke           # drives the real window (needs a display)
     python samples/desktop_tk.py --smoke --headless  # the same scenario, controller only
+    python samples/desktop_tk.py --smoke --idle-cpu 5  # then measure the idle window's CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-import aiohttp
+import requests
 from _common import (
     SMOKE_RETRY,
     Backend,
+    SmokeFailed,
     add_common_arguments,
-    backend,
+    backend_in_thread,
     check,
-    run,
+    run_blocking,
     setup_logging,
 )
 
 import tokenjournal as tj
+import tokenjournal.sync as tjs
+from tokenjournal.adapters import RequestsAuth
 
 if TYPE_CHECKING:  # imported lazily below: a Python without Tk can still run --headless
     import tkinter as tk
 
 log = logging.getLogger("desktop_tk")
+T = TypeVar("T")
 
-#: How often Tk's events are pumped (about 60 frames a second).
-UI_TICK: Final = 1 / 60
 EXIT_NO_DISPLAY: Final = 2
 #: A person is waiting: give up on an unreachable server after ~10 s, not the default minute.
 INTERACTIVE_RETRY: Final = tj.RetryPolicy(max_attempts=3, max_elapsed=10.0, max_delay=4.0)
+#: The longest a button's blocking work may wait on the SDK or the network.
+CALL_TIMEOUT: Final = 30.0
 #: How long one smoke step may take before it counts as hung (not a performance bound).
 SMOKE_WAIT: Final = 15.0
 #: States with a session to use.
@@ -90,32 +99,40 @@ class Snapshot:
 class DesktopController:
     """Sign in, call the API, sign out; the session followed through ``tm.subscribe``.
 
-    Knows nothing of Tk: views ``watch()`` it and call its coroutines.
+    Knows nothing of Tk: views ``watch()`` it and run its blocking methods off their UI
+    thread. ``call`` hands session events to the UI's thread (``root.after_idle``); without
+    it they arrive on the manager's thread. The snapshot is replaced whole under a lock, so
+    any thread may read it.
     """
 
-    def __init__(self, tm: tj.TokenManager, api_url: str) -> None:
+    def __init__(self, tm: tjs.TokenManager, api_url: str, call: tjs.Deliver | None = None) -> None:
         self.tm = tm
         self.api_url = api_url
         fp = tj.fingerprint(tm.tokens.access_token) if tm.tokens else "-"
-        self.snapshot = Snapshot(tm.state, fp, tm.ended_code)
-        if self.snapshot.signed_in:
-            self.snapshot = replace(self.snapshot, message="Welcome back: session resumed.")
+        snapshot = Snapshot(tm.state, fp, tm.ended_code)
+        if snapshot.signed_in:
+            snapshot = replace(snapshot, message="Welcome back: session resumed.")
         elif tm.ended_code is not None:
             message = f"Your last session ended ({tm.ended_code}). Please sign in again."
-            self.snapshot = replace(self.snapshot, message=message)
+            snapshot = replace(snapshot, message=message)
+        self.snapshot = snapshot
+        self._lock = threading.Lock()
         self._watchers: list[Callable[[Snapshot], None]] = []
-        self._http: aiohttp.ClientSession | None = None
-        tm.subscribe(self._on_event)
+        self._http = requests.Session()
+        self._http.auth = RequestsAuth(tm, timeout=CALL_TIMEOUT)
+        self._unsubscribe = tm.subscribe(self._on_event, call=call)
 
     def watch(self, callback: Callable[[Snapshot], None]) -> None:
-        """Call ``callback(snapshot)`` now and on every change."""
+        """Call ``callback(snapshot)`` now and on every change (from the changing thread)."""
         self._watchers.append(callback)
         callback(self.snapshot)
 
     def _set(self, **changes: Any) -> None:
-        self.snapshot = replace(self.snapshot, **changes)
+        with self._lock:
+            self.snapshot = replace(self.snapshot, **changes)
+            snapshot = self.snapshot
         for callback in self._watchers:
-            callback(self.snapshot)
+            callback(snapshot)
 
     def _on_event(self, event: tj.TokenEvent) -> None:
         changes: dict[str, Any] = {"state": event.state, "fingerprint": event.fingerprint}
@@ -131,64 +148,64 @@ class DesktopController:
             changes["ended_code"] = None
         self._set(**changes)
 
-    async def sign_in(self, email: str, password: str) -> None:
-        """Sign in; the outcome lands in ``snapshot.message``."""
+    def sign_in(self, email: str, password: str) -> None:
+        """Sign in (blocking); the outcome lands in ``snapshot.message``."""
         if not email or not password:
             self._set(message="Enter your email and password.")
             return
         self._set(busy=True, message="Signing in…")
         try:
-            await self.tm.sign_in(email=email, password=password)
+            self.tm.sign_in(email=email, password=password, timeout=CALL_TIMEOUT)
         except tj.SignInFailed as exc:
             self._set(message=f"Sign-in refused ({exc.code}): check your email and password.")
-        except tj.TransientError:
+        except (tj.TransientError, TimeoutError):
             self._set(message="The server cannot be reached. Try again in a moment.")
         else:
             self._set(message=f"Signed in as {email}.")
         finally:
             self._set(busy=False)
 
-    async def call_api(self) -> None:
-        """``GET /api/me`` through the SDK's middleware (bearer, refresh, 401 replay)."""
-        if self._http is None:
-            self._http = self.tm.client_session()
+    def call_api(self) -> None:
+        """``GET /api/me`` with ``requests`` and ``RequestsAuth`` (blocking): the bearer, a
+        refresh when the token is stale, one replay after a 401."""
         self._set(busy=True, message="Calling GET /api/me…")
         try:
-            async with self._http.get(self.api_url) as response:
-                if response.status == 200:
-                    who = (await response.json()).get("email", "?")
-                    self._set(message=f"GET /api/me: 200, you are {who}.")
-                else:
-                    self._set(message=f"GET /api/me: the server answered {response.status}.")
+            response = self._http.get(self.api_url, timeout=CALL_TIMEOUT)
+            if response.status_code == 200:
+                who = response.json().get("email", "?")
+                self._set(message=f"GET /api/me: 200, you are {who}.")
+            else:
+                self._set(message=f"GET /api/me: the server answered {response.status_code}.")
         except tj.SessionEnded:
             pass  # the ENDED event already put the message up
         except tj.NotSignedIn:
             self._set(message="Sign in first.")
-        except (tj.TransientError, aiohttp.ClientError, TimeoutError):
+        except (tj.TransientError, requests.RequestException, TimeoutError):
             self._set(message="Offline: the server cannot be reached. Your session is kept.")
         finally:
             self._set(busy=False)
 
-    async def sign_out(self) -> None:
+    def sign_out(self) -> None:
         """Sign out (the server is told; locally it always works)."""
         self._set(busy=True)
         try:
-            await self.tm.sign_out()
+            self.tm.sign_out(timeout=CALL_TIMEOUT)
         finally:
             self._set(busy=False, message="Signed out.")
 
-    async def aclose(self) -> None:
-        """Close the HTTP session."""
-        if self._http is not None:
-            await self._http.close()
+    def close(self) -> None:
+        """Stop following the session (before Tk's loop ends) and close the HTTP session."""
+        self._unsubscribe()
+        self._http.close()
 
 
 # ---------------------------------------------------------------------------- Tk view
 
 
 class TkView:
-    """The window: sign-in form, status bar, API button, message. Every handler only starts
-    a coroutine (``spawn``), so the UI never waits on the network."""
+    """The window: sign-in form, status bar, API button, message. A handler only hands its
+    work to a worker thread, so the UI never waits on the network; Tk's ``mainloop()``
+    sleeps until an event, a click or a hand-over from another thread wakes it."""
 
     def __init__(
         self, root: tk.Tk, controller: DesktopController, email: str, password: str
@@ -198,11 +215,12 @@ class TkView:
 
         self.root = root
         self.controller = controller
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.last_task: asyncio.Task[None] | None = None
-        self.closed = asyncio.Event()
+        # One worker: actions run in the order they were clicked.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="ui-action")
+        self.last_action: Future[None] | None = None
+        self._ui_thread = threading.current_thread()
         root.title("tokenjournal desktop sample")
-        root.protocol("WM_DELETE_WINDOW", self.closed.set)
+        root.protocol("WM_DELETE_WINDOW", root.quit)
         frame = ttk.Frame(root, padding=12)
         frame.grid(sticky="nsew")
         self.email = tk.StringVar(value=email)
@@ -230,10 +248,22 @@ class TkView:
             row=4, column=0, columnspan=2, sticky="w", pady=(4, 0)
         )
         self.password_entry.bind("<Return>", lambda _: self.on_sign_in())
-        controller.watch(self.render)
+        controller.watch(self.changed)
 
-    def render(self, snap: Snapshot) -> None:
-        """Show a snapshot: texts, and which buttons make sense now."""
+    def changed(self, _: Snapshot) -> None:
+        """The controller changed: draw now on Tk's thread, else hand it over to it."""
+        if threading.current_thread() is self._ui_thread:
+            self.render()
+            return
+        try:
+            self.root.after_idle(self.render)
+        except RuntimeError:  # "main thread is not in main loop": the window is closing
+            log.debug("a change after the window closed was not drawn")
+
+    def render(self) -> None:
+        """Show the latest snapshot (not the one that announced it: hand-overs from two
+        threads may arrive in either order): texts, and which buttons make sense now."""
+        snap = self.controller.snapshot
         self.state_text.set(snap.state_text)
         self.message.set(snap.message)
         form = "disabled" if snap.busy or snap.signed_in else "normal"
@@ -243,40 +273,34 @@ class TkView:
         for widget in (self.call_button, self.sign_out_button):
             widget.configure(state=live)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` on the asyncio loop; keep a reference so it is not collected."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-        self.last_task = task
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a UI action failed", exc_info=task.exception())
+    def spawn(self, work: Callable[..., None], *args: Any) -> None:
+        """Run ``work(*args)`` on the worker thread."""
+        action = self.worker.submit(work, *args)
+        action.add_done_callback(_log_failure)
+        self.last_action = action
 
     def on_sign_in(self) -> None:
         """The Sign in button."""
         email, password = self.email.get().strip(), self.password.get()
         self.password.set("")  # do not keep the password in the widget
-        self.spawn(self.controller.sign_in(email, password))
+        self.spawn(self.controller.sign_in, email, password)
 
     def on_call(self) -> None:
         """The API button."""
-        self.spawn(self.controller.call_api())
+        self.spawn(self.controller.call_api)
 
     def on_sign_out(self) -> None:
         """The Sign out button."""
-        self.spawn(self.controller.sign_out())
+        self.spawn(self.controller.sign_out)
 
-    async def pump(self) -> None:
-        """Tk's event loop, driven from asyncio: handle what is pending, then yield."""
-        while not self.closed.is_set():
-            self.root.update()
-            await asyncio.sleep(UI_TICK)
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+    def close(self) -> None:
+        """Let the running action finish (its own timeouts bound it); no new ones."""
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _log_failure(action: Future[None]) -> None:
+    if not action.cancelled() and action.exception() is not None:
+        log.error("a UI action failed", exc_info=action.exception())
 
 
 def open_window() -> tk.Tk | None:
@@ -303,8 +327,8 @@ def open_window() -> tk.Tk | None:
 class Driver(Protocol):
     """How the smoke scenario works the app: through the window or the controller."""
 
-    async def sign_in(self, email: str, password: str) -> None: ...
-    async def call_api(self) -> None: ...
+    def sign_in(self, email: str, password: str) -> None: ...
+    def call_api(self) -> None: ...
     def state_text(self) -> str: ...
     def message(self) -> str: ...
     def form_enabled(self) -> bool: ...
@@ -316,11 +340,11 @@ class HeadlessDriver:
     def __init__(self, controller: DesktopController) -> None:
         self.c = controller
 
-    async def sign_in(self, email: str, password: str) -> None:
-        await self.c.sign_in(email, password)
+    def sign_in(self, email: str, password: str) -> None:
+        self.c.sign_in(email, password)
 
-    async def call_api(self) -> None:
-        await self.c.call_api()
+    def call_api(self) -> None:
+        self.c.call_api()
 
     def state_text(self) -> str:
         return self.c.snapshot.state_text
@@ -333,62 +357,79 @@ class HeadlessDriver:
 
 
 class TkDriver:
-    """Types into the entries, clicks the buttons, reads the labels of the real window."""
+    """Types into the entries, clicks the buttons, reads the labels of the real window,
+    from a thread of its own while Tk's ``mainloop()`` runs the window."""
 
     def __init__(self, view: TkView) -> None:
         self.view = view
 
-    async def _after(self, click: Callable[[], object]) -> None:
-        click()
-        task = self.view.last_task
-        if task is None:
-            return
-        await asyncio.wait_for(asyncio.shield(task), SMOKE_WAIT)
-        await asyncio.sleep(UI_TICK * 2)  # let the pump draw it
+    def on_ui(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on Tk's thread, after whatever was handed to it before, and wait."""
+        done = threading.Event()
+        box: list[T] = []
 
-    async def sign_in(self, email: str, password: str) -> None:
-        self.view.email.set(email)
-        self.view.password.set(password)
-        await self._after(self.view.sign_in_button.invoke)
+        def run() -> None:
+            box.append(fn())
+            done.set()
 
-    async def call_api(self) -> None:
-        await self._after(self.view.call_button.invoke)
+        self.view.root.after_idle(run)
+        if not done.wait(SMOKE_WAIT):
+            raise SmokeFailed("the window did not answer")
+        return box[0]
+
+    def _click(self, button: Callable[[], object]) -> None:
+        self.on_ui(button)
+        action = self.view.last_action
+        if action is not None:
+            action.result(SMOKE_WAIT)
+        self.on_ui(lambda: None)  # what the action handed to Tk is drawn by now
+
+    def sign_in(self, email: str, password: str) -> None:
+        def type_in() -> None:
+            self.view.email.set(email)
+            self.view.password.set(password)
+
+        self.on_ui(type_in)
+        self._click(self.view.sign_in_button.invoke)
+
+    def call_api(self) -> None:
+        self._click(self.view.call_button.invoke)
 
     def state_text(self) -> str:
-        return self.view.state_text.get()
+        return self.on_ui(self.view.state_text.get)
 
     def message(self) -> str:
-        return self.view.message.get()
+        return self.on_ui(self.view.message.get)
 
     def form_enabled(self) -> bool:
-        return str(self.view.sign_in_button.cget("state")) == "normal"
+        return self.on_ui(lambda: str(self.view.sign_in_button.cget("state")) == "normal")
 
 
-async def smoke(driver: Driver, be: Backend, tm: tj.TokenManager) -> int:
+def smoke(driver: Driver, be: Backend, tm: tjs.TokenManager) -> int:
     """Sign-in refused, sign in, API call, refresh on expiry, session ended, sign in again."""
     server = be.reference()
     check("signed out" in driver.state_text(), f"starts signed out ({driver.state_text()!r})")
-    await driver.sign_in(be.email, "wrong password")
+    driver.sign_in(be.email, "wrong password")
     check("refused" in driver.message(), f"a wrong password is refused ({driver.message()!r})")
-    await driver.sign_in(be.email, be.password)
+    driver.sign_in(be.email, be.password)
     first = driver.state_text()
     check("valid" in first and not driver.form_enabled(), f"signed in ({first!r})")
-    await driver.call_api()
+    driver.call_api()
     check(f"200, you are {be.email}" in driver.message(), f"API call ({driver.message()!r})")
 
-    await server.advance(server.config.access_ttl + 1)
-    await driver.call_api()
+    server.state.clock.advance(server.config.access_ttl + 1)
+    driver.call_api()
     second = driver.state_text()
     check(
         "200" in driver.message()
         and "valid" in second
         and second != first
-        and tm.refresh_requests == 1,
+        and tm.manager.refresh_requests == 1,
         f"the expired token was refreshed once, the new one is shown ({second!r})",
     )
 
-    await server.advance(server.config.refresh_ttl + 1)
-    await driver.call_api()
+    server.state.clock.advance(server.config.refresh_ttl + 1)
+    driver.call_api()
     check(
         "Your session has ended (token_expired)" in driver.message()
         and "sign in again" in driver.message(),
@@ -398,7 +439,7 @@ async def smoke(driver: Driver, be: Backend, tm: tj.TokenManager) -> int:
         "ended" in driver.state_text() and driver.form_enabled(),
         f"the sign-in form is back ({driver.state_text()!r})",
     )
-    await driver.sign_in(be.email, be.password)
+    driver.sign_in(be.email, be.password)
     check("valid" in driver.state_text(), "signed in again")
     print("SMOKE OK: sign-in, API call, refresh, session end, sign-in again", flush=True)
     return 0
@@ -407,11 +448,11 @@ async def smoke(driver: Driver, be: Backend, tm: tj.TokenManager) -> int:
 # ---------------------------------------------------------------------------- main
 
 
-async def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    async with (
-        backend(args, "desktop_tk") as be,
-        tj.TokenManager(
+    with (
+        backend_in_thread(args, "desktop_tk") as be,
+        tjs.TokenManager(
             be.url,
             be.journal,
             account=args.account,
@@ -421,36 +462,60 @@ async def main(args: argparse.Namespace) -> int:
             user_agent="tokenjournal-desktop-sample",
         ) as tm,
     ):
-        controller = DesktopController(tm, f"{be.url}/api/me")
-        try:
-            if args.headless:
-                print("smoke: headless (controller only)", flush=True)
-                return await smoke(HeadlessDriver(controller), be, tm)
-            return await run_window(controller, be, tm, args.smoke)
-        finally:
-            await controller.aclose()
+        api_url = f"{be.url}/api/me"
+        if args.headless:
+            print("smoke: headless (controller only)", flush=True)
+            controller = DesktopController(tm, api_url)
+            try:
+                return smoke(HeadlessDriver(controller), be, tm)
+            finally:
+                controller.close()
+        return run_window(be, tm, api_url, args)
 
 
-async def run_window(
-    controller: DesktopController, be: Backend, tm: tj.TokenManager, smoke_run: bool
-) -> int:
-    """Open the window and pump it until it is closed (or the smoke scenario ends)."""
+def run_window(be: Backend, tm: tjs.TokenManager, api_url: str, args: argparse.Namespace) -> int:
+    """Open the window and run Tk's loop until it is closed (or the smoke scenario ends)."""
     root = open_window()
     if root is None:
         return EXIT_NO_DISPLAY
+    # Session events are handed to Tk's thread: the controller never touches Tk from another.
+    controller = DesktopController(tm, api_url, call=root.after_idle)
     # A self-started reference server has a demo account: fill the form in for a first try.
     view = TkView(root, controller, be.email, be.password if be.server is not None else "")
-    pump = asyncio.ensure_future(view.pump())
+    outcome: list[BaseException | int] = []
+    if args.smoke:
+
+        def scenario() -> None:
+            try:
+                outcome.append(smoke(TkDriver(view), be, tm))
+                if args.idle_cpu:
+                    outcome.append(measure_idle(view, args.idle_cpu))
+            except BaseException as exc:  # handed to the main thread, raised there
+                outcome.append(exc)
+            finally:
+                root.after_idle(root.quit)
+
+        print("smoke: driving the Tk window", flush=True)
+        root.after_idle(threading.Thread(target=scenario, name="smoke", daemon=True).start)
     try:
-        if smoke_run:
-            print("smoke: driving the Tk window", flush=True)
-            return await smoke(TkDriver(view), be, tm)
-        await pump
-        return 0
+        root.mainloop()
     finally:
-        view.closed.set()
-        await pump
+        controller.close()  # no more hand-overs to a loop that has stopped
+        view.close()
         root.destroy()
+    for result in outcome:
+        if isinstance(result, BaseException):
+            raise result
+    return 0
+
+
+def measure_idle(view: TkView, seconds: float) -> int:
+    """The whole process's CPU time while the signed-in window sits idle for ``seconds``."""
+    used, started = time.process_time(), time.monotonic()
+    time.sleep(seconds)  # this thread sleeps too: only the window and the SDK are measured
+    share = (time.process_time() - used) / (time.monotonic() - started)
+    print(f"idle CPU: {share * 100:.2f}% of a core over {seconds:g} s", flush=True)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -461,11 +526,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --smoke: run the scenario on the controller, without a window",
     )
+    parser.add_argument(
+        "--idle-cpu",
+        type=float,
+        metavar="SECONDS",
+        default=0.0,
+        help="with --smoke, in the window: then leave it idle this long and print the "
+        "process's CPU use meanwhile",
+    )
     args = parser.parse_args(argv)
     if args.headless and not args.smoke:
         parser.error("--headless only goes with --smoke")
+    if args.idle_cpu and (args.headless or not args.smoke):
+        parser.error("--idle-cpu goes with --smoke, in the window")
     return args
 
 
 if __name__ == "__main__":
-    run(main(parse_args()))
+    arguments = parse_args()
+    run_blocking(lambda: main(arguments))

@@ -94,6 +94,24 @@ def test_footprint_runs_subprocesses_and_sizes_the_journal(
     assert [t["name"] for t in report["targets"]] == ["extra RSS"]
 
 
+def test_blocking_clients_are_measured_against_their_bare_twins(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, report = run_json(capsys, tmp_path, "--only", "blocking", "--blocking-rounds", "2")
+    blocking = report["sections"]["blocking"]
+    assert status == 0
+    assert set(blocking["pairs"]) == {"sync_manager", "requests_auth", "httpx_auth"}
+    assert blocking["not_200"] == 0 and blocking["refresh_requests"] == 0
+    assert blocking["requests_per_side"] == 40
+    assert set(blocking["adapter_s_per_request"]) == {"requests_auth", "httpx_auth"}
+    assert blocking["access_token_fresh_s"] > 0 and blocking["access_token_hop_s"] > 0
+    names = [t["name"] for t in report["targets"]]
+    assert names == [f"blocking throughput ratio ({side})" for side in blocking["pairs"]]
+    table = bench.render(report)
+    for figure in ("requests + RequestsAuth / bare", "httpx + HttpxAuth / bare", "own cost"):
+        assert figure in table
+
+
 async def test_probe_charges_a_background_refresh_to_the_call_that_started_it(
     server: ReferenceServer,
 ) -> None:

@@ -35,6 +35,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         # ``testing.reference_server`` starts the reference server, so testing sits above it.
         {"testing"},
         {"server"},  # the reference server (``server.*``)
+        {"adapters"},  # requests and httpx auth, over either manager
+        {"sync"},  # the blocking manager
         {""},  # ``tokenjournal/__init__.py``: the public surface
         {"_manager", "_middleware", "_device"},
         {"_journal", "_doorbell", "_transport", "_retry", "_events", "_faults"},
@@ -202,10 +204,12 @@ def test_the_wheel_holds_the_library_the_server_and_the_command(wheel: zipfile.Z
 
 def test_every_module_in_the_wheel_is_used_by_the_package(wheel: zipfile.ZipFile) -> None:
     """Nothing in the wheel is there only for the tests: each module is reachable from what
-    users run (``import tokenjournal``, ``tokenjournal.testing``, ``tokenjournal.server``, the
-    command and its subcommands, the demo's client program)."""
+    users run (``import tokenjournal``, ``tokenjournal.testing``, ``tokenjournal.server``,
+    ``tokenjournal.sync``, ``tokenjournal.adapters``, the command and its subcommands, the
+    demo's client program)."""
     g = graph()
     roots = {PACKAGE, f"{PACKAGE}.testing", f"{PACKAGE}.server", f"{PACKAGE}.__main__"}
+    roots |= {f"{PACKAGE}.sync", f"{PACKAGE}.adapters"}
     roots |= {f"{PACKAGE}.cli"} | {f"{PACKAGE}.cli.{name}" for name in cli.COMMANDS}
     reachable = set(roots)
     for root in roots:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +89,27 @@ async def test_oauth_device_quickstart_signs_in_once_then_reads_the_journal(tmp_
         assert status == 0 and again.startswith("200 {"), again
         stats = server.stats()
         assert stats["device_authorizations"] == 1 and stats["signins"] == 1
+
+
+def not_using_asyncio() -> str:
+    """The three snippets of "Not using asyncio?", run one after the other."""
+    section = README.read_text().split("## Not using asyncio?", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 3, "the section shows the sync manager, requests and httpx"
+    return "\n".join(blocks)
+
+
+def test_not_using_asyncio_snippets_run_as_written(tmp_path: Path) -> None:
+    """Blocking clients: the reference server runs in a thread of this test's own."""
+    from .harness.threaded import ThreadedReferenceServer
+
+    with ThreadedReferenceServer() as server:
+        code = not_using_asyncio().replace("http://127.0.0.1:8787", server.url)
+        code = code.replace("~/.local/state/myapp/tokens.db", str(tmp_path / "tokens.db"))
+        for _ in range(2):
+            out = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert out.stdout.count("demo@example.com") == 3, out.stdout
+        assert server.stats()["signins"] == 1  # the second run used the journal

@@ -208,6 +208,7 @@ class TokenManager:
         self._tokens: TokenSet | None = None
         # Monotonic instants the hot path compares against (see _use()).
         self._refresh_at = self._expires_at = math.inf
+        self._fresh: tuple[TokenSet | None, float] = (None, math.inf)
         self._generation = 0
         self._ended_code: str | None = None
         self._task: asyncio.Task[TokenSet] | None = None
@@ -358,6 +359,18 @@ class TokenManager:
                 return tokens.access_token
         return (await self._join(None, force=False)).access_token
 
+    def fresh_token(self) -> str | None:
+        """The access token if it is fresh now (before its refresh margin), else ``None``.
+
+        No I/O, no await, one read of a snapshot that ``_use`` replaces whole: safe from any
+        thread, so :class:`tokenjournal.sync.TokenManager` answers from it without a hop to
+        its loop thread. A stale or missing token is ``access_token()``'s to handle.
+        """
+        tokens, refresh_at = self._fresh
+        if tokens is not None and self._open and self._clock.monotonic() < refresh_at:
+            return tokens.access_token
+        return None
+
     async def refresh(self) -> TokenSet:
         """Force a refresh now (or join the one in flight); returns the new pair."""
         return await self._join(None, force=True)
@@ -454,15 +467,17 @@ class TokenManager:
         expires = tokens.expires_at_epoch if tokens is not None else None
         if tokens is None or expires is None or tokens.refresh_token is None:
             self._refresh_at = self._expires_at = math.inf
-            return
-        now = self._clock.monotonic()
-        self._expires_at = now + (expires - self._clock.time())
-        self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
-        if fresh:
-            life = tokens.lifetime
-            floor = now + (min(FRESH_FLOOR, life / 2) if life and life > 0 else FRESH_FLOOR)
-            self._refresh_at = max(self._refresh_at, floor)
-            self._expires_at = max(self._expires_at, floor)
+        else:
+            now = self._clock.monotonic()
+            self._expires_at = now + (expires - self._clock.time())
+            self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
+            if fresh:
+                life = tokens.lifetime
+                floor = now + (min(FRESH_FLOOR, life / 2) if life and life > 0 else FRESH_FLOOR)
+                self._refresh_at = max(self._refresh_at, floor)
+                self._expires_at = max(self._expires_at, floor)
+        # One tuple, assigned at once: what fresh_token() reads from other threads.
+        self._fresh = (tokens, self._refresh_at)
 
     def _stale(self) -> bool:
         """Whether the pair in memory is inside its refresh margin (monotonic time)."""

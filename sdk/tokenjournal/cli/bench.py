@@ -20,7 +20,12 @@ absolute times:
   refresh, journal in ``--journal-dir`` against a refresh that stores nothing;
 * **footprint** - RSS of a process holding a signed-in manager minus a process that only
   imported aiohttp and started an event loop (target <= 5 MiB), and the journal's size per
-  account.
+  account;
+* **blocking** - per-request cost for programs that are not asyncio ones: GETs of
+  ``/api/me`` with ``requests`` taking its header from the sync manager, through
+  ``RequestsAuth``, and with ``httpx`` through ``HttpxAuth``, each against the same bare
+  client with a fixed header (target ratio >= 0.95); and the sync manager's
+  ``access_token()`` on a fresh token (no thread hop) next to a call that hops to its loop.
 
 Rounds are interleaved (A B, then B A) so machine noise hits both sides; figures are medians
 of rounds timed with :func:`time.perf_counter` after a warm-up. Only count targets decide the
@@ -62,7 +67,7 @@ from ..testing import FakeClock
 from ._args import Formatter, Subparsers
 from ._table import render_table
 
-SECTIONS: Final = ("hot", "overhead", "coalescing", "durability", "footprint")
+SECTIONS: Final = ("hot", "overhead", "coalescing", "durability", "footprint", "blocking")
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
 MIB: Final = 1024 * 1024
 #: Targets from the issue. Only the count targets (``enforced``) decide the exit status.
@@ -95,6 +100,7 @@ class Settings:
     refreshes: int = 20
     footprint_rounds: int = 3
     accounts: int = 50
+    blocking_rounds: int = 15
     journal_dir: str | None = None
     strace: bool = True
     sections: tuple[str, ...] = SECTIONS
@@ -154,6 +160,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="accounts signed into one journal to size it",
     )
     parser.add_argument(
+        "--blocking-rounds",
+        type=_positive,
+        default=d.blocking_rounds,
+        help="interleaved rounds of the blocking-client figures",
+    )
+    parser.add_argument(
         "--no-strace", action="store_true", help="do not count real fsyncs with strace"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -190,6 +202,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         refreshes=ns.refreshes,
         footprint_rounds=ns.footprint_rounds,
         accounts=ns.accounts,
+        blocking_rounds=ns.blocking_rounds,
         journal_dir=ns.journal_dir,
         strace=not ns.no_strace,
         sections=tuple(s for s in SECTIONS if s in sections),
@@ -484,6 +497,161 @@ async def bench_overhead(s: Settings, journal_dir: Path, progress: Progress) -> 
                 "not_200": bad,
                 "refresh_requests": tm.refresh_requests,
             }
+
+
+# --------------------------------------------------------------------------- blocking
+
+#: The blocking clients measured, each against its bare twin (same library, fixed header).
+BLOCKING_PAIRS: Final = (
+    ("sync_manager", "requests + sync access_token()", "bare_requests"),
+    ("requests_auth", "requests + RequestsAuth", "bare_requests"),
+    ("httpx_auth", "httpx + HttpxAuth", "bare_httpx"),
+)
+
+
+def _blocking_sides(tm: Any, url: str, token: str) -> tuple[dict[str, Any], list[Any]]:
+    """One GET function per side (``requests`` and, when installed, ``httpx``) and what to
+    close afterwards."""
+    import requests
+
+    from ..adapters import HttpxAuth, RequestsAuth
+
+    header = {"Authorization": "Bearer " + token}
+    bare = requests.Session()
+    bare.headers.update(header)
+    manual = requests.Session()
+    authed = requests.Session()
+    authed.auth = RequestsAuth(tm)
+    sides: dict[str, Any] = {
+        "bare_requests": lambda: bare.get(url).status_code,
+        "sync_manager": lambda: (
+            manual.get(url, headers={"Authorization": "Bearer " + tm.access_token()}).status_code
+        ),
+        "requests_auth": lambda: authed.get(url).status_code,
+    }
+    closing: list[Any] = [bare, manual, authed]
+    if importlib.util.find_spec("httpx") is not None:
+        import httpx
+
+        bare_httpx = httpx.Client(headers=header)
+        authed_httpx = httpx.Client(auth=HttpxAuth(tm))
+        sides["bare_httpx"] = lambda: bare_httpx.get(url).status_code
+        sides["httpx_auth"] = lambda: authed_httpx.get(url).status_code
+        closing += [bare_httpx, authed_httpx]
+    return sides, closing
+
+
+def _blocking_rounds(s: Settings, tm: Any, url: str, progress: Progress) -> Result:
+    """The timed part, on a worker thread (the server answers on the bench's loop)."""
+    sides, closing = _blocking_sides(tm, url, tm.access_token())
+    names = list(sides)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    bad = 0
+    try:
+        for get in sides.values():  # warm-up: connections, imports, caches
+            for _ in range(min(s.requests, 20)):
+                get()
+        for r in range(s.blocking_rounds):
+            progress(f"blocking clients: round {r + 1}/{s.blocking_rounds}")
+            gc.collect()
+            shift = r % len(names)  # each side takes each position in turn
+            for name in names[shift:] + names[:shift]:
+                get = sides[name]
+                used, started = time.process_time(), time.perf_counter()
+                for _ in range(s.requests):
+                    bad += get() != 200
+                wall[name].append(time.perf_counter() - started)
+                # CPU time of the whole process (client and server): other programs on the
+                # machine steal wall time unevenly, CPU time much less so.
+                cpu[name].append(time.process_time() - used)
+        adapter_s = _adapter_costs(tm, url, max(1, s.hot_calls // 10))
+        hop_calls = max(1, s.hot_calls // 100)
+        started = time.perf_counter()
+        for _ in range(s.hot_calls):
+            tm.access_token()
+        fresh_s = (time.perf_counter() - started) / s.hot_calls
+        started = time.perf_counter()
+        for _ in range(hop_calls):
+            tm.submit(tm.manager.access_token).result()
+        hop_s = (time.perf_counter() - started) / hop_calls
+    finally:
+        for client in closing:
+            client.close()
+    pairs: Result = {}
+    for side, label, bare in BLOCKING_PAIRS:
+        if side not in wall:
+            continue
+        ratios = [b / a for a, b in zip(wall[side], wall[bare], strict=True)]
+        cpu_ratios = [b / a for a, b in zip(cpu[side], cpu[bare], strict=True) if a > 0]
+        pairs[side] = {
+            "label": label,
+            "ratio": median(ratios),
+            "cpu_ratio": median(cpu_ratios),
+            "rounds_ratio": ratios,
+            "requests_per_s": s.requests / median(wall[side]),
+            "bare_requests_per_s": s.requests / median(wall[bare]),
+            "extra_s_per_request": (fastest(wall[side]) - fastest(wall[bare])) / s.requests,
+        }
+    return {
+        "pairs": pairs,
+        "requests_per_side": s.requests * s.blocking_rounds,
+        "not_200": bad,
+        "adapter_s_per_request": adapter_s,
+        "access_token_fresh_s": fresh_s,
+        "access_token_hop_s": hop_s,
+        "refresh_requests": tm.manager.refresh_requests,
+    }
+
+
+def _adapter_costs(tm: Any, url: str, n: int) -> dict[str, float]:
+    """What each adapter adds to one request with no network in the way: RequestsAuth on a
+    prepared request, HttpxAuth's flow up to the request it sends (a fresh token, no 401)."""
+    import requests
+
+    from ..adapters import HttpxAuth, RequestsAuth
+
+    out: dict[str, float] = {}
+    auth = RequestsAuth(tm)
+    prepared = requests.Request("GET", url).prepare()
+    started = time.perf_counter()
+    for _ in range(n):
+        prepared.headers.pop("Authorization", None)
+        auth(prepared)
+    out["requests_auth"] = (time.perf_counter() - started) / n
+    if importlib.util.find_spec("httpx") is not None:
+        import httpx
+
+        flow_auth = HttpxAuth(tm)
+        request = httpx.Request("GET", url)
+        started = time.perf_counter()
+        for _ in range(n):
+            request.headers.pop("Authorization", None)
+            next(flow_auth.sync_auth_flow(request))
+        out["httpx_auth"] = (time.perf_counter() - started) / n
+    return out
+
+
+async def bench_blocking(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """Blocking clients (the sync manager, RequestsAuth, HttpxAuth) vs their bare twins."""
+    if importlib.util.find_spec("requests") is None:
+        return {"skipped": "requests is not installed (pip install 'tokenjournal[requests]')"}
+    from ..sync import TokenManager as SyncTokenManager
+
+    async with _server() as server:
+        tm = SyncTokenManager(server.url, journal=journal_dir / "blocking.db")
+        # The blocking calls run on a worker thread: this loop keeps serving meanwhile.
+        await asyncio.to_thread(tm.open)
+        try:
+            await asyncio.to_thread(
+                lambda: tm.sign_in(email=DEMO["email"], password=DEMO["password"])
+            )
+            progress("blocking clients: warm-up")
+            return await asyncio.to_thread(
+                _blocking_rounds, s, tm, server.url + "/api/me", progress
+            )
+        finally:
+            await asyncio.to_thread(tm.close)
 
 
 # --------------------------------------------------------------------------- coalescing
@@ -913,6 +1081,18 @@ def targets(sections: Result) -> list[Target]:
                 False,
             )
         )
+    blocking = sections.get("blocking") or {}
+    for side, pair in blocking.get("pairs", {}).items():
+        ratio = float(pair["ratio"])
+        out.append(
+            Target(
+                f"blocking throughput ratio ({side})",
+                f">= {TARGET_OVERHEAD_RATIO}",
+                f"{ratio:.3f}",
+                ratio >= TARGET_OVERHEAD_RATIO,
+                False,
+            )
+        )
     foot = sections.get("footprint")
     if foot:
         mib = float(foot["extra_rss_mib"])
@@ -950,6 +1130,7 @@ _RUNNERS: Final[dict[str, Callable[[Settings, Path, Progress], Awaitable[Result]
     "coalescing": bench_coalescing,
     "durability": bench_durability,
     "footprint": bench_footprint,
+    "blocking": bench_blocking,
 }
 
 
@@ -1133,6 +1314,8 @@ def render(report: Result) -> str:
                 "",
             )
         )
+    if "blocking" in sec:
+        rows += _blocking_rows(sec["blocking"], checks)
     m = report["machine"]
     load = m["loadavg_at_start"]
     head = (
@@ -1144,6 +1327,41 @@ def render(report: Result) -> str:
     table = render_table(("figure", "value", "target", ""), rows)
     verdict = "all count targets met" if report["ok"] else "a COUNT TARGET WAS MISSED"
     return f"{head}\n\n{table}\n\n{verdict}"
+
+
+def _blocking_rows(b: Result, checks: dict[str, Target]) -> list[tuple[str, str, str, str]]:
+    if "skipped" in b:
+        return [("blocking clients", f"skipped: {b['skipped']}", "", "")]
+    rows: list[tuple[str, str, str, str]] = []
+    for side, pair in b["pairs"].items():
+        spread = pair["rounds_ratio"]
+        rows.append(
+            (
+                f"blocking: {pair['label']} / bare",
+                f"{pair['ratio']:.3f} (rounds {min(spread):.2f}-{max(spread):.2f}); "
+                f"CPU time {pair['cpu_ratio']:.3f}; "
+                f"{_rate(pair['requests_per_s'])} vs {_rate(pair['bare_requests_per_s'])}",
+                *_verdict(checks, f"blocking throughput ratio ({side})"),
+            )
+        )
+    costs = b["adapter_s_per_request"]
+    rows.append(
+        (
+            "  adapter's own cost per request (no network)",
+            ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in costs.items()),
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  sync access_token(): fresh / via the loop thread",
+            f"{b['access_token_fresh_s'] * 1e6:.2f} us / {b['access_token_hop_s'] * 1e6:.1f} us",
+            "",
+            "",
+        )
+    )
+    return rows
 
 
 def run_bench(ns: argparse.Namespace) -> int:
@@ -1168,8 +1386,9 @@ def run_bench(ns: argparse.Namespace) -> int:
 
 DESCRIPTION: Final = """\
 Measure what tokenjournal costs on this device against a loopback reference server: hot
-path, request overhead, coalescing, durability, footprint. Each figure stands next to a
-baseline measured in the same run. Only the count targets (one refresh for many callers at
+path, request overhead, coalescing, durability, footprint, blocking clients (the sync
+manager, RequestsAuth, HttpxAuth). Each figure stands next to a baseline measured in the
+same run. Only the count targets (one refresh for many callers at
 expiry, no journal call on the hot path) decide the exit status: 0 when all are met, 1 when
 one is missed, 2 for bad arguments. The defaults finish in under two minutes on two cores."""
 
@@ -1179,6 +1398,7 @@ examples:
   tokenjournal bench --only hot,coalescing --rounds 3 two sections, fewer rounds
   tokenjournal bench --journal-dir /mnt/sdcard --only durability
                                                       fsyncs and time per refresh on that disk
+  tokenjournal bench --only blocking                  sync manager, RequestsAuth, HttpxAuth
   tokenjournal bench --json --quiet > bench.json      the figures for a script, no progress"""
 
 

@@ -1,0 +1,332 @@
+"""A blocking :class:`TokenManager` for programs that are not asyncio programs.
+
+Tk, Qt and wx apps, threaded daemons and plain ``requests`` scripts get the same journal, the
+same single refresh and the same guarantees as asyncio ones: this manager runs the async
+:class:`tokenjournal.TokenManager` on one private event loop in a daemon thread and gives every
+public method a blocking twin, callable from any thread::
+
+    import tokenjournal.sync as tjs
+
+    with tjs.TokenManager(AUTH_URL, journal="~/.app/tokens.db") as tm:
+        if tm.state is not tj.SessionState.VALID:
+            tm.sign_in(email="me@example.com", password="...")
+        token = tm.access_token(timeout=10)
+
+The thread model is docs/architecture.md section 1.9: a blocking call hands its coroutine to the
+loop thread and waits for the answer; ``timeout`` stops the wait (``TimeoutError``) and cancels
+only that caller's coroutine, never the refresh other callers share (invariant 7). A fresh token
+is answered without a trip to the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from yarl import URL
+
+from ._clock import Clock
+from ._events import Callback, SessionState, TokenEvent
+from ._journal import Journal
+from ._manager import TokenManager as AsyncTokenManager
+from ._protocols import AuthProtocol, DeviceCode
+from ._retry import RetryPolicy
+from ._tokens import TokenSet
+
+__all__ = ["Deliver", "TokenManager"]
+
+T = TypeVar("T")
+
+#: How long ``close()`` waits for the loop thread to finish the async ``close()`` (which itself
+#: lets an in-flight refresh commit for up to ``CLOSE_WAIT``) when no timeout is given.
+CLOSE_TIMEOUT: Final = 30.0
+#: How long a close() that timed out waits for what it cancels to finish its cleanup.
+LEFTOVER_WAIT: Final = 2.0
+
+#: Hands a callback and its event to the app's own thread: ``root.after_idle`` for Tk,
+#: ``lambda f, e: QTimer.singleShot(0, lambda: f(e))`` for Qt.
+Deliver = Callable[[Callback, TokenEvent], object]
+
+
+class TokenManager:
+    """The blocking twin of :class:`tokenjournal.TokenManager`; same arguments, same errors.
+
+    Use it as a (plain) context manager, or ``open()`` and ``close()`` it. Every method may be
+    called from any thread; each takes ``timeout`` (seconds, ``None`` waits for ever) and raises
+    ``TimeoutError`` when it passes. Calling a blocking method from the manager's own loop
+    thread (from a ``subscribe`` callback without ``call=``) raises ``RuntimeError`` instead of
+    deadlocking. A closed manager cannot be opened again: make a new one. A process that never
+    closes it still exits (its threads are daemons; the journal is built for sudden ends).
+    """
+
+    def __init__(
+        self,
+        auth_url: str,
+        journal: str | os.PathLike[str] | Journal,
+        account: str = "default",
+        protocol: AuthProtocol | None = None,
+        refresh_margin: float = 60.0,
+        grace_period: float = 300.0,
+        allowed_origins: list[str] | tuple[str, ...] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        lease_ttl: float | None = None,
+        allow_insecure_http: bool = False,
+        device_name: str | None = None,
+        device_type: str = "python",
+        user_agent: str = "tokenjournal",
+    ) -> None:
+        # Built here, in the caller's thread, so a bad argument fails at once; nothing in the
+        # async manager's constructor touches an event loop.
+        self.manager = AsyncTokenManager(
+            auth_url,
+            journal,
+            account,
+            protocol,
+            refresh_margin,
+            grace_period,
+            allowed_origins,
+            retry=retry,
+            clock=clock,
+            lease_ttl=lease_ttl,
+            allow_insecure_http=allow_insecure_http,
+            device_name=device_name,
+            device_type=device_type,
+            user_agent=user_agent,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()  # fork() copies this object but not its loop thread
+        self._closed = False
+        self._lock = threading.Lock()  # open() and close() one at a time
+
+    def __repr__(self) -> str:
+        return f"sync.{self.manager!r}"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> TokenManager:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def open(self, *, timeout: float | None = None) -> None:
+        """Start the loop thread and open the manager (idempotent; see the async ``open``)."""
+        self._check_caller()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this sync TokenManager is closed: make a new one")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=_run_loop,
+                    args=(loop, ready),
+                    name=f"tokenjournal-{self.manager.account}",
+                    daemon=True,  # never keeps the process alive (the journal survives it)
+                )
+                thread.start()
+                ready.wait()
+                self._loop, self._thread = loop, thread
+        self._call(self.manager.open, timeout)
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Close the manager (an in-flight refresh may commit first) and end the loop thread.
+
+        Safe to call twice. ``timeout`` defaults to ``CLOSE_TIMEOUT``; when it passes, what
+        still runs is cancelled (a refresh's intent stays for the next start), callers still
+        waiting get ``RuntimeError``, and this call raises ``TimeoutError``.
+        """
+        self._check_caller()
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._closed = True  # no new calls from here on
+            if loop is None or thread is None or not thread.is_alive():
+                return
+            closed = False
+            try:
+                _wait(loop, self.manager.close, CLOSE_TIMEOUT if timeout is None else timeout)
+                # aiohttp resolves names on the loop's default executor: end its threads too.
+                _wait(loop, loop.shutdown_default_executor, timeout)
+                closed = True
+            finally:
+                if not closed:
+                    # What still runs is cancelled before the loop stops: a caller waiting on
+                    # it gets an error now, not a future that no loop will ever complete, and
+                    # a refresh cut here leaves its intent for the next start (invariant 6).
+                    # Then a second close() finishes what the first left (HTTP, journal),
+                    # as the async manager documents.
+                    with contextlib.suppress(Exception):
+                        _wait(loop, _cancel_the_rest, LEFTOVER_WAIT)
+                        _wait(loop, self.manager.close, LEFTOVER_WAIT)
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout)
+                if not thread.is_alive():
+                    loop.close()
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def state(self) -> SessionState:
+        """The session's state (a read, no wait)."""
+        return self.manager.state
+
+    @property
+    def tokens(self) -> TokenSet | None:
+        """The current pair (its repr shows fingerprints only; a read, no wait)."""
+        return self.manager.tokens
+
+    @property
+    def ended_code(self) -> str | None:
+        """Why the server ended the session, when it did."""
+        return self.manager.ended_code
+
+    def allows(self, url: str) -> bool:
+        """Whether the bearer may be sent to ``url`` (invariant 9; the middleware's rule)."""
+        return self.manager.middleware.allows(URL(url))
+
+    def access_token(self, *, timeout: float | None = None) -> str:
+        """A valid access token: from memory when fresh (no thread hop), else from the one
+        shared refresh. A caller that times out leaves the refresh running for the others."""
+        self._check_caller()  # even when fresh: the same call must not sometimes hang
+        token = self.manager.fresh_token() if not self._closed else None
+        if token is not None:
+            return token
+        return self._call(self.manager.access_token, timeout)
+
+    def refresh(self, *, timeout: float | None = None) -> TokenSet:
+        """Force a refresh now (or join the one in flight); returns the new pair."""
+        return self._call(self.manager.refresh, timeout)
+
+    def refresh_for(self, rejected_access_token: str, *, timeout: float | None = None) -> TokenSet:
+        """The server rejected ``rejected_access_token`` (a 401): move past it (invariant 10)."""
+        return self._call(lambda: self.manager.refresh_for(rejected_access_token), timeout)
+
+    def set_tokens(self, tokens: TokenSet, *, timeout: float | None = None) -> None:
+        """Store a pair obtained elsewhere, as a sign-in."""
+        self._call(lambda: self.manager.set_tokens(tokens), timeout)
+
+    def sign_in(self, *, timeout: float | None = None, **credentials: str) -> TokenSet:
+        """Sign in with the protocol's credentials (Mana: ``email``, ``password``)."""
+        return self._call(lambda: self.manager.sign_in(**credentials), timeout)
+
+    def sign_in_device(
+        self,
+        on_code: Callable[[DeviceCode], Awaitable[None] | None],
+        *,
+        timeout: float | None = None,
+    ) -> TokenSet:
+        """Sign in with the OAuth 2.0 device flow; ``on_code`` runs on the manager's thread
+        and must not call this manager (show the code, hand it to your UI thread)."""
+        return self._call(lambda: self.manager.sign_in_device(on_code), timeout)
+
+    def sign_out(self, *, timeout: float | None = None) -> None:
+        """Tell the server (journaled first), then clear. Once journaled, the sign-out
+        finishes even if this call times out."""
+        self._call(self.manager.sign_out, timeout)
+
+    def subscribe(self, callback: Callback, *, call: Deliver | None = None) -> Callable[[], None]:
+        """Call ``callback(TokenEvent)`` on every event; returns the unsubscribe function.
+
+        Without ``call`` the callback runs on the manager's loop thread: it must be quick and
+        must not call this manager's blocking methods. With ``call`` it is handed over as
+        ``call(callback, event)``, e.g. ``call=root.after_idle`` runs it on Tk's thread.
+        """
+        if call is None:
+            return self.manager.subscribe(callback)
+        deliver = call
+
+        def hand_over(event: TokenEvent) -> None:
+            deliver(callback, event)
+
+        return self.manager.subscribe(hand_over)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_caller(self) -> None:
+        thread = self._thread
+        if thread is not None and os.getpid() != self._pid:
+            raise RuntimeError(
+                "this tokenjournal.sync.TokenManager was opened before fork(): its loop thread "
+                "stayed in the parent; open a new one in the child (same journal)"
+            )
+        if thread is not None and threading.current_thread() is thread:
+            raise RuntimeError(
+                "a blocking tokenjournal.sync.TokenManager call was made on the manager's own "
+                "thread (from an event callback?): it would wait for itself; pass call= to "
+                "subscribe(), or use the async manager (`.manager`) there"
+            )
+
+    def _call(self, start: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
+        """Run ``start()`` on the loop thread and wait up to ``timeout`` for its result."""
+        self._check_caller()
+        loop = self._loop
+        if loop is None or self._closed:
+            raise RuntimeError(
+                "the sync TokenManager is not open: use `with tm:` or `tm.open()`"
+                if not self._closed
+                else "the sync TokenManager is closed"
+            )
+        return _wait(loop, start, timeout)
+
+    def submit(self, start: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
+        """Run ``start()`` (a coroutine of :attr:`manager`) on the loop thread; its future.
+
+        For adapters that must not block: ``await asyncio.wrap_future(tm.submit(...))``.
+        """
+        self._check_caller()
+        if self._loop is None or self._closed:
+            raise RuntimeError("the sync TokenManager is not open")
+        return asyncio.run_coroutine_threadsafe(start(), self._loop)
+
+
+def _wait(
+    loop: asyncio.AbstractEventLoop,
+    start: Callable[[], Coroutine[Any, Any, T]],
+    timeout: float | None,
+) -> T:
+    """Run ``start()`` on ``loop`` (another thread's) and wait up to ``timeout`` for it."""
+    future = asyncio.run_coroutine_threadsafe(start(), loop)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.CancelledError:
+        # Only close() cancels a caller's coroutine (a timeout has stopped waiting already).
+        raise RuntimeError("the sync TokenManager was closed while this call waited") from None
+    except concurrent.futures.TimeoutError:
+        # Cancels this caller's coroutine only: the async manager awaits its shared refresh
+        # through asyncio.shield, so the other callers still get it (invariant 7).
+        future.cancel()
+        raise TimeoutError(f"no answer within {timeout} s") from None
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of this loop and let each run its cleanup."""
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(ready.set)
+    try:
+        loop.run_forever()
+    finally:
+        # Whatever is left (close() timed out) is abandoned with the thread; the journal's
+        # intent, if any, is replayed by the next start (invariant 6).
+        asyncio.set_event_loop(None)
