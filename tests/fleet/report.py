@@ -18,9 +18,8 @@ def rates(raw: dict[str, Any], outcomes: frozenset[str] | None = None) -> list[f
     """Refresh requests per second arriving at the server, per ``WINDOW``-second window."""
     windows = [0] * (int(raw["until"]) // WINDOW + 1)
     for second, outcome, n in raw["buckets"]:
-        if outcomes is None or outcome in outcomes:
-            if second // WINDOW < len(windows):
-                windows[second // WINDOW] += n
+        if (outcomes is None or outcome in outcomes) and second // WINDOW < len(windows):
+            windows[second // WINDOW] += n
     return [n / WINDOW for n in windows]
 
 

@@ -136,9 +136,7 @@ async def run_scenario(s: Settings, sc: Scenario) -> dict[str, Any]:
             results: list[dict[str, Any]] = []
             following = {asyncio.ensure_future(_follow(w)) for w in workers}
             while following:
-                done, following = await asyncio.wait(
-                    following, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, following = await asyncio.wait(following, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     w, message = task.result()
                     if message is not None and "done" in message:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -82,10 +83,8 @@ async def app(device: Device, clock: DeviceClock, every: float, until: float) ->
     """What the device's own program does: use its token every ``every`` seconds."""
     await clock.sleep(random.uniform(0.0, every))
     while clock.monotonic() < until:
-        try:
+        with contextlib.suppress(tj.TokenJournalError):  # offline or ended: it carries on
             await device.access_token()
-        except tj.TokenJournalError:
-            pass  # offline or ended: the app carries on, the figures tell
         await clock.sleep(every)
 
 
@@ -125,7 +124,9 @@ async def main(ns: argparse.Namespace) -> None:
                 _faults.arm(order["arm"])
 
     listening = asyncio.ensure_future(commands())
-    await asyncio.gather(*(app(d, c, ns.use_every, ns.until) for d, c in zip(devices, clocks)))
+    await asyncio.gather(
+        *(app(d, c, ns.use_every, ns.until) for d, c in zip(devices, clocks, strict=True))
+    )
     listening.cancel()
     results = []
     for start in range(0, len(devices), 200):
