@@ -243,27 +243,54 @@ async def test_a_sealed_value_from_an_older_generation_does_not_open(journal_pat
 # ----------------------------------------------------------------------------- wrong keys
 
 
+DIES_WITH_WAL = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import tokenjournal as tj
+
+    async def main() -> None:
+        journal = tj.SQLiteJournal(sys.argv[1], seal=tj.Seal.from_env("TJ_TEST_SEAL_KEY"))
+        await journal.open()
+        record = await journal.load("default")
+        holder = tj._journal.Holder.for_this_process()
+        await journal.begin_refresh("default", holder, record.generation, 1.0, 20.0)
+        os._exit(137)  # the intent is in the WAL, not yet checkpointed into the file
+
+    asyncio.run(main())
+    """
+)
+
+
 @pytest.mark.parametrize("other", [None, tj.Seal(NEW_KEY)], ids=["no-seal", "another-key"])
-@pytest.mark.parametrize("live", [False, True], ids=["closed", "wal-in-use"])
+@pytest.mark.parametrize("wal", ["closed", "in-use", "left-by-a-crash"])
 async def test_a_wrong_or_missing_key_is_a_journal_error_and_changes_no_byte(
-    server: ReferenceServer, journal_path: Path, other: tj.Seal | None, live: bool
+    server: ReferenceServer, journal_path: Path, other: tj.Seal | None, wal: str
 ) -> None:
     seal = tj.Seal(KEY)
     async with tj.TokenManager(server.url, journal_path, seal=seal) as tm:
         pair = await tm.sign_in(**DEMO)
     holder = tj.SQLiteJournal(journal_path, seal=seal)
-    if live:  # another process has it open, with frames in the WAL
+    if wal == "in-use":  # another process has it open, with frames in the WAL
         await holder.open()
         await holder.store_tokens("bob", tj.TokenSet("bob-a-0123456789", "bob-r-0123456789"), 1.0)
+    elif wal == "left-by-a-crash":  # the last connection to close would checkpoint it
+        done = subprocess.run(
+            [sys.executable, "-c", DIES_WITH_WAL, str(journal_path)], env=child_env(""), check=False
+        )
+        assert done.returncode == 137
     before = digests(journal_path)
-    assert ("-wal" in before) == live
+    assert ("-wal" in before) == (wal != "closed")
+    if wal == "left-by-a-crash":
+        assert len(files(journal_path)["-wal"]) > 0
     tm = tj.TokenManager(server.url, journal_path, seal=other)
     with pytest.raises(tj.JournalError, match=f"key id {seal.key_id}") as err:
         await tm.open()
     assert "left untouched" in str(err.value)
     assert digests(journal_path) == before
     await holder.close()
-    assert (await load(journal_path, seal)).tokens == pair  # never signed out
+    record = await load(journal_path, seal)
+    assert record.tokens == pair  # never signed out
+    assert (record.intent is not None) == (wal == "left-by-a-crash")
     assert server.stats()["refresh_requests"] == 0
 
 

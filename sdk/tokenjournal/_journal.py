@@ -783,25 +783,28 @@ class SQLiteJournal:
     async def _probe(self) -> None:
         """Refuse a sealed journal this seal cannot open before writing a byte to it.
 
-        A read-write connection would change the file even when it gives up: the last one
-        to close checkpoints the WAL into the main file. This one is read-only, and with no
-        ``-wal`` beside the file (nobody has it open, nothing to recover) it is ``immutable``:
-        a read-only connection would still leave an empty ``-wal`` and a ``-shm`` behind. A
-        writer that starts meanwhile is caught by the same check on the real connection.
+        A read-write connection would change the files even when it gives up: the last one
+        to close checkpoints a WAL a crash left into the main file, and a read-only one
+        rebuilds the ``-shm`` index. This one is ``immutable``: it reads the main file alone
+        and touches nothing. What only the WAL knows (a sealing not yet checkpointed) is
+        checked again on the real connection; a probe that cannot read (a checkpoint
+        copying pages meanwhile) is no verdict either way.
         """
-        uri = self.path.absolute().as_uri() + "?mode=ro"
-        if not self.path.with_name(self.path.name + "-wal").exists():
-            uri += "&immutable=1"
+        uri = self.path.absolute().as_uri() + "?mode=ro&immutable=1"
         try:
             db = await _connect(uri, uri=True)
-        except sqlite3.Error as exc:
-            raise JournalError(_describe(exc, str(self.path))) from exc
+        except sqlite3.Error:
+            return
         try:
 
             def job(conn: sqlite3.Connection, abandoned: threading.Event) -> set[str]:
-                return self._patiently(lambda: self._needed_keys(conn), abandoned)
+                return self._needed_keys(conn)
 
-            self._refuse_unless_openable(await self._run(job, db))
+            try:
+                needed = await self._run(job, db)
+            except JournalError:
+                return  # unreadable now: the real connection decides
+            self._refuse_unless_openable(needed)
         finally:
             await asyncio.shield(self._close_quietly(db))
 
