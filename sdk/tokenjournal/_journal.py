@@ -862,6 +862,9 @@ class SQLiteJournal:
         sealed) under this seal's key, in the caller's transaction. Returns the rows changed."""
         seal = self.seal
         assert seal is not None
+        # Under the write lock: another process may have sealed it with a key we lack since
+        # open() looked; re-sealing around its rows would hide them behind our key id.
+        self._refuse_unless_openable(self._needed_keys(tx.conn))
         changed = 0
         for t in SECRET_TABLES:
             fps = [c for c in t.fingerprints if c is not None]
