@@ -466,8 +466,10 @@ _SEALING: Final = (
     "ALTER TABLE intents ADD COLUMN sealed_by TEXT",
 )
 
+#: The first schema with the sealing columns (``_SEALING`` is the step that reaches it).
+SEALING_SCHEMA: Final = 2
 #: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA, 1: _SEALING}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA, SEALING_SCHEMA - 1: _SEALING}
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,7 +814,7 @@ class SQLiteJournal:
     def _needed_keys(conn: sqlite3.Connection) -> set[str]:
         """The key ids a journal's rows (and its ``meta``) say sealed them."""
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version < 2:  # before sealing existed: nothing is sealed
+        if version < SEALING_SCHEMA:  # before sealing existed: nothing is sealed
             return set()
         parts = ["SELECT value FROM meta WHERE key = ?"]
         parts += [
