@@ -41,7 +41,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"_manager", "_middleware", "_device"},
         {"_journal", "_doorbell", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
-        {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock"},
+        {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock", "_seal"},
     )
 )
 

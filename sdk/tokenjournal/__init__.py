@@ -31,6 +31,7 @@ from ._protocols import (
     OAuth2Protocol,
 )
 from ._retry import RetryPolicy
+from ._seal import Seal
 from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "RateLimited",
     "RetryPolicy",
     "SQLiteJournal",
+    "Seal",
     "ServerError",
     "SessionEnded",
     "SessionState",

@@ -63,6 +63,7 @@ from ._protocols import (
     OAuth2Protocol,
 )
 from ._retry import GRACE_GUARD, RetryPolicy, attempts
+from ._seal import Seal
 from ._terminal import printable
 from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 from ._transport import NetworkFailure, Raw, send
@@ -142,7 +143,8 @@ class TokenManager:
     while a refresh is pending (the grace rescue). ``allowed_origins`` are the origins the
     middleware may send the bearer to (default: the auth server's origin only). Plain HTTP to
     an auth server that is not this machine is refused unless ``allow_insecure_http``: the
-    refresh token and the password would cross the network in clear.
+    refresh token and the password would cross the network in clear. ``seal`` (a
+    :class:`~tokenjournal.Seal`) seals the tokens at rest in the journal at ``journal``.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class TokenManager:
         device_name: str | None = None,
         device_type: str = "python",
         user_agent: str = "tokenjournal",
+        seal: Seal | None = None,
     ) -> None:
         url = URL(auth_url) if isinstance(auth_url, str) else None
         if url is None or url.scheme not in ("http", "https") or not url.host:
@@ -189,7 +192,11 @@ class TokenManager:
                 )
         self._clock: Clock = clock or SystemClock()
         if isinstance(journal, str | os.PathLike):
-            self.journal: Journal = SQLiteJournal(journal)
+            self.journal: Journal = SQLiteJournal(journal, seal=seal)
+        elif seal is not None:
+            # A journal object brings its own: SQLiteJournal(path, seal=...); a MemoryJournal
+            # keeps nothing at rest.
+            raise TypeError("seal= goes with a journal path; pass it to SQLiteJournal instead")
         elif isinstance(journal, Journal):
             self.journal = journal
         else:
