@@ -36,7 +36,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"testing"},
         {"server"},  # the reference server (``server.*``)
         {""},  # ``tokenjournal/__init__.py``: the public surface
-        {"_manager", "_middleware", "_device"},
+        {"_manager", "_middleware", "_device", "_discovery", "_browser"},
         {"_journal", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
         {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock"},

@@ -23,6 +23,7 @@ from ._errors import SignInFailed
 from ._journal import Journal
 from ._protocols import DeviceCode, FailureKind, HttpRequest, OAuth2Protocol
 from ._retry import RetryPolicy, attempts, is_retryable
+from ._terminal import redact
 from ._tokens import TokenSet
 from ._transport import NetworkFailure, Raw
 
@@ -83,7 +84,7 @@ async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
         if isinstance(parsed, DeviceCode):
             return parsed
         if not is_retryable(parsed):
-            raise SignInFailed(parsed.code)
+            raise SignInFailed(parsed.code, description=parsed.description)
         attempt.failed(parsed, parsed.code)
     raise AssertionError("the retry loop ends by raising")  # pragma: no cover
 
@@ -101,9 +102,11 @@ async def _pending_code(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     return code
 
 
-async def _give_up(io: DeviceIO, code: str, message: str | None = None) -> SignInFailed:
+async def _give_up(
+    io: DeviceIO, code: str, message: str | None = None, description: str | None = None
+) -> SignInFailed:
     await io.journal.clear_device_code(io.account)
-    return SignInFailed(code, message)
+    return SignInFailed(code, message, description=description)
 
 
 async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCode) -> TokenSet:
@@ -152,7 +155,11 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
             # Journaled, so a restart polls at the slower pace the server asked for.
             await io.journal.save_device_code(io.account, _encode(protocol, code), clock.time())
         elif answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
-            raise await _give_up(io, answer.code)
+            # The server's words may echo the device code: never let it reach a message.
+            said = answer.description
+            if said is not None:
+                said = redact(said, (code.device_code,))
+            raise await _give_up(io, answer.code, description=said)
         else:  # 5xx, 429, malformed: back off, as RFC 8628 3.5 asks
             failures, extra = failures + 1, answer.retry_after or 0.0
             log.info("device poll failed (%s); polling on", answer.code)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from ._errors import JournalError
 from ._protocols import MAX_LIFETIME
 from ._tokens import TokenSet, fingerprint, to_datetime
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
@@ -247,6 +248,14 @@ class Journal(Protocol):
         """Forget the pending device code."""
         ...
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep ``issuer``'s discovery document (JSON text), read at wall time ``now``."""
+        ...
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document of ``issuer`` and when it was read, or ``None``."""
+        ...
+
 
 # --------------------------------------------------------------------------- memory
 
@@ -259,6 +268,7 @@ class MemoryJournal:
 
     def __init__(self) -> None:
         self._records: dict[str, AccountRecord] = {}
+        self._metadata: dict[str, tuple[str, float]] = {}
         self._device_id = str(uuid.uuid4())
         self._commits = 0
 
@@ -375,6 +385,15 @@ class MemoryJournal:
         if rec.intent is not None and rec.intent.kind == "device_code":
             self._put(replace(rec, intent=None))
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document."""
+        self._metadata[issuer] = (document, now)
+        self._commits += 1
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read."""
+        return self._metadata.get(issuer)
+
 
 def _signing_out(rec: AccountRecord) -> bool:
     """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
@@ -437,12 +456,18 @@ _SCHEMA: Final = (
         expires_at REAL NOT NULL)""",
 )
 
+#: Schema 2: the OpenID Connect ID token kept with the pair (NULL for a pair without one).
+_ID_TOKEN: Final = ("ALTER TABLE accounts ADD COLUMN id_token TEXT",)
+
 #: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA, 1: _ID_TOKEN}
+
+#: ``meta`` keys of kept discovery documents: this prefix and the issuer.
+_METADATA_KEY: Final = "discovery "
 
 _LOAD_SQL: Final = """
 SELECT a.access_token, a.refresh_token, a.expires_at, a.received_at, a.token_type, a.scope,
-       a.generation, a.ended_code, a.ended_at,
+       a.generation, a.ended_code, a.ended_at, a.id_token,
        i.kind, i.refresh_fp, i.started_at, i.generation, i.payload,
        l.holder, l.pid, l.host, l.expires_at
 FROM (SELECT ? AS account) q
@@ -534,6 +559,11 @@ class SQLiteJournal:
 
     def __repr__(self) -> str:
         return f"SQLiteJournal({str(self.path)!r})"
+
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` has made the connection (and :meth:`close` not yet closed it)."""
+        return self._db is not None
 
     @property
     def durable_commits(self) -> int:
@@ -725,9 +755,15 @@ class SQLiteJournal:
                 "tokenjournal journal; it was left untouched"
             )
         if self.read_only:
-            if version < SCHEMA_VERSION:
+            if version == 0:
                 raise JournalError(
                     f"journal {self.path} is not a tokenjournal journal (schema {version})"
+                )
+            if version < SCHEMA_VERSION:
+                # Reading it needs the newer columns, and read-only cannot add them.
+                raise JournalError(
+                    f"journal {self.path} was written by an older tokenjournal (schema "
+                    f"{version}); open it once with this version to upgrade it"
                 )
             return
         self._patiently(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall(), abandoned)
@@ -812,14 +848,15 @@ class SQLiteJournal:
             expires = min(expires, (now if received is None else received) + MAX_LIFETIME)
         tx.execute(
             """INSERT INTO accounts (account, access_token, refresh_token, expires_at, received_at,
-                   token_type, scope, generation, ended_code, ended_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   token_type, scope, generation, ended_code, ended_at, updated_at, id_token)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(account) DO UPDATE SET
                    access_token = excluded.access_token, refresh_token = excluded.refresh_token,
                    expires_at = excluded.expires_at, received_at = excluded.received_at,
                    token_type = excluded.token_type, scope = excluded.scope,
                    generation = excluded.generation, ended_code = excluded.ended_code,
-                   ended_at = excluded.ended_at, updated_at = excluded.updated_at""",
+                   ended_at = excluded.ended_at, updated_at = excluded.updated_at,
+                   id_token = excluded.id_token""",
             (
                 account,
                 tokens.access_token if tokens else None,
@@ -832,6 +869,7 @@ class SQLiteJournal:
                 ended[0],
                 ended[1],
                 now,
+                tokens.id_token if tokens else None,
             ),
         )
         # Whatever pair (or device code) the row held before is replaced: scrub it away.
@@ -1001,6 +1039,32 @@ class SQLiteJournal:
 
         await self._transaction(body)
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document in ``meta`` (no secret in it: no scrub)."""
+        value = json.dumps({"fetched_at": now, "document": document})
+
+        def body(tx: _Tx) -> None:
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_METADATA_KEY + issuer, value),
+            )
+
+        await self._transaction(body)
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read; an unreadable one is none."""
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (_METADATA_KEY + issuer,))
+        if not rows:
+            return None
+        try:
+            kept = json.loads(rows[0][0])
+            document, fetched_at = kept["document"], kept["fetched_at"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(document, str) or not isinstance(fetched_at, int | float):
+            return None
+        return document, float(fetched_at)
+
 
 #: What a datetime can hold, with a day to spare at each end (years 1 and 9999).
 _EPOCH_MIN: Final = datetime(1, 1, 2, tzinfo=UTC).timestamp()
@@ -1082,6 +1146,7 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
         generation,
         ended_code,
         ended_at,
+        id_token,
         i_kind,
         i_fp,
         i_started,
@@ -1107,6 +1172,7 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
                 received,
                 r.text("token_type", token_type) or "Bearer",
                 r.text("scope", scope),
+                r.text("id_token", id_token) or None,
             )
         except ValueError as exc:
             raise r.bad("access_token", f"does not make a token pair ({exc})") from None

@@ -39,7 +39,9 @@ class TokenSet:
     ``expires_at`` is the access token's expiry as an aware UTC datetime (``None`` when the
     server gave no expiry: such a token is refreshed only when the server answers 401).
     ``received_at`` is when the client received the pair; with ``expires_at`` it gives the
-    token's lifetime, which bounds the refresh margin. ``repr`` shows fingerprints only.
+    token's lifetime, which bounds the refresh margin. ``id_token`` is the OpenID Connect ID
+    token when the server sent one (a refresh that brings none keeps the previous one). ``repr``
+    shows fingerprints only, and never the ID token.
     """
 
     access_token: str = field(repr=False)
@@ -48,6 +50,7 @@ class TokenSet:
     received_at: datetime | None = None
     token_type: str = "Bearer"
     scope: str | None = None
+    id_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.access_token, str) or not self.access_token:
@@ -56,6 +59,8 @@ class TokenSet:
             not isinstance(self.refresh_token, str) or not self.refresh_token
         ):
             raise ValueError("TokenSet.refresh_token must be a non-empty string or None")
+        if self.id_token is not None and (not isinstance(self.id_token, str) or not self.id_token):
+            raise ValueError("TokenSet.id_token must be a non-empty string or None")
         if not isinstance(self.token_type, str) or not self.token_type.strip():
             # An empty type read back as "Bearer" made every load look like a new pair.
             raise ValueError("TokenSet.token_type must be a non-empty string")
