@@ -1055,12 +1055,12 @@ _PAGE: Final = """<!doctype html>
 input{{display:block;margin:.3em 0 1em;width:100%;font-size:1.1em}}</style></head>
 <body><h1>Sign in a device</h1>{message}
 <form method="post" action="/device">
-<label>Code shown on the device<input name="user_code" value="{user_code}"
+<label>Code shown on the device<input id="user_code" name="user_code" value="{user_code}"
  autocomplete="off" required></label>
-<label>Email<input name="email" type="email" value="demo@example.com" required></label>
-<label>Password<input name="password" type="password" required></label>
-<button name="action" value="approve">Approve</button>
-<button name="action" value="deny">Deny</button>
+<label>Email<input id="email" name="email" type="email" value="demo@example.com" required></label>
+<label>Password<input id="password" name="password" type="password" required></label>
+<button id="approve" name="action" value="approve">Approve</button>
+<button id="deny" name="action" value="deny">Deny</button>
 </form></body></html>
 """
 
