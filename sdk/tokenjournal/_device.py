@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Final
 
 from ._clock import Clock
-from ._errors import SignInFailed
+from ._errors import CODE_LIMIT, DESCRIPTION_LIMIT, SignInFailed
 from ._journal import Journal
-from ._protocols import DeviceCode, FailureKind, HttpRequest, OAuth2Protocol
+from ._protocols import DeviceCode, Failure, FailureKind, HttpRequest, OAuth2Protocol
 from ._retry import RetryPolicy, attempts, is_retryable
-from ._terminal import redact
+from ._terminal import printable
 from ._tokens import TokenSet
 from ._transport import NetworkFailure, Raw
 
@@ -70,6 +70,16 @@ def _decode(protocol: OAuth2Protocol, payload: str | None) -> DeviceCode | None:
         return None  # an unreadable pending code is simply not resumed
 
 
+def _refusal(failure: Failure, secrets: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """The server's code and description made printable, short and free of the device code:
+    the flow parses its answers itself, past the manager's scrub (invariant 8)."""
+    code = printable(failure.code, limit=CODE_LIMIT, secrets=secrets)
+    said = failure.description
+    if said is not None:
+        said = printable(said, limit=DESCRIPTION_LIMIT, secrets=secrets)
+    return code, said
+
+
 async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     """RFC 8628 3.1 under the retry policy: transient failures are retried."""
     request = protocol.build_device_authorization()
@@ -84,7 +94,8 @@ async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
         if isinstance(parsed, DeviceCode):
             return parsed
         if not is_retryable(parsed):
-            raise SignInFailed(parsed.code, description=parsed.description)
+            code, said = _refusal(parsed)
+            raise SignInFailed(code, description=said)
         attempt.failed(parsed, parsed.code)
     raise AssertionError("the retry loop ends by raising")  # pragma: no cover
 
@@ -155,11 +166,8 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
             # Journaled, so a restart polls at the slower pace the server asked for.
             await io.journal.save_device_code(io.account, _encode(protocol, code), clock.time())
         elif answer.kind in (FailureKind.PERMANENT, FailureKind.REJECTED):
-            # The server's words may echo the device code: never let it reach a message.
-            said = answer.description
-            if said is not None:
-                said = redact(said, (code.device_code,))
-            raise await _give_up(io, answer.code, description=said)
+            refused, said = _refusal(answer, (code.device_code,))
+            raise await _give_up(io, refused, description=said)
         else:  # 5xx, 429, malformed: back off, as RFC 8628 3.5 asks
             failures, extra = failures + 1, answer.retry_after or 0.0
             log.info("device poll failed (%s); polling on", answer.code)

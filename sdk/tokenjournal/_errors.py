@@ -25,6 +25,8 @@ from ._terminal import printable
 
 #: The longest server description an error keeps: a sentence, not a page of HTML.
 DESCRIPTION_LIMIT: Final = 200
+#: A server's error code longer than this is cut: codes are identifiers, not essays.
+CODE_LIMIT: Final = 64
 
 
 def clean_description(description: object) -> str | None:

@@ -31,6 +31,7 @@ from ._browser import BrowserIO, OpenBrowser, run_browser_flow
 from ._clock import Clock, SystemClock
 from ._device import DeviceIO, run_device_flow
 from ._errors import (
+    CODE_LIMIT,
     DESCRIPTION_LIMIT,
     JournalError,
     NotSignedIn,
@@ -78,8 +79,6 @@ LEASE_SLACK: Final = 5.0
 #: Polling for another process's commit: first and longest pause.
 WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
-#: A server's error code longer than this is cut: codes are identifiers, not essays.
-CODE_LIMIT: Final = 64
 #: The grace rescue (invariant 11) tries again at least this often, as a share of the grace
 #: window and in seconds: a network that comes back is noticed within the smaller of the two,
 #: and a 300 s window costs about ten requests.
