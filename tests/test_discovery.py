@@ -300,3 +300,46 @@ async def test_session_ended_and_protocol_error_carry_the_description() -> None:
                 with pytest.raises(expected) as caught:
                     await tm.refresh()
         assert caught.value.description == payload["error_description"]
+
+
+async def test_a_5xx_a_404_or_a_portal_page_uses_the_kept_document() -> None:
+    """An outage (5xx), a document gone missing (404) or a captive portal's page (200 HTML)
+    all mean "cannot be reached" for a device that has a kept document: it still starts.
+    Without one, the same answers are errors."""
+    answer: dict[str, Any] = {"status": 200, "html": False}
+    document = {"issuer": "{origin}", "token_endpoint": "{origin}/token"}
+
+    async def handler(request: web.Request) -> web.Response:
+        if answer["html"]:
+            return web.Response(text="<html>Hotel Wi-Fi: log in</html>", content_type="text/html")
+        if answer["status"] != 200:
+            return web.Response(status=answer["status"])
+        body = json.dumps(document).replace("{origin}", str(request.url.origin()))
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    journal, clock = tj.MemoryJournal(), FakeClock()
+    try:
+        first = await tj.OAuth2Protocol.discover(
+            origin, client_id="c", journal=journal, clock=clock
+        )
+        clock.advance(2 * 86400)  # stale: every call below asks the server again
+        for status, html in ((503, False), (404, False), (200, True)):
+            answer.update(status=status, html=html)
+            kept = await tj.OAuth2Protocol.discover(
+                origin, client_id="c", journal=journal, clock=clock
+            )
+            assert kept == first, (status, html)
+        answer.update(status=503, html=False)
+        with pytest.raises(tj.NetworkError):
+            await tj.OAuth2Protocol.discover(origin, client_id="c")
+        answer.update(status=404)
+        with pytest.raises(tj.ProtocolError):
+            await tj.OAuth2Protocol.discover(origin, client_id="c")
+    finally:
+        await runner.cleanup()

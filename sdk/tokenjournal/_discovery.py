@@ -72,8 +72,10 @@ async def _fetch(issuer: str, request_timeout: float) -> ServerMetadata | Failur
 
 
 def _unreachable(answer: Failure | None) -> bool:
-    """No answer at all, or one that says "later" (5xx, 429): the kept document will do."""
-    return answer is None or answer.kind in (FailureKind.SERVER, FailureKind.RATE_LIMITED)
+    """Whether the kept document may stand in: no answer, "later" (5xx, 429), and also a 404
+    or an HTML page, since a captive portal or a proxy answers so for a server it keeps the
+    device from. Only a document that names another issuer is never papered over."""
+    return answer is None or answer.code != "issuer_mismatch"
 
 
 async def read_metadata(

@@ -695,8 +695,9 @@ class OAuth2Protocol:
 
         With ``journal`` (a path or a journal) the document is kept there: one younger than
         ``max_age`` seconds is used without asking the server, an older one is read again,
-        and when the issuer cannot be reached (no network, 5xx) the kept one is used
-        whatever its age, so a device that boots offline still starts. Without a kept
+        and when the issuer gives no usable document (no network, 5xx, a captive portal's
+        page) the kept one is used whatever its age, so a device that boots offline still
+        starts; one that names another issuer is never replaced by the kept one. Without a kept
         document an unreachable issuer is a :class:`~tokenjournal.NetworkError`. Discovery
         runs only here, at start-up, never on the token path. Each well-known URL gets one
         request of at most ``request_timeout`` seconds; ``clock`` (wall time) dates the kept
