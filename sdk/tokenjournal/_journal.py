@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from ._protocols import MAX_LIFETIME
 from ._seal import Seal, Unopenable, is_sealed, key_id_of
 from ._tokens import TokenSet, fingerprint, to_datetime
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
@@ -267,6 +268,14 @@ class Journal(Protocol):
         """Forget the pending device code."""
         ...
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep ``issuer``'s discovery document (JSON text), read at wall time ``now``."""
+        ...
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document of ``issuer`` and when it was read, or ``None``."""
+        ...
+
 
 # --------------------------------------------------------------------------- memory
 
@@ -279,6 +288,7 @@ class MemoryJournal:
 
     def __init__(self) -> None:
         self._records: dict[str, AccountRecord] = {}
+        self._metadata: dict[str, tuple[str, float]] = {}
         self._device_id = str(uuid.uuid4())
         self._commits = 0
 
@@ -395,6 +405,15 @@ class MemoryJournal:
         if rec.intent is not None and rec.intent.kind == "device_code":
             self._put(replace(rec, intent=None))
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document."""
+        self._metadata[issuer] = (document, now)
+        self._commits += 1
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read."""
+        return self._metadata.get(issuer)
+
 
 def _signing_out(rec: AccountRecord) -> bool:
     """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
@@ -468,8 +487,15 @@ _SEALING: Final = (
 
 #: The first schema with the sealing columns (``_SEALING`` is the step that reaches it).
 SEALING_SCHEMA: Final = 2
+#: Schema 3: the OpenID Connect ID token kept with the pair (NULL for a pair without one).
+_ID_TOKEN: Final = ("ALTER TABLE accounts ADD COLUMN id_token TEXT",)
+
 #: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA, SEALING_SCHEMA - 1: _SEALING}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    0: _SCHEMA,
+    SEALING_SCHEMA - 1: _SEALING,
+    SEALING_SCHEMA: _ID_TOKEN,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,8 +525,8 @@ SECRET_TABLES: Final = (
         "accounts",
         "account",
         "generation",
-        ("access_token", "refresh_token"),
-        ("access_fp", "refresh_fp"),
+        ("access_token", "refresh_token", "id_token"),
+        ("access_fp", "refresh_fp", None),
     ),
     SecretTable("intents", "account", "generation", ("payload",), (None,)),
 )
@@ -518,9 +544,12 @@ def _sealed(
 #: ``meta`` key: the id of the key the journal was last sealed with (absent: plain).
 META_SEALED_BY: Final = "sealed_by"
 
+#: ``meta`` keys of kept discovery documents: this prefix and the issuer.
+_METADATA_KEY: Final = "discovery "
+
 _LOAD_SQL: Final = """
 SELECT a.access_token, a.refresh_token, a.expires_at, a.received_at, a.token_type, a.scope,
-       a.generation, a.ended_code, a.ended_at,
+       a.generation, a.ended_code, a.ended_at, a.id_token,
        i.kind, i.refresh_fp, i.started_at, i.generation, i.payload,
        l.holder, l.pid, l.host, l.expires_at,
        a.sealed_by, a.access_fp, a.refresh_fp, i.sealed_by
@@ -626,6 +655,11 @@ class SQLiteJournal:
     def __repr__(self) -> str:
         sealed = f", seal={self.seal!r}" if self.seal is not None else ""
         return f"SQLiteJournal({str(self.path)!r}{sealed})"
+
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` has made the connection (and :meth:`close` not yet closed it)."""
+        return self._db is not None
 
     @property
     def durable_commits(self) -> int:
@@ -1078,12 +1112,13 @@ class SQLiteJournal:
             expires = min(expires, (now if received is None else received) + MAX_LIFETIME)
         access = tokens.access_token if tokens else None
         refresh = tokens.refresh_token if tokens else None
+        id_token = tokens.id_token if tokens else None
         seal = self.seal if tokens else None
         tx.execute(
             """INSERT INTO accounts (account, access_token, refresh_token, expires_at, received_at,
                    token_type, scope, generation, ended_code, ended_at, updated_at,
-                   sealed_by, access_fp, refresh_fp)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   sealed_by, access_fp, refresh_fp, id_token)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(account) DO UPDATE SET
                    access_token = excluded.access_token, refresh_token = excluded.refresh_token,
                    expires_at = excluded.expires_at, received_at = excluded.received_at,
@@ -1091,7 +1126,7 @@ class SQLiteJournal:
                    generation = excluded.generation, ended_code = excluded.ended_code,
                    ended_at = excluded.ended_at, updated_at = excluded.updated_at,
                    sealed_by = excluded.sealed_by, access_fp = excluded.access_fp,
-                   refresh_fp = excluded.refresh_fp""",
+                   refresh_fp = excluded.refresh_fp, id_token = excluded.id_token""",
             (
                 account,
                 _sealed(seal, "accounts", "access_token", account, generation, access),
@@ -1107,6 +1142,7 @@ class SQLiteJournal:
                 seal.key_id if seal else None,
                 seal.fingerprint(access) if seal else None,
                 seal.fingerprint(refresh) if seal else None,
+                _sealed(seal, "accounts", "id_token", account, generation, id_token),
             ),
         )
         # Whatever pair (or device code) the row held before is replaced: scrub it away.
@@ -1287,6 +1323,32 @@ class SQLiteJournal:
 
         await self._transaction(body)
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document in ``meta`` (no secret in it: no scrub)."""
+        value = json.dumps({"fetched_at": now, "document": document})
+
+        def body(tx: _Tx) -> None:
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_METADATA_KEY + issuer, value),
+            )
+
+        await self._transaction(body)
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read; an unreadable one is none."""
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (_METADATA_KEY + issuer,))
+        if not rows:
+            return None
+        try:
+            kept = json.loads(rows[0][0])
+            document, fetched_at = kept["document"], kept["fetched_at"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(document, str) or not isinstance(fetched_at, int | float):
+            return None
+        return document, float(fetched_at)
+
 
 #: What a datetime can hold, with a day to spare at each end (years 1 and 9999).
 _EPOCH_MIN: Final = datetime(1, 1, 2, tzinfo=UTC).timestamp()
@@ -1383,6 +1445,7 @@ def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> Acc
         generation,
         ended_code,
         ended_at,
+        id_token,
         i_kind,
         i_fp,
         i_started,
@@ -1410,9 +1473,10 @@ def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> Acc
         # Without the seal (only a read-only journal gets this far): no tokens.
         access = _opened(r, seal, "accounts", "access_token", generation, access)
         refresh = _opened(r, seal, "accounts", "refresh_token", generation, refresh)
+        id_token = _opened(r, seal, "accounts", "id_token", generation, id_token)
         if seal is None:
-            access = refresh = None
-    elif is_sealed(access) or is_sealed(refresh):
+            access = refresh = id_token = None
+    elif is_sealed(access) or is_sealed(refresh) or is_sealed(id_token):
         raise r.bad("sealed_by", f"is empty beside a value sealed by {key_id_of(str(access))}")
     if i_sealed_by is not None:
         r.required_text("intents.sealed_by", i_sealed_by)
@@ -1434,6 +1498,7 @@ def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> Acc
                 received,
                 r.text("token_type", token_type) or "Bearer",
                 r.text("scope", scope),
+                r.text("id_token", id_token) or None,
             )
         except ValueError as exc:
             raise r.bad("access_token", f"does not make a token pair ({exc})") from None
