@@ -104,14 +104,23 @@ class Chromium:
 
     def wait_for_text(self, text: str) -> str:
         """Wait until the page's body holds ``text``; returns the body's text."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
-        def shown(driver: Any) -> bool:
-            return text in driver.find_element(By.TAG_NAME, "body").text
+        body = ""
 
-        WebDriverWait(self.driver, PAGE_WAIT).until(shown)
-        return str(self.driver.find_element(By.TAG_NAME, "body").text)
+        def shown(driver: Any) -> bool:
+            nonlocal body
+            # The page may be replaced between finding its body and reading it (a form
+            # just posted): that is "not yet", and the wait asks again.
+            body = str(driver.find_element(By.TAG_NAME, "body").text)
+            return text in body
+
+        WebDriverWait(
+            self.driver, PAGE_WAIT, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(shown)
+        return body
 
     @property
     def url(self) -> str:
