@@ -37,7 +37,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"server"},  # the reference server (``server.*``)
         {""},  # ``tokenjournal/__init__.py``: the public surface
         {"_manager", "_middleware", "_device"},
-        {"_journal", "_transport", "_retry", "_events", "_faults"},
+        # _outbox: its SQL is the journal's, the manager is seen through OutboxHost
+        {"_journal", "_outbox", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
         {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock"},
     )

@@ -29,7 +29,7 @@ from tests.torture.crashes import crash_round
 from tests.torture.procs import ROOT
 from tests.torture.proxy import FaultProxy
 from tests.torture.timephase import NoIatMinter
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 from tokenjournal._journal import Holder, Stale
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock

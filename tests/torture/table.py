@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 
 from .cancel import CancelFigures
 from .crashes import CrashOutcome

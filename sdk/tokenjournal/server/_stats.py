@@ -16,6 +16,12 @@ COUNTERS: Final[tuple[str, ...]] = (
     "faults_injected",
     "logouts",
     "device_authorizations",
+    # POST /api/readings (the outbox's proof): items applied, requests whose
+    # Idempotency-Key was seen before (answered from the first answer, not applied again),
+    # and readings applied twice (one `uid` applied under two keys: must stay 0).
+    "items_applied",
+    "keys_seen_twice",
+    "items_applied_twice",
 )
 
 
