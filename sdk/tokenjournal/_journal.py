@@ -492,9 +492,7 @@ class MemoryJournal:
                 continue
             if len(taken) >= limit:
                 break
-            if m.lease is not None and (
-                m.lease.holder == holder.id or lease_is_live(m.lease, holder, now)
-            ):
+            if _leased(m.lease, holder, now):
                 if ordered:
                     break
                 continue
@@ -612,6 +610,17 @@ class _MemItem:
     dead: bool = False
     status: int = 0
     reason: str = ""
+
+
+def _leased(lease: Lease | None, holder: Holder, now: float) -> bool:
+    """Whether an item's lease keeps it from ``holder`` now: another live holder's, or our
+    own that has not expired (an item of ours is in flight here; an expired one of ours
+    was left by a task that could not release it)."""
+    if lease is None:
+        return False
+    if lease.holder == holder.id:
+        return lease.expires_at > now
+    return lease_is_live(lease, holder, now)
 
 
 def _make_room(line: list[tuple[int, int]], size: int, limits: OutboxLimits) -> list[int] | None:
@@ -1415,9 +1424,7 @@ class SQLiteJournal:
                         str(row["host"]),
                         float(row["lease_expires"] or 0.0),
                     )
-                if lease is not None and (
-                    lease.holder == holder.id or lease_is_live(lease, holder, now)
-                ):
+                if _leased(lease, holder, now):
                     if ordered:
                         break  # the head is in flight elsewhere: FIFO waits for it
                     continue

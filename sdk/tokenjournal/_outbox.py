@@ -308,6 +308,10 @@ class Outbox:
         self.concurrency = 1 if ordered else concurrency
         self.max_backoff = max_backoff
         self._wake = asyncio.Event()  # an enqueue here, a sign-in: look again now
+        # Set (and replaced) by a sign-in: cuts every backoff pause short, so the first try
+        # after a sign-in is immediate; an enqueue does not (no retry storm while down).
+        self._signed_in = asyncio.Event()
+        self._active: set[str] = set()  # ids a task of ours works on (never claimed twice)
         self._settled = asyncio.Event()  # an item settled here: drain looks again
         self._paused = False
         self._runner: asyncio.Task[Any] | None = None
@@ -420,8 +424,10 @@ class Outbox:
         return ", ".join(parts) or "no limit"
 
     def _on_event(self, event: TokenEvent) -> None:
-        if event.kind in (EventKind.SIGNED_IN, EventKind.ADOPTED, EventKind.REFRESHED):
+        if event.kind in (EventKind.SIGNED_IN, EventKind.ADOPTED):
             self._wake.set()
+            self._signed_in.set()
+            self._signed_in = asyncio.Event()
 
     def start(self) -> None:
         """Start delivering (the manager calls this once it is open): the first try now."""
@@ -455,6 +461,7 @@ class Outbox:
                 except TokenJournalError as exc:  # locked, full: look again after a poll
                     log.warning("outbox %s: cannot claim items: %s", self.name, exc)
                     items = []
+                items = [i for i in items if i.id not in self._active]
                 if not items:
                     if not await self._idle():
                         return
@@ -510,12 +517,19 @@ class Outbox:
         """A backoff pause on the manager's clock, cut short by close() or a sign-in."""
         if not self._host.is_open:
             return False
-        self._wake.clear()
-        await _first(self._host.clock.sleep(seconds), self._wake.wait(), self._host.closing())
+        signed_in = self._signed_in
+        await _first(self._host.clock.sleep(seconds), signed_in.wait(), self._host.closing())
         return self._host.is_open
 
     async def _deliver_one(self, item: OutboxItem) -> bool:
         """Try ``item`` until it settles (True) or delivery pauses or closes (False)."""
+        self._active.add(item.id)
+        try:
+            return await self._deliver(item)
+        finally:
+            self._active.discard(item.id)
+
+    async def _deliver(self, item: OutboxItem) -> bool:
         policy = RetryPolicy(
             max_attempts=sys.maxsize,
             max_elapsed=math.inf,
