@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -501,3 +502,47 @@ async def test_a_schema_1_journal_migrates_to_the_outbox_schema(journal_path: Pa
     with sqlite3.connect(journal_path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert db.execute("SELECT value FROM meta").fetchone()[0] == "x"
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_shows_each_outbox_pending_in_flight_dead_and_oldest_age(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenjournal._journal import Holder
+    from tokenjournal._outbox import OutboxLimits, Settle, build_item
+    from tokenjournal.cli import main
+
+    path = tmp_path / "tokens.db"
+
+    async def build() -> None:
+        journal = tj.SQLiteJournal(path)
+        await journal.open()
+        now = time.time()
+        items = [
+            build_item("POST", "https://api.example/r", json={"s": "BODY-SECRET"}, now=now - 90)
+            for _ in range(4)
+        ]
+        for item in items:
+            await journal.outbox_add("alice", "readings", item, OutboxLimits())
+        [first] = await journal.outbox_claim(
+            "alice", "readings", Holder.for_this_process(), now, 3600.0 * 24 * 365 * 50, 1, True
+        )
+        await journal.outbox_settle("alice", "readings", Settle(items[3].id, 404, True, "HTTP 404"))
+        await journal.outbox_settle("alice", "readings", Settle(items[2].id, 200))
+        assert first.id == items[0].id
+        await journal.close()
+
+    asyncio.run(build())
+    assert main(["status", "--journal", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "outboxes  1" in out
+    line = next(x for x in out.splitlines() if "alice/readings" in x)
+    assert "2 pending (1 in flight), 1 dead, 1 delivered, 0 dropped, oldest" in line
+    assert "BODY-SECRET" not in out
+    assert main(["status", "--journal", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    [outbox] = data["outboxes"]
+    assert (outbox["pending"], outbox["in_flight"], outbox["dead"]) == (2, 1, 1)
+    assert outbox["oldest_age"] > 0

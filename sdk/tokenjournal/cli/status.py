@@ -27,6 +27,7 @@ from typing import Any, Final, TextIO
 from .._errors import JournalError, TokenJournalError
 from .._journal import AccountRecord, SQLiteJournal, pid_alive
 from .._numbers import MAX_EPOCH
+from .._outbox import OutboxStats
 from .._terminal import printable
 from .._tokens import fingerprint
 from ._args import Formatter, Subparsers, positive
@@ -83,6 +84,9 @@ class JournalStatus:
     device_id: str
     read_at: float
     accounts: tuple[AccountStatus, ...]
+    #: Every durable outbox (per account): pending (in flight among them), dead letters,
+    #: delivered and dropped so far, the oldest pending item's age.
+    outboxes: tuple[OutboxStats, ...] = ()
 
 
 def _account_status(record: AccountRecord, now: float) -> AccountStatus:
@@ -145,14 +149,16 @@ async def read_journal(
     try:
         device_id = await journal.device_id()
         records = [await journal.load(name) for name in await journal.accounts()]
+        moment = time.time() if now is None else now
+        outboxes = await journal.outbox_summary(moment)
     finally:
         await journal.close()
-    moment = time.time() if now is None else now
     return JournalStatus(
         str(shown),
         device_id,
         moment,
         tuple(_account_status(r, moment) for r in records),
+        tuple(outboxes),
     )
 
 
@@ -235,6 +241,15 @@ def _lease_line(a: AccountStatus, now: float) -> str:
     return f"{printable(lz.holder)} (pid {lz.pid}, {alive}), {until}"
 
 
+def _outbox_line(o: OutboxStats) -> str:
+    oldest = "-" if o.oldest_age is None else f"{span(o.oldest_age)} ago"
+    return (
+        f"  {printable(o.account)}/{printable(o.name)}: {o.pending} pending "
+        f"({o.in_flight} in flight), {o.dead} dead, {o.delivered} delivered, "
+        f"{o.dropped} dropped, oldest {oldest}"
+    )
+
+
 def render_text(status: JournalStatus) -> str:
     """The human-readable report."""
     now = status.read_at
@@ -254,6 +269,9 @@ def render_text(status: JournalStatus) -> str:
             f"  intent      {_intent_line(a)}",
             f"  lease       {_lease_line(a, now)}",
         ]
+    if status.outboxes:
+        lines += ["", f"outboxes  {len(status.outboxes)}"]
+        lines += [_outbox_line(o) for o in status.outboxes]
     return "\n".join(lines)
 
 
@@ -295,7 +313,9 @@ DESCRIPTION: Final = """\
 Show what a journal holds, per account: signed in / ended by the server (with the code and
 the time) / signed out, the access token's expiry, a pending refresh intent (its kind, start,
 age and the refresh token's fingerprint), the refresh lease holder, the generation and the
-device id. Tokens are never shown, only 8-character fingerprints.
+device id; per durable outbox: items pending (and in flight), dead letters, delivered,
+dropped, the oldest pending item's age. Tokens are never shown, only 8-character
+fingerprints; outbox bodies never.
 
 The journal is opened read-only and never modified. A missing, locked, corrupt or
 newer-schema journal prints one line to stderr and exits with status 1."""
