@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,9 +288,12 @@ class Journal(Protocol):
         """Give up ``holder``'s leases on ``ids`` (``None``: all of them): back in line."""
         ...
 
-    async def outbox_settle(self, account: str, outbox: str, settle: Settle) -> bool:
-        """Delivered: delete the item and count it; dead: keep it as a dead letter. Whether
-        this call settled it (``False``: already settled, e.g. by another process)."""
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """In one durable transaction, per item: delivered, delete it and count it; dead,
+        keep it as a dead letter. Whether each was settled by this call (``False``: already
+        settled, e.g. by another process that took it over)."""
         ...
 
     async def outbox_waiting(self, account: str, outbox: str, upto: int | None) -> tuple[int, int]:
@@ -523,12 +526,17 @@ class MemoryJournal:
             if mine and (ids is None or m.item.id in ids):
                 m.lease = None
 
-    async def outbox_settle(self, account: str, outbox: str, settle: Settle) -> bool:
-        """Delete (delivered) or dead-letter the item."""
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """Delete (delivered) or dead-letter the items."""
+        self._commits += 1
+        return [self._settle(account, outbox, settle) for settle in settles]
+
+    def _settle(self, account: str, outbox: str, settle: Settle) -> bool:
         m = self._items.get(settle.item_id)
         if m is None or m.dead:
             return False
-        self._commits += 1
         if settle.dead:
             m.dead, m.lease = True, None
             m.status, m.reason = settle.status, settle.reason
@@ -1384,11 +1392,12 @@ class SQLiteJournal:
                     item.created_at,
                 ),
             )
-            tx.execute(
-                "INSERT INTO outbox_counts (account, name, dropped) VALUES (?, ?, ?) "
-                "ON CONFLICT(account, name) DO UPDATE SET dropped = dropped + excluded.dropped",
-                (account, outbox, len(dropped)),
-            )
+            if dropped:  # the counters' row is made by the first drop or delivery
+                tx.execute(
+                    "INSERT INTO outbox_counts (account, name, dropped) VALUES (?, ?, ?) "
+                    "ON CONFLICT(account, name) DO UPDATE SET dropped = dropped + excluded.dropped",
+                    (account, outbox, len(dropped)),
+                )
             return len(dropped)
 
         return await self._batched(body)
@@ -1479,10 +1488,16 @@ class SQLiteJournal:
             return
         await self._transaction(body)
 
-    async def outbox_settle(self, account: str, outbox: str, settle: Settle) -> bool:
-        """Delete and count (delivered) or keep as a dead letter, in the next group commit."""
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """Delete and count (delivered) or keep as dead letters, in the next group commit."""
+        settles = list(settles)
 
-        def body(tx: _Tx) -> bool:
+        def body(tx: _Tx) -> list[bool]:
+            return [one(tx, settle) for settle in settles]
+
+        def one(tx: _Tx, settle: Settle) -> bool:
             if settle.dead:
                 cursor = tx.execute(
                     "UPDATE outbox SET dead = 1, status = ?, reason = ?, "

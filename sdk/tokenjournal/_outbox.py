@@ -28,6 +28,7 @@ delivery engine. It imports nothing above the journal's layer: the manager is se
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json as jsonlib
 import logging
@@ -63,8 +64,11 @@ MAX_BACKOFF: Final = 30.0
 #: An idle deliverer looks at the journal this often (real time) for items another process
 #: enqueued or a dead holder left; its own enqueues wake it at once.
 IDLE_POLL: Final = 0.5
-#: In ordered mode a deliverer leases up to this many items of the head in one transaction.
-ORDERED_BATCH: Final = 16
+#: A deliverer leases up to this many items in one transaction (ordered: of the head).
+ORDERED_BATCH: Final = 64
+#: Settles are committed in groups of up to this many (sooner when no request is out): a
+#: crash may send up to this many delivered items again, with their keys.
+SETTLE_GROUP: Final = 32
 #: Headers that carry credentials: never stored in an item (the bearer comes at delivery).
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Set by the outbox on every try; an item may not bring its own.
@@ -312,8 +316,17 @@ class Outbox:
         # after a sign-in is immediate; an enqueue does not (no retry storm while down).
         self._signed_in = asyncio.Event()
         self._active: set[str] = set()  # ids a task of ours works on (never claimed twice)
+        self._backlog: collections.deque[OutboxItem] = collections.deque()  # claimed, not started
+        # Settles waiting for their group commit, and the task that commits them.
+        self._to_settle: list[Settle] = []
+        self._settler: asyncio.Task[None] | None = None
+        self._settle_wake = asyncio.Event()
+        self._flush_now = False
+        self._sending = 0  # requests out right now
         self._settled = asyncio.Event()  # an item settled here: drain looks again
         self._paused = False
+        self._signins = 0  # sign-ins seen (a paused deliverer looks again after each)
+        self._paused_at = 0  # ... as counted when it last looked
         self._runner: asyncio.Task[Any] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._held: dict[str, float] = {}  # item id -> our lease's expiry (wall clock)
@@ -425,6 +438,7 @@ class Outbox:
 
     def _on_event(self, event: TokenEvent) -> None:
         if event.kind in (EventKind.SIGNED_IN, EventKind.ADOPTED):
+            self._signins += 1
             self._wake.set()
             self._signed_in.set()
             self._signed_in = asyncio.Event()
@@ -438,8 +452,11 @@ class Outbox:
     async def _run(self) -> None:
         try:
             while self._host.is_open:
+                if self._paused and self._backlog:
+                    await self._release([i.id for i in self._backlog])
+                    self._backlog.clear()
                 if self._paused:
-                    if not await self._idle():
+                    if not await self._idle(paused=True):
                         return
                     if not await self._session_back():
                         continue
@@ -448,6 +465,9 @@ class Outbox:
                 if free <= 0:
                     await self._idle()
                     continue
+                if self._backlog:  # claimed earlier, waiting for a free slot
+                    self._start_tasks()
+                    continue
                 try:
                     items = await self._host.journal.outbox_claim(
                         self._host.account,
@@ -455,7 +475,7 @@ class Outbox:
                         self._host.holder,
                         self._host.clock.time(),
                         self._host.lease_ttl,
-                        ORDERED_BATCH if self.ordered else free,
+                        ORDERED_BATCH,
                         self.ordered,
                     )
                 except TokenJournalError as exc:  # locked, full: look again after a poll
@@ -472,16 +492,22 @@ class Outbox:
                 if self.ordered:
                     await self._deliver_in_order(items)
                 else:
-                    for item in items:
-                        task = asyncio.ensure_future(self._deliver_one(item))
-                        self._inflight.add(task)
-                        task.add_done_callback(self._done)
+                    self._backlog.extend(items)
+                    self._start_tasks()
         finally:
             for task in list(self._inflight):
                 task.cancel()
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+            await asyncio.shield(self._settled_all())
             await asyncio.shield(self._release_all())
+
+    def _start_tasks(self) -> None:
+        """Unordered: start claimed items while fewer than ``concurrency`` are out."""
+        while self._backlog and len(self._inflight) < self.concurrency:
+            task = asyncio.ensure_future(self._deliver_one(self._backlog.popleft()))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
@@ -490,11 +516,15 @@ class Outbox:
             log.warning("outbox %s: a delivery failed: %s", self.name, task.exception())
 
     async def _deliver_in_order(self, items: list[Any]) -> None:
-        for index, item in enumerate(items):
-            if not await self._deliver_one(item):
-                # Paused or closed: the rest of the batch goes back in line, in order.
-                await self._release([i.id for i in items[index:]])
-                return
+        try:
+            for index, item in enumerate(items):
+                if not await self._deliver_one(item):
+                    # Paused or closed: the rest of the batch goes back in line, in order.
+                    await self._release([i.id for i in items[index:]])
+                    return
+        finally:
+            # The next claim must see this batch settled, or it would wait for our leases.
+            await asyncio.shield(self._settled_all())
 
     async def _session_back(self) -> bool:
         """Whether the journal holds a pair again (a sign-in here or in another process)."""
@@ -505,8 +535,16 @@ class Outbox:
         signing_out = record.intent is not None and record.intent.kind == "sign_out"
         return record.tokens is not None and not signing_out
 
-    async def _idle(self) -> bool:
-        """Wait for a wake-up, ``close()``, or one idle poll (real time); whether still open."""
+    async def _idle(self, *, paused: bool = False) -> bool:
+        """Wait for a wake-up (paused: a sign-in only, not an enqueue), ``close()``, or one
+        idle poll (real time: another process may have signed in); whether still open."""
+        if paused:
+            if self._host.is_open and self._signins == self._paused_at:
+                with contextlib.suppress(TimeoutError):
+                    waits = (self._signed_in.wait(), self._host.closing())
+                    await asyncio.wait_for(_first(*waits), IDLE_POLL)
+            self._paused_at = self._signins
+            return self._host.is_open
         if self._host.is_open and not self._wake.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_first(self._wake.wait(), self._host.closing()), IDLE_POLL)
@@ -563,20 +601,17 @@ class Outbox:
                     _faults.crash_point("before_settle")
                     dead = failure is not None
                     reason = failure.message if failure else ""
-                    await self._host.journal.outbox_settle(
-                        self._host.account,
-                        self.name,
-                        Settle(item.id, status, dead, reason, item.attempts + tries - 1),
+                    # Settles are committed in groups while the next items go out: the
+                    # answer is in, so order is kept; a settle lost to a crash only means
+                    # the same key is sent again, and the server answers it again.
+                    self._queue_settle(
+                        Settle(item.id, status, dead, reason, item.attempts + tries - 1)
                     )
-                    self._held.pop(item.id, None)
-                    self._settled.set()
-                    if dead:
-                        log.warning("outbox %s: item %s refused: %s", self.name, item.id, reason)
-                        self._host.emit_event(EventKind.OUTBOX_DEAD, self.name)
                     return True
                 attempt.failed(failure, f"HTTP {status}")
         except _Paused:
-            self._paused = True
+            if not self._paused:
+                self._paused, self._paused_at = True, self._signins
             log.info("outbox %s paused: no session; it resumes after the next sign-in", self.name)
             await asyncio.shield(self._release([item.id]))
             return False
@@ -588,6 +623,47 @@ class Outbox:
             await asyncio.shield(self._release([item.id]))
             return False
         return False  # pragma: no cover - the loop ends by returning or raising
+
+    def _queue_settle(self, settle: Settle) -> None:
+        self._to_settle.append(settle)
+        if len(self._to_settle) >= SETTLE_GROUP:
+            self._settle_wake.set()
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.ensure_future(self._settle_loop())
+
+    async def _settle_loop(self) -> None:
+        """Commit the queued settles: a group when ``SETTLE_GROUP`` are waiting, when no
+        request is out (the deliverer waits or idles), or when asked (``_settled_all``)."""
+        while self._to_settle:
+            while len(self._to_settle) < SETTLE_GROUP and self._sending and not self._flush_now:
+                self._settle_wake.clear()
+                await self._settle_wake.wait()
+            group, self._to_settle = self._to_settle, []
+            try:
+                done = await self._host.journal.outbox_settle(self._host.account, self.name, group)
+            except TokenJournalError as exc:
+                # The items stay pending (our leases go): they are sent again, same keys.
+                log.warning("outbox %s: %d settle(s) not committed: %s", self.name, len(group), exc)
+                await self._release([s.item_id for s in group])
+                continue
+            for settle, settled in zip(group, done, strict=True):
+                self._held.pop(settle.item_id, None)
+                if settled and settle.dead:
+                    log.warning(
+                        "outbox %s: item %s refused: %s", self.name, settle.item_id, settle.reason
+                    )
+                    self._host.emit_event(EventKind.OUTBOX_DEAD, self.name)
+            self._settled.set()
+
+    async def _settled_all(self) -> None:
+        """Commit every queued settle now and wait for it (or for it to fail)."""
+        self._flush_now = True
+        self._settle_wake.set()
+        try:
+            while self._settler is not None and not self._settler.done():
+                await asyncio.wait({self._settler})
+        finally:
+            self._flush_now = False
 
     async def _still_ours(self, item_id: str, *, renew: bool) -> bool:
         """Renew our leases when asked or when they are half spent; whether ``item_id`` is
@@ -613,6 +689,7 @@ class Outbox:
         headers = dict(item.headers)
         headers[KEY_HEADER] = item.id
         http = self._host.outbox_http()
+        self._sending += 1
         try:
             async with http.request(
                 item.method,
@@ -630,6 +707,10 @@ class Outbox:
                 return response.status, response.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _NoAnswer(type(exc).__name__) from None
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._settle_wake.set()  # nothing out: commit what is waiting
 
     async def _release(self, ids: list[str]) -> None:
         for item_id in ids:
