@@ -918,6 +918,8 @@ async def api_readings(request: web.Request) -> web.StreamResponse:
         if fault.kind == "delay_before":
             await asyncio.sleep(fault.seconds)
         elif fault.kind == "status":
+            if fault.status < 500 and fault.status not in (401, 408, 409, 425, 429):
+                state.stats.incr("items_refused")
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else None
             return mana_error(fault.status, _code_for(fault.status), "fault", headers)
     if key is not None and (claims.user_id, key) in state.answers:

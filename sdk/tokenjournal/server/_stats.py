@@ -22,6 +22,9 @@ COUNTERS: Final[tuple[str, ...]] = (
     "items_applied",
     "keys_seen_twice",
     "items_applied_twice",
+    # Scripted refusals (a 4xx fault other than 401/408/409/425/429): what may become a
+    # dead letter, so a torture run can tell a dead letter the server asked for.
+    "items_refused",
 )
 
 
