@@ -554,3 +554,20 @@ def test_status_shows_each_outbox_pending_in_flight_dead_and_oldest_age(
     [outbox] = data["outboxes"]
     assert (outbox["pending"], outbox["in_flight"], outbox["dead"]) == (2, 1, 1)
     assert outbox["oldest_age"] > 0
+
+
+async def test_a_close_right_after_enqueue_stops_delivery_quietly(
+    server: ReferenceServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the deliverer's first try could start after close() had begun; the
+    middleware then raised the manager's "not open" RuntimeError out of the deliverer,
+    which was logged as failed background work. Now the item just stays pending."""
+    caplog.set_level(logging.WARNING, logger="tokenjournal")
+    for n in range(20):
+        journal = tmp_path / f"t{n}.db"
+        async with manager(server, journal, sign_in=False) as tm:
+            outbox = tm.outbox("readings")
+            await outbox.enqueue("POST", server.url + "/api/readings", json={"n": n})
+        async with manager(server, journal, sign_in=False) as tm:
+            assert (await tm.outbox("readings").stats()).pending == 1
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]

@@ -589,6 +589,13 @@ class Outbox:
                     status, headers = await self._send(item)
                 except (SessionEnded, NotSignedIn):
                     raise _Paused from None
+                except RuntimeError:
+                    if self._host.is_open:
+                        raise
+                    # close() began after this try started: the manager (its middleware,
+                    # its session) is going away. The item stays pending.
+                    await asyncio.shield(self._release([item.id]))
+                    return False
                 except _NoAnswer as exc:
                     attempt.failed(None, exc.detail)
                     continue
