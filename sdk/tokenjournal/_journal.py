@@ -1495,26 +1495,44 @@ class SQLiteJournal:
         settles = list(settles)
 
         def body(tx: _Tx) -> list[bool]:
-            return [one(tx, settle) for settle in settles]
-
-        def one(tx: _Tx, settle: Settle) -> bool:
-            if settle.dead:
-                cursor = tx.execute(
-                    "UPDATE outbox SET dead = 1, status = ?, reason = ?, "
-                    "attempts = max(attempts, ?), holder = NULL, pid = NULL, host = NULL, "
-                    "lease_expires = NULL WHERE id = ? AND dead = 0",
-                    (settle.status, settle.reason, settle.attempts, settle.item_id),
-                )
-                return cursor.rowcount == 1
-            cursor = tx.execute("DELETE FROM outbox WHERE id = ? AND dead = 0", (settle.item_id,))
-            if cursor.rowcount != 1:
-                return False  # settled already (another process took it over and won)
-            tx.execute(
-                "INSERT INTO outbox_counts (account, name, delivered) VALUES (?, ?, 1) "
-                "ON CONFLICT(account, name) DO UPDATE SET delivered = delivered + 1",
-                (account, outbox),
+            # A handful of statements per group, not two per item: the group's commit runs
+            # on the worker thread while the event loop sends the next items.
+            ids = list(dict.fromkeys(settle.item_id for settle in settles))
+            pending: set[str] = set()  # the rest: settled already, elsewhere
+            for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+                chunk = tuple(ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = tx.execute(
+                    f"SELECT id FROM outbox WHERE dead = 0 AND id IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+                pending.update(str(r[0]) for r in rows)
+            first: dict[str, Settle] = {}  # one verdict per id
+            for settle in settles:
+                first.setdefault(settle.item_id, settle)
+            done = [s for s in first.values() if not s.dead and s.item_id in pending]
+            dead = [s for s in first.values() if s.dead and s.item_id in pending]
+            tx.conn.executemany("DELETE FROM outbox WHERE id = ?", [(s.item_id,) for s in done])
+            tx.conn.executemany(
+                "UPDATE outbox SET dead = 1, status = ?, reason = ?, "
+                "attempts = max(attempts, ?), holder = NULL, pid = NULL, host = NULL, "
+                "lease_expires = NULL WHERE id = ?",
+                [(s.status, s.reason, s.attempts, s.item_id) for s in dead],
             )
-            return True
+            if done:
+                tx.execute(
+                    "INSERT INTO outbox_counts (account, name, delivered) VALUES (?, ?, ?) "
+                    "ON CONFLICT(account, name) DO UPDATE SET "
+                    "delivered = delivered + excluded.delivered",
+                    (account, outbox, len(done)),
+                )
+            # An id twice in one group (never from one deliverer) counts once.
+            seen: set[str] = set()
+            result = []
+            for settle in settles:
+                result.append(settle.item_id in pending and settle.item_id not in seen)
+                seen.add(settle.item_id)
+            return result
 
         return await self._batched(body)
 

@@ -65,10 +65,10 @@ MAX_BACKOFF: Final = 30.0
 #: enqueued or a dead holder left; its own enqueues wake it at once.
 IDLE_POLL: Final = 0.5
 #: A deliverer leases up to this many items in one transaction (ordered: of the head).
-ORDERED_BATCH: Final = 64
+ORDERED_BATCH: Final = 128
 #: Settles are committed in groups of up to this many (sooner when no request is out): a
 #: crash may send up to this many delivered items again, with their keys.
-SETTLE_GROUP: Final = 32
+SETTLE_GROUP: Final = 64
 #: Headers that carry credentials: never stored in an item (the bearer comes at delivery).
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Set by the outbox on every try; an item may not bring its own.
