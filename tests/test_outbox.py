@@ -571,3 +571,40 @@ async def test_a_close_right_after_enqueue_stops_delivery_quietly(
         async with manager(server, journal, sign_in=False) as tm:
             assert (await tm.outbox("readings").stats()).pending == 1
     assert not [r for r in caplog.records if "failed" in r.getMessage()]
+
+
+async def test_an_enqueue_cancelled_before_its_group_commit_stores_nothing(
+    journal_path: Path,
+) -> None:
+    """Group commit and cancellation: a caller cancelled while its write waits for the next
+    group is left out of it; the writes of the callers that stayed are committed."""
+    import threading
+
+    from tokenjournal._outbox import OutboxLimits, build_item
+
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    try:
+        hold = threading.Event()
+        # Keep the worker thread busy, so the writes below queue for the next group.
+        blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))
+        items = [build_item("POST", "http://127.0.0.1:1/r", json={"n": n}, now=0.0) for n in "ab"]
+        adds = [
+            asyncio.ensure_future(journal.outbox_add("acct", "box", item, OutboxLimits()))
+            for item in items
+        ]
+        for _ in range(3):
+            await asyncio.sleep(0)  # both writes are queued now
+        adds[0].cancel()
+        before = journal.durable_commits
+        hold.set()
+        await blocker
+        assert await adds[1] == 0
+        assert adds[0].cancelled()
+        assert journal.durable_commits == before + 1  # one group, with the one that stayed
+        left, _ = await journal.outbox_waiting("acct", "box", None)
+        assert left == 1
+        stats = await journal.outbox_stats("acct", "box", 0.0)
+        assert stats.pending == 1
+    finally:
+        await journal.close()

@@ -65,7 +65,7 @@ MAX_BACKOFF: Final = 30.0
 #: enqueued or a dead holder left; its own enqueues wake it at once.
 IDLE_POLL: Final = 0.5
 #: A deliverer leases up to this many items in one transaction (ordered: of the head).
-ORDERED_BATCH: Final = 128
+CLAIM_BATCH: Final = 128
 #: Settles are committed in groups of up to this many (sooner when no request is out): a
 #: crash may send up to this many delivered items again, with their keys.
 SETTLE_GROUP: Final = 64
@@ -475,7 +475,7 @@ class Outbox:
                         self._host.holder,
                         self._host.clock.time(),
                         self._host.lease_ttl,
-                        ORDERED_BATCH,
+                        CLAIM_BATCH,
                         self.ordered,
                     )
                 except TokenJournalError as exc:  # locked, full: look again after a poll
