@@ -608,3 +608,19 @@ async def test_an_enqueue_cancelled_before_its_group_commit_stores_nothing(
         assert stats.pending == 1
     finally:
         await journal.close()
+
+
+async def test_a_401_to_an_origin_without_the_bearer_is_a_dead_letter(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    """Regression (found by the torture run): an item addressed to an origin the bearer may
+    not go to got 401 on every try and was retried for ever. No refresh can fix that; it is
+    a dead letter that says why. A 401 to an allowed origin is still retried."""
+    other = server.url.replace("127.0.0.1", "localhost")  # the same server, another origin
+    async with manager(server, journal_path, clock=FakeClock()) as tm:
+        outbox = tm.outbox("readings")
+        await outbox.enqueue("POST", other + "/api/readings", json={"uid": "x"})
+        await outbox.drain(timeout=LONG)
+        [dead] = await outbox.dead_letters()
+        assert dead.status == 401 and "origin" in dead.reason
+    assert server.stats()["items_applied"] == 0

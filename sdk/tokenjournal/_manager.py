@@ -984,6 +984,9 @@ class _OutboxHost:
     def holder(self) -> Holder:
         return self._tm._holder
 
+    def bearer_allowed(self, url: str) -> bool:
+        return self._tm.middleware.allows(URL(url))
+
     def outbox_http(self) -> aiohttp.ClientSession:
         tm = self._tm
         if tm._outbox_session is None or tm._outbox_session.closed:

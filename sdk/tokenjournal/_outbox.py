@@ -75,6 +75,8 @@ CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "
 KEY_HEADER: Final = "Idempotency-Key"
 #: At most this much of an answer is read (and thrown away): bodies are never kept.
 ANSWER_LIMIT: Final = 1 << 20
+#: A dead letter's reason for a 401 to a request that carried no bearer.
+NO_BEARER: Final = "HTTP 401 Unauthorized (no bearer: the URL's origin is not allowed)"
 METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE", "GET"})
 
 
@@ -263,6 +265,10 @@ class OutboxHost(Protocol):
     @property
     def holder(self) -> Holder:
         """The manager's lease identity (re-derived after fork)."""
+        ...
+
+    def bearer_allowed(self, url: str) -> bool:
+        """Whether the middleware sends the bearer to ``url`` (``allowed_origins``)."""
         ...
 
     def outbox_http(self) -> aiohttp.ClientSession:
@@ -604,6 +610,10 @@ class Outbox:
                     continue
                 _faults.crash_point("after_answer")
                 failure = classify(status, headers, self._host.clock.time())
+                if status == 401 and not self._host.bearer_allowed(item.url):
+                    # No bearer was sent (the origin is not in allowed_origins), so no
+                    # refresh can help: retrying for ever would hide a configuration error.
+                    failure = Failure(FailureKind.REJECTED, "http_401", 401, NO_BEARER)
                 if failure is None or failure.kind is FailureKind.REJECTED:
                     _faults.crash_point("before_settle")
                     dead = failure is not None
