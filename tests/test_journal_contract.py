@@ -1,0 +1,390 @@
+"""The Journal contract, method by method, on SQLite and in memory alike.
+
+Each test pins one rule of :class:`tokenjournal.Journal` as a caller sees it (what a call
+returns, what the next ``load`` shows), so that both implementations keep the same rules:
+the device code, the journaled sign-out, the end of a session, the lease (renew, release,
+the expiry boundary) and what a stored pair reads back as.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import tokenjournal as tj
+from tokenjournal._journal import (
+    BUSY_TIMEOUT_MS,
+    Busy,
+    Holder,
+    Intent,
+    Lease,
+    Stale,
+    Started,
+    _describe,
+    lease_is_live,
+)
+
+NOW = 1_800_000_000.0
+WHEN = datetime.fromtimestamp(NOW, tz=UTC)
+ME = Holder("host:1:me", os.getpid(), "host")
+OTHER = Holder("host:2:other", os.getpid(), "host")  # a live pid: our own
+DEAD_PID = 2**22 + 12345  # no such process
+
+
+def pair(n: int, *, token_type: str = "Bearer", scope: str | None = None) -> tj.TokenSet:
+    return tj.TokenSet(
+        f"access-{n}", f"refresh-{n}", WHEN + timedelta(seconds=900), WHEN, token_type, scope
+    )
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def journal(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tj.Journal]:
+    j: tj.Journal = (
+        tj.SQLiteJournal(tmp_path / "tokens.db")
+        if request.param == "sqlite"
+        else tj.MemoryJournal()
+    )
+    await j.open()
+    yield j
+    await j.close()
+
+
+# --------------------------------------------------------------------------- device code
+
+
+async def test_a_saved_device_code_is_the_pending_intent(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.save_device_code("a", '{"device_code": "dc-1"}', NOW + 5)
+    record = await journal.load("a")
+    assert record.intent == Intent("device_code", "-", NOW + 5, 1, '{"device_code": "dc-1"}')
+    assert record.tokens == pair(1) and record.generation == 1  # the pair is not touched
+
+
+async def test_a_device_code_is_saved_for_an_account_never_signed_in(journal: tj.Journal) -> None:
+    await journal.save_device_code("new", "payload-1", NOW)
+    record = await journal.load("new")
+    assert record.intent == Intent("device_code", "-", NOW, 0, "payload-1")
+    assert record.tokens is None
+
+
+async def test_a_new_device_code_replaces_the_pending_one(journal: tj.Journal) -> None:
+    await journal.save_device_code("a", "payload-1", NOW)
+    await journal.save_device_code("a", "payload-2", NOW + 1)
+    record = await journal.load("a")
+    assert record.intent is not None
+    assert (record.intent.payload, record.intent.started_at) == ("payload-2", NOW + 1)
+
+
+async def test_clearing_the_device_code_forgets_it(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.save_device_code("a", "payload-1", NOW)
+    await journal.clear_device_code("a")
+    record = await journal.load("a")
+    assert record.intent is None and record.tokens == pair(1)
+
+
+async def test_clearing_the_device_code_keeps_a_refresh_intent(journal: tj.Journal) -> None:
+    """Only a device code is cleared: a refresh intent guards a token that may be in flight."""
+    await journal.store_tokens("a", pair(1), NOW)
+    began = await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    assert isinstance(began, Started)
+    await journal.clear_device_code("a")
+    assert (await journal.load("a")).intent == began.intent
+
+
+async def test_clearing_with_nothing_pending_changes_nothing(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    before = await journal.load("a")
+    await journal.clear_device_code("a")
+    await journal.clear_device_code("nobody")
+    assert await journal.load("a") == before
+    assert (await journal.load("nobody")).intent is None
+
+
+async def test_a_refresh_replaces_a_pending_device_code(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.save_device_code("a", "payload-1", NOW)
+    began = await journal.begin_refresh("a", ME, 1, NOW + 1, 30.0)
+    assert isinstance(began, Started)
+    assert began.intent == Intent("refresh", tj.fingerprint("refresh-1"), NOW + 1, 1)
+    assert (await journal.load("a")).intent == began.intent
+
+
+# --------------------------------------------------------------------------- sign-out
+
+
+async def test_begin_sign_out_journals_the_intent_and_moves_the_generation(
+    journal: tj.Journal,
+) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    leaving = await journal.begin_sign_out("a", NOW + 2)
+    expected = Intent("sign_out", tj.fingerprint("refresh-1"), NOW + 2, 2)
+    assert (leaving.generation, leaving.intent, leaving.tokens) == (2, expected, pair(1))
+    # The journal holds what begin_sign_out returned: a crash now finishes it next start.
+    record = await journal.load("a")
+    assert (record.generation, record.intent, record.tokens) == (2, expected, pair(1))
+
+
+async def test_begin_sign_out_without_a_pair_writes_nothing(journal: tj.Journal) -> None:
+    record = await journal.begin_sign_out("nobody", NOW)
+    assert (record.tokens, record.generation, record.intent) == (None, 0, None)
+    assert await journal.load("nobody") == record
+    assert await journal.accounts() == []
+
+
+async def test_begin_sign_out_after_an_end_writes_nothing(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.end_session("a", "invalid_grant", NOW + 1)
+    ended = await journal.load("a")
+    assert await journal.begin_sign_out("a", NOW + 2) == ended
+    assert await journal.load("a") == ended
+
+
+async def test_begin_sign_out_replaces_a_pending_refresh_intent(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.release("a", ME)
+    leaving = await journal.begin_sign_out("a", NOW + 3)
+    record = await journal.load("a")
+    assert record.intent == leaving.intent
+    assert record.intent is not None and record.intent.kind == "sign_out"
+
+
+async def test_a_refresh_cannot_start_while_a_sign_out_is_journaled(journal: tj.Journal) -> None:
+    """Even with the sign-out's own generation: a refresh would replace its intent and undo it."""
+    await journal.store_tokens("a", pair(1), NOW)
+    leaving = await journal.begin_sign_out("a", NOW)
+    began = await journal.begin_refresh("a", ME, leaving.generation, NOW + 1, 30.0)
+    assert isinstance(began, Stale) and began.record == leaving
+    assert await journal.load("a") == leaving  # no lease taken, the sign-out intent kept
+
+
+async def test_finish_sign_out_ends_the_session_as_signed_out(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    leaving = await journal.begin_sign_out("a", NOW)
+    assert await journal.finish_sign_out("a", NOW + 4, leaving.generation) == 3
+    record = await journal.load("a")
+    assert (record.tokens, record.intent, record.generation) == (None, None, 3)
+    assert (record.ended_code, record.ended_at) == ("signed_out", NOW + 4)
+
+
+# --------------------------------------------------------------------------- end of a session
+
+
+async def test_end_session_returns_the_new_generation(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.store_tokens("a", pair(2), NOW)
+    assert await journal.end_session("a", "invalid_grant", NOW + 1) == 3
+    record = await journal.load("a")
+    assert (record.generation, record.tokens, record.ended_code) == (3, None, "invalid_grant")
+
+
+async def test_end_session_with_the_expected_generation_ends_it(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    assert await journal.end_session("a", "invalid_grant", NOW + 1, expected_generation=1) == 2
+    record = await journal.load("a")
+    assert (record.tokens, record.intent, record.lease) == (None, None, None)
+    assert (record.ended_code, record.ended_at) == ("invalid_grant", NOW + 1)
+
+
+async def test_end_session_of_an_old_generation_keeps_the_newer_pair(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.store_tokens("a", pair(2), NOW + 1)  # a sign-in meanwhile
+    before = await journal.load("a")
+    assert await journal.end_session("a", "invalid_grant", NOW + 2, expected_generation=1) is None
+    assert await journal.load("a") == before
+
+
+async def test_a_sign_in_clears_the_recorded_end(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.end_session("a", "invalid_grant", NOW + 1)
+    assert await journal.store_tokens("a", pair(2), NOW + 2) == 3
+    record = await journal.load("a")
+    assert (record.tokens, record.ended_code, record.ended_at) == (pair(2), None, None)
+
+
+# --------------------------------------------------------------------------- the lease
+
+
+async def test_renewing_our_lease_moves_its_expiry(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    assert await journal.renew_lease("a", ME, NOW + 20, 30.0) is True
+    lease = (await journal.load("a")).lease
+    assert lease == Lease(ME.id, ME.pid, ME.host, NOW + 50)
+    # Past the first expiry the renewed lease still keeps others waiting.
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 40, 30.0), Busy)
+
+
+async def test_a_lease_taken_over_cannot_be_renewed(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 10.0)
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 11, 30.0), Started)
+    assert await journal.renew_lease("a", ME, NOW + 12, 30.0) is False
+    assert (await journal.load("a")).lease == Lease(OTHER.id, OTHER.pid, OTHER.host, NOW + 41)
+
+
+async def test_no_lease_no_renewal(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    assert await journal.renew_lease("a", ME, NOW, 30.0) is False
+    assert await journal.renew_lease("nobody", ME, NOW, 30.0) is False
+    assert (await journal.load("a")).lease is None
+
+
+async def test_release_gives_up_the_lease_and_keeps_the_intent(journal: tj.Journal) -> None:
+    """The token may have reached the server: the intent stays for the grace replay."""
+    await journal.store_tokens("a", pair(1), NOW)
+    began = await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    assert isinstance(began, Started)
+    await journal.release("a", ME)
+    record = await journal.load("a")
+    assert record.lease is None and record.intent == began.intent
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 1, 30.0), Started)
+
+
+async def test_release_by_another_holder_keeps_the_lease(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.release("a", OTHER)
+    assert (await journal.load("a")).lease == Lease(ME.id, ME.pid, ME.host, NOW + 30)
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 1, 30.0), Busy)
+
+
+async def test_a_lease_lapses_at_its_expiry_not_after(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 29.5, 30.0), Busy)
+    assert isinstance(await journal.begin_refresh("a", OTHER, 1, NOW + 30, 30.0), Started)
+
+
+async def test_our_own_lease_never_makes_us_wait(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    again = await journal.begin_refresh("a", ME, 1, NOW + 1, 30.0)
+    assert isinstance(again, Started)
+    assert (await journal.load("a")).lease == Lease(ME.id, ME.pid, ME.host, NOW + 31)
+
+
+def test_lease_liveness() -> None:
+    """Whose lease makes us wait: someone else's, unexpired, not held by a dead local pid."""
+    live = Lease(OTHER.id, OTHER.pid, OTHER.host, NOW + 10)
+    assert lease_is_live(live, ME, NOW) is True
+    assert lease_is_live(None, ME, NOW) is False
+    assert lease_is_live(live, OTHER, NOW) is False  # our own
+    assert lease_is_live(live, ME, NOW + 10) is False  # lapsed at its expiry
+    dead_here = Lease("host:x", DEAD_PID, ME.host, NOW + 10)
+    assert lease_is_live(dead_here, ME, NOW) is False
+    # A pid on another host says nothing about this host's processes: the lease counts.
+    elsewhere = Lease("other-host:x", DEAD_PID, "other-host", NOW + 10)
+    assert lease_is_live(elsewhere, ME, NOW) is True
+
+
+# --------------------------------------------------------------------------- what reads back
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        pair(1, token_type="DPoP", scope="read write"),
+        tj.TokenSet("access-2", None),
+        tj.TokenSet("access-3", "refresh-3", WHEN + timedelta(seconds=60)),
+        tj.TokenSet("access-4", "refresh-4", None, WHEN),
+    ],
+    ids=["type-and-scope", "no-refresh-no-times", "expiry-only", "received-only"],
+)
+async def test_a_stored_pair_reads_back_equal(journal: tj.Journal, tokens: tj.TokenSet) -> None:
+    await journal.store_tokens("a", tokens, NOW)
+    assert (await journal.load("a")).tokens == tokens
+
+
+async def test_a_committed_pair_keeps_its_scope(journal: tj.Journal) -> None:
+    await journal.store_tokens("a", pair(1, scope="read"), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.commit_refresh("a", ME, 1, pair(2, scope="read write"), NOW + 1)
+    assert (await journal.load("a")).tokens == pair(2, scope="read write")
+
+
+async def test_a_reopened_journal_keeps_scope_and_type(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    first = tj.SQLiteJournal(path)
+    await first.open()
+    await first.store_tokens("a", pair(1, token_type="DPoP", scope="read"), NOW)
+    await first.close()
+    second = tj.SQLiteJournal(path, read_only=True)
+    await second.open()
+    assert (await second.load("a")).tokens == pair(1, token_type="DPoP", scope="read")
+    await second.close()
+
+
+async def test_a_commit_of_an_old_generation_releases_our_lease(tmp_path: Path) -> None:
+    """The compare-and-swap failed: the newer pair stays and the refresher lets go."""
+    journal = tj.SQLiteJournal(tmp_path / "tokens.db")
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.store_tokens("a", pair(2), NOW + 1)
+    assert await journal.commit_refresh("a", ME, 1, pair(3), NOW + 2) is None
+    record = await journal.load("a")
+    await journal.close()
+    assert record.tokens == pair(2) and record.lease is None
+
+
+# --------------------------------------------------------------------------- SQLite details
+
+
+def test_the_default_busy_timeout_is_five_seconds(tmp_path: Path) -> None:
+    """docs/architecture.md: a locked journal is waited for up to 5 s before failing."""
+    assert BUSY_TIMEOUT_MS == 5000
+    assert tj.SQLiteJournal(tmp_path / "tokens.db").busy_timeout == 5.0
+
+
+async def test_aiosqlite_debug_log_hides_the_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant 8: aiosqlite logs each call with its arguments; ours are tokens."""
+    journal = tj.SQLiteJournal(tmp_path / "tokens.db")
+    with caplog.at_level(logging.DEBUG, logger="aiosqlite"):
+        await journal.open()
+        await journal.store_tokens("a", pair(7), NOW)
+        await journal.load("a")
+        await journal.close()
+    records = [r for r in caplog.records if r.name == "aiosqlite"]
+    assert records  # the log was kept, not dropped
+    text = "\n".join(r.getMessage() for r in records)
+    assert "access-7" not in text and "refresh-7" not in text
+    assert "call(<parameters hidden>)" in text  # each call named, its arguments hidden
+
+
+def test_the_log_filter_keeps_other_arguments() -> None:
+    """Only the call objects are replaced; a record without them passes unchanged."""
+    aiosqlite_log = logging.getLogger("aiosqlite")
+    plain = logging.LogRecord("aiosqlite", logging.DEBUG, __file__, 1, "%s %d", ("x", 3), None)
+    assert all(f.filter(plain) for f in aiosqlite_log.filters)
+    assert plain.getMessage() == "x 3"
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("database is locked", "is locked by another process beyond the busy timeout"),
+        ("Database Busy", "is locked by another process beyond the busy timeout"),
+        ("database or disk is full", "is full; nothing was lost"),
+        ("attempt to write a readonly database", "is read-only; tokens cannot be saved"),
+        ("Read-only file system", "is read-only; tokens cannot be saved"),
+        ("file is not a database", "is corrupt or not a tokenjournal file"),
+        ("database disk image is malformed", "is corrupt or not a tokenjournal file"),
+        ("Corrupt page", "is corrupt or not a tokenjournal file"),
+        ("unable to open database file", "cannot be opened (missing folder or no permission)"),
+        ("disk I/O error", "journal /j/tokens.db: disk I/O error"),
+    ],
+)
+def test_sqlite_errors_read_as_what_happened(message: str, expected: str) -> None:
+    text = _describe(sqlite3.OperationalError(message), "/j/tokens.db")
+    assert text.startswith("journal /j/tokens.db") and expected in text
