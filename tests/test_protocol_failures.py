@@ -84,6 +84,50 @@ def test_oauth_failures_in_full(status: int, body: Any, failure: tj.Failure) -> 
     assert OAUTH.parse_tokens(status, {}, raw(body), NOW, None) == failure
 
 
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [
+        (
+            {"access_token": 5},
+            tj.Failure(
+                K.MALFORMED,
+                "malformed_body",
+                200,
+                "access_token, token_type or refresh_token has the wrong type",
+            ),
+        ),
+        (
+            {"access_token": "a", "token_type": " " + "M" * 40 + " "},
+            tj.Failure(
+                K.REJECTED, "unsupported_token_type", 200, f"token_type {'M' * 32!r} is not Bearer"
+            ),
+        ),
+    ],
+    ids=["wrong-type", "not-bearer"],
+)
+def test_unusable_oauth_answers_in_full(body: Any, failure: tj.Failure) -> None:
+    assert OAUTH.parse_tokens(200, {}, raw(body), NOW, None) == failure
+
+
+def test_an_answer_with_an_access_token_is_tokens_even_with_an_error_field() -> None:
+    """Only an answer *without* an access token is read as a GitHub-style 200 error."""
+    answer = OAUTH.parse_tokens(200, {}, raw({"access_token": "a", "error": "x"}), NOW, None)
+    assert isinstance(answer, tj.TokenSet) and answer.access_token == "a"
+
+
+def test_a_200_error_waits_what_its_date_retry_after_says_from_receipt() -> None:
+    failure = OAUTH.parse_tokens(
+        200,
+        {"Retry-After": http_date(NOW + 20)},
+        raw({"error": "temporarily_unavailable"}),
+        NOW,
+        None,
+    )
+    assert failure == tj.Failure(
+        K.SERVER, "temporarily_unavailable", 200, "temporarily_unavailable", 20.0
+    )
+
+
 def test_a_slow_down_interval_is_capped_at_an_hour() -> None:
     """A server asking to poll once a day is a bug: the device waits an hour at most."""
     failure = OAUTH.parse_tokens(400, {}, raw({"error": "slow_down", "interval": 86400}), NOW, None)
@@ -192,6 +236,26 @@ def test_a_public_client_with_an_empty_secret_sends_no_secret() -> None:
 )
 def test_mana_failures_in_full(status: int, body: Any, failure: tj.Failure) -> None:
     assert MANA.parse_tokens(status, {}, raw(body), NOW, None) == failure
+
+
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [
+        (b"{", tj.Failure(K.MALFORMED, "malformed_body", 201, "body is not a JSON object")),
+        (
+            {"appToken": "a", "refreshToken": ""},
+            tj.Failure(
+                K.MALFORMED,
+                "malformed_body",
+                201,
+                "appToken and refreshToken must be non-empty strings",
+            ),
+        ),
+    ],
+    ids=["not-json", "no-refresh-token"],
+)
+def test_unusable_mana_answers_in_full(body: Any, failure: tj.Failure) -> None:
+    assert MANA.parse_tokens(201, {}, raw(body), NOW, None) == failure
 
 
 def test_a_busy_mana_logout_with_a_date_retry_after_is_a_server_failure() -> None:
