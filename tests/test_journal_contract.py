@@ -8,9 +8,14 @@ the expiry boundary) and what a stored pair reads back as.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +32,9 @@ from tokenjournal._journal import (
     Stale,
     Started,
     _describe,
+    _is_busy,
     lease_is_live,
+    pid_alive,
 )
 
 NOW = 1_800_000_000.0
@@ -272,6 +279,39 @@ async def test_our_own_lease_never_makes_us_wait(journal: tj.Journal) -> None:
     assert (await journal.load("a")).lease == Lease(ME.id, ME.pid, ME.host, NOW + 31)
 
 
+async def test_a_sign_in_keeps_the_refreshers_lease(journal: tj.Journal) -> None:
+    """The refresher (maybe another process) still owns the lease: others keep waiting for
+    it, and its commit is refused by the moved generation, not by a lost lease."""
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.store_tokens("a", pair(2), NOW + 1)
+    assert (await journal.load("a")).lease == Lease(ME.id, ME.pid, ME.host, NOW + 30)
+    assert isinstance(await journal.begin_refresh("a", OTHER, 2, NOW + 2, 30.0), Busy)
+
+
+async def test_durable_commits_count_each_change(journal: tj.Journal) -> None:
+    """The benchmarks' cost figure: one per sign-in, two per refresh, on either journal."""
+    start = journal.durable_commits
+    await journal.store_tokens("a", pair(1), NOW)
+    assert journal.durable_commits - start == 1
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)
+    await journal.commit_refresh("a", ME, 1, pair(2), NOW + 1)
+    assert journal.durable_commits - start == 3
+
+
+def test_a_memory_journal_starts_with_no_commits_and_its_own_device_id() -> None:
+    first, second = tj.MemoryJournal(), tj.MemoryJournal()
+    assert first.durable_commits == 0
+    assert uuid.UUID(first._device_id).version == 4
+    assert first._device_id != second._device_id
+
+
+async def test_a_memory_journal_device_id_is_kept() -> None:
+    journal = tj.MemoryJournal()
+    assert await journal.device_id() == await journal.device_id()
+    assert uuid.UUID(await journal.device_id()).version == 4
+
+
 def test_lease_liveness() -> None:
     """Whose lease makes us wait: someone else's, unexpired, not held by a dead local pid."""
     live = Lease(OTHER.id, OTHER.pid, OTHER.host, NOW + 10)
@@ -284,6 +324,30 @@ def test_lease_liveness() -> None:
     # A pid on another host says nothing about this host's processes: the lease counts.
     elsewhere = Lease("other-host:x", DEAD_PID, "other-host", NOW + 10)
     assert lease_is_live(elsewhere, ME, NOW) is True
+
+
+def test_checking_a_holder_sends_it_no_signal() -> None:
+    """pid_alive only asks whether the pid exists: the holder must not be disturbed."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert pid_alive(child.pid) is True
+        assert child.poll() is None  # still running: not hung up, not terminated
+    finally:
+        child.communicate(b"")
+    assert child.returncode == 0
+    assert pid_alive(DEAD_PID) is False
+
+
+def test_a_holder_we_may_not_signal_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's process (EPERM) exists: its lease is respected."""
+
+    def refuse(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refuse)
+    assert pid_alive(4242) is True
 
 
 # --------------------------------------------------------------------------- what reads back
@@ -388,3 +452,111 @@ def test_the_log_filter_keeps_other_arguments() -> None:
 def test_sqlite_errors_read_as_what_happened(message: str, expected: str) -> None:
     text = _describe(sqlite3.OperationalError(message), "/j/tokens.db")
     assert text.startswith("journal /j/tokens.db") and expected in text
+
+
+def test_sqlite_journal_repr_names_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    assert repr(tj.SQLiteJournal(path)) == f"SQLiteJournal({str(path)!r})"
+
+
+def test_the_log_filter_names_each_call_and_keeps_the_rest() -> None:
+    def execute(sql: str, params: tuple[str, ...]) -> None:
+        """Stands in for the connection method aiosqlite logs."""
+
+    class Nameless:
+        def __call__(self, secret: str) -> None:
+            """A callable without a __name__."""
+
+    record = logging.LogRecord(
+        "aiosqlite",
+        logging.DEBUG,
+        __file__,
+        1,
+        "%s %s %s",
+        (
+            "executing",
+            functools.partial(execute, "SELECT", ("secret-1",)),
+            functools.partial(Nameless(), "secret-2"),
+        ),
+        None,
+    )
+    assert all(f.filter(record) for f in logging.getLogger("aiosqlite").filters)
+    assert record.getMessage() == (
+        "executing execute(<parameters hidden>) call(<parameters hidden>)"
+    )
+
+
+def _operational_error(code: int | None) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database is locked")
+    if code is not None:
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "busy"),
+    [(sqlite3.SQLITE_BUSY, True), (517, True), (sqlite3.SQLITE_LOCKED, False), (None, False)],
+    ids=["busy", "busy-snapshot", "locked-table", "no-code"],
+)
+def test_only_sqlite_busy_is_waited_for(code: int | None, busy: bool) -> None:
+    """SQLITE_BUSY and its extended codes (517 = BUSY_SNAPSHOT) are retried; others are not."""
+    assert _is_busy(_operational_error(code)) is busy
+
+
+def leaked(folder: Path, *secrets: str) -> list[str]:
+    return [
+        f.name for f in sorted(folder.iterdir()) for s in secrets if s.encode() in f.read_bytes()
+    ]
+
+
+@pytest.mark.parametrize("how", ["new_device_code", "sign_out", "refresh"])
+async def test_a_replaced_device_code_is_in_no_file(tmp_path: Path, how: str) -> None:
+    """Invariant 8: a device code can be polled for tokens; once replaced it is scrubbed."""
+    journal = tj.SQLiteJournal(tmp_path / "j" / "tokens.db")
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    code = f"DEVICECODE-{uuid.uuid4().hex}"
+    await journal.save_device_code("a", f'{{"device_code": "{code}"}}', NOW)
+    if how == "new_device_code":
+        await journal.save_device_code("a", '{"device_code": "another"}', NOW + 1)
+    elif how == "sign_out":
+        await journal.begin_sign_out("a", NOW + 1)
+    else:
+        await journal.begin_refresh("a", ME, 1, NOW + 1, 30.0)
+    try:
+        assert leaked(journal.path.parent, code) == []
+    finally:
+        await journal.close()
+
+
+async def test_a_call_that_drops_no_secret_pays_for_no_checkpoint(tmp_path: Path) -> None:
+    """A scrub is a full checkpoint: only calls that replaced or dropped a secret pay it."""
+    journal = tj.SQLiteJournal(tmp_path / "tokens.db")
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", ME, 1, NOW, 30.0)  # writes an intent, replaces nothing
+    wal = Path(f"{journal.path}-wal")
+    written = wal.stat().st_size
+    await journal.clear_device_code("a")  # nothing to clear
+    assert written > 0 and wal.stat().st_size == written
+    await journal.close()
+
+
+async def test_an_edited_row_error_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE accounts SET generation = 'many' WHERE account = 'a'")
+        db.commit()
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    with pytest.raises(tj.JournalError) as caught:
+        await journal.load("a")
+    await journal.close()
+    assert str(caught.value) == (
+        "journal account 'a': column generation holds a str, not an integer; "
+        "fix or delete the row (the file was left untouched)"
+    )
