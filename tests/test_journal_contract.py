@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from tokenjournal._journal import (
     Started,
     _describe,
     _is_busy,
+    _Row,
     lease_is_live,
     pid_alive,
 )
@@ -560,3 +562,88 @@ async def test_an_edited_row_error_says_what_to_do(tmp_path: Path) -> None:
         "journal account 'a': column generation holds a str, not an integer; "
         "fix or delete the row (the file was left untouched)"
     )
+
+
+async def edited(tmp_path: Path, sql: str) -> str:
+    """The JournalError a load gives once ``sql`` edited the journal behind its back."""
+    path = tmp_path / "tokens.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", Holder("h:1:x", 1, "elsewhere"), 1, NOW, 30.0)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(sql)
+        db.commit()
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    try:
+        with pytest.raises(tj.JournalError) as caught:
+            await journal.load("a")
+    finally:
+        await journal.close()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        (
+            "UPDATE accounts SET generation = 'many'",
+            "column generation holds a str, not an integer",
+        ),
+        ("UPDATE intents SET refresh_fp = ''", "column intents.refresh_fp is empty"),
+        (
+            "UPDATE intents SET refresh_fp = x'0102'",
+            "column intents.refresh_fp holds a bytes, not text",
+        ),
+        ("UPDATE leases SET holder = ''", "column leases.holder is empty"),
+        ("UPDATE leases SET host = x'00'", "column leases.host holds a bytes, not text"),
+    ],
+    ids=["generation", "empty-fingerprint", "blob-fingerprint", "empty-holder", "blob-host"],
+)
+async def test_an_edited_row_error_names_the_column_and_says_what_to_do(
+    tmp_path: Path, sql: str, problem: str
+) -> None:
+    assert await edited(tmp_path, sql) == (
+        f"journal account 'a': {problem}; fix or delete the row (the file was left untouched)"
+    )
+
+
+def test_a_required_number_that_is_missing_is_named() -> None:
+    """The schema says NOT NULL; a table made by another tool may not: the same clear error."""
+    with pytest.raises(tj.JournalError) as caught:
+        _Row("a").required_number("leases.expires_at", None)
+    assert str(caught.value) == (
+        "journal account 'a': column leases.expires_at is empty; "
+        "fix or delete the row (the file was left untouched)"
+    )
+
+
+async def test_a_journal_without_a_device_id_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM meta")
+        db.commit()
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    with pytest.raises(tj.JournalError) as caught:
+        await journal.device_id()
+    await journal.close()
+    assert str(caught.value) == (f"journal {path} has no device id; it is not a tokenjournal file")
+
+
+def test_a_holder_is_named_after_host_pid_and_a_random_tag() -> None:
+    first, second = Holder.for_this_process(), Holder.for_this_process()
+    host, pid, tag = first.id.rsplit(":", 2)
+    assert (host, int(pid), first.pid, first.host) == (
+        socket.gethostname(),
+        os.getpid(),
+        os.getpid(),
+        socket.gethostname(),
+    )
+    assert len(tag) == 8 and int(tag, 16) >= 0
+    assert first.id != second.id
