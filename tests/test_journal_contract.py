@@ -25,7 +25,11 @@ import pytest
 
 import tokenjournal as tj
 from tokenjournal._journal import (
+    _EPOCH_MAX,
+    _EPOCH_MIN,
+    _MAX_GENERATION,
     BUSY_TIMEOUT_MS,
+    MAX_LIFETIME,
     Busy,
     Holder,
     Intent,
@@ -647,3 +651,212 @@ def test_a_holder_is_named_after_host_pid_and_a_random_tag() -> None:
     )
     assert len(tag) == 8 and int(tag, 16) >= 0
     assert first.id != second.id
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+class Refused(str):
+    """A column reader refuses the value, for this reason."""
+
+
+@pytest.mark.parametrize(
+    ("read", "value", "expected"),
+    [
+        ("text", None, None),
+        ("text", "x", "x"),
+        ("text", b"x", Refused("holds a bytes, not text")),
+        ("required_text", "", Refused("is empty")),
+        ("number", None, None),
+        ("number", 5, 5.0),
+        ("number", 1e300, _EPOCH_MAX),
+        ("number", -1e300, _EPOCH_MIN),
+        ("number", float("nan"), Refused("is NaN")),
+        ("number", True, Refused("holds a bool, not a number")),
+        ("number", "soon", Refused("holds a str, not a number")),
+        ("required_number", None, Refused("is empty")),
+        ("integer", 7, 7),
+        ("integer", 7.0, 7),
+        ("integer", 7.5, Refused("holds a float, not an integer")),
+        ("integer", True, Refused("holds a bool, not an integer")),
+        ("integer", 0, 0),
+        ("integer", -1, Refused("is out of range (-1)")),
+        ("integer", _MAX_GENERATION, _MAX_GENERATION),
+        ("integer", _MAX_GENERATION + 1, Refused(f"is out of range ({_MAX_GENERATION + 1})")),
+    ],
+)
+def test_each_column_reader(read: str, value: object, expected: object) -> None:
+    """What the journal accepts from a row, and how it names what it refuses."""
+    row = _Row("a")
+    args = (value, _MAX_GENERATION) if read == "integer" else (value,)
+    if isinstance(expected, Refused):
+        with pytest.raises(tj.JournalError) as caught:
+            getattr(row, read)("c", *args)
+        assert str(caught.value) == (
+            f"journal account 'a': column c {expected}; "
+            "fix or delete the row (the file was left untouched)"
+        )
+    else:
+        assert getattr(row, read)("c", *args) == expected
+
+
+async def loaded_after(
+    tmp_path: Path, sql: str, params: tuple[object, ...] = ()
+) -> tj.AccountRecord:
+    path = tmp_path / "tokens.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    await journal.begin_refresh("a", Holder("h:1:x", 1, "elsewhere"), 1, NOW, 30.0)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(sql, params)
+        db.commit()
+    journal = tj.SQLiteJournal(path, read_only=True)
+    await journal.open()
+    try:
+        return await journal.load("a")
+    finally:
+        await journal.close()
+
+
+async def test_an_expiry_beyond_the_lifetime_cap_is_capped_on_read(tmp_path: Path) -> None:
+    """A row from before the cap (or edited): the same ten-year cap as on write."""
+    record = await loaded_after(
+        tmp_path, "UPDATE accounts SET expires_at = ?", (NOW + 2 * MAX_LIFETIME,)
+    )
+    assert record.tokens is not None and record.tokens.expires_at is not None
+    assert record.tokens.expires_at.timestamp() == NOW + MAX_LIFETIME
+
+
+async def test_an_empty_refresh_token_or_type_reads_as_none_and_bearer(tmp_path: Path) -> None:
+    record = await loaded_after(
+        tmp_path, "UPDATE accounts SET refresh_token = '', token_type = NULL"
+    )
+    assert record.tokens is not None
+    assert (record.tokens.refresh_token, record.tokens.token_type) == (None, "Bearer")
+
+
+async def test_an_account_row_without_an_access_token_has_no_pair(tmp_path: Path) -> None:
+    record = await loaded_after(tmp_path, "UPDATE accounts SET access_token = ''")
+    assert record.tokens is None and record.generation == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        (
+            "UPDATE accounts SET token_type = '  '",
+            "column access_token does not make a token pair "
+            "(TokenSet.token_type must be a non-empty string)",
+        ),
+        (
+            "UPDATE intents SET kind = 'teleport'",
+            "column intents.kind is not a known kind ('teleport')",
+        ),
+        ("UPDATE leases SET pid = 2147483649", "column leases.pid is out of range (2147483649)"),
+        (
+            f"UPDATE intents SET generation = {_MAX_GENERATION + 1}",
+            f"column intents.generation is out of range ({_MAX_GENERATION + 1})",
+        ),
+    ],
+    ids=["blank-type", "unknown-kind", "pid", "intent-generation"],
+)
+async def test_more_edited_rows_name_the_column(tmp_path: Path, sql: str, problem: str) -> None:
+    assert await edited(tmp_path, sql) == (
+        f"journal account 'a': {problem}; fix or delete the row (the file was left untouched)"
+    )
+
+
+async def test_the_largest_pid_is_read(tmp_path: Path) -> None:
+    record = await loaded_after(tmp_path, "UPDATE leases SET pid = 2147483648")
+    assert record.lease is not None and record.lease.pid == 2**31
+
+
+# --------------------------------------------------------------------------- opening
+
+
+async def test_opening_read_only_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    with pytest.raises(tj.JournalError) as caught:
+        await tj.SQLiteJournal(path, read_only=True).open()
+    assert str(caught.value) == f"journal {path} does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    folder = tmp_path / "file" / "sub"
+    with pytest.raises(tj.JournalError, match=f"^cannot create the journal folder {folder}: "):
+        await tj.SQLiteJournal(folder / "tokens.db").open()
+
+
+async def test_a_journal_path_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(tj.JournalError) as caught:
+        await tj.SQLiteJournal(tmp_path).open()
+    assert str(caught.value) == f"cannot open journal {tmp_path}: Is a directory"
+
+
+async def test_refusals_at_open_say_why(tmp_path: Path) -> None:
+    empty, other, newer = tmp_path / "empty.db", tmp_path / "other.db", tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(empty)) as db:
+        db.execute("PRAGMA user_version = 0")
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE photos (id INTEGER)")
+    with contextlib.closing(sqlite3.connect(newer)) as db:
+        db.execute("PRAGMA user_version = 2")
+    messages = []
+    for path, read_only in ((empty, True), (other, False), (newer, False)):
+        with pytest.raises(tj.JournalError) as caught:
+            await tj.SQLiteJournal(path, read_only=read_only).open()
+        messages.append(str(caught.value))
+    assert messages == [
+        f"journal {empty} is not a tokenjournal journal (schema 0)",
+        f"journal {other} is an SQLite database with other tables, not a tokenjournal "
+        "journal; it was left untouched",
+        f"journal {newer} has schema 2, newer than this tokenjournal understands (1); "
+        "upgrade tokenjournal, the file was left untouched",
+    ]
+
+
+async def test_misuse_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    with pytest.raises(RuntimeError) as not_open:
+        await tj.SQLiteJournal(path).load("a")
+    assert str(not_open.value) == "the journal is not open: use `async with TokenManager(...)`"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    await journal.close()
+    reader = tj.SQLiteJournal(path, read_only=True)
+    await reader.open()
+    with pytest.raises(tj.JournalError) as read_only:
+        await reader.store_tokens("a", pair(1), NOW)
+    await reader.close()
+    assert str(read_only.value) == f"journal {path} was opened read-only"
+
+
+async def test_a_checkpoint_kept_busy_by_a_reader_is_left_for_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process reading: the write stands, a warning says the scrub waits for later,
+    and the next scrub, with the reader gone, removes the old pair."""
+    path = tmp_path / "j" / "tokens.db"
+    journal = tj.SQLiteJournal(path, busy_timeout=0.1)
+    await journal.open()
+    await journal.store_tokens("a", pair(1), NOW)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM accounts").fetchall()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tokenjournal"):
+            await journal.store_tokens("a", pair(2), NOW + 1)
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "tokenjournal"] == [
+        f"journal {path}: checkpoint kept busy by other readers"
+    ]
+    assert (await journal.load("a")).tokens == pair(2)
+    await journal.store_tokens("a", pair(3), NOW + 2)
+    await journal.close()
+    assert leaked(path.parent, "access-1", "refresh-1", "access-2", "refresh-2") == []
