@@ -860,3 +860,26 @@ async def test_a_checkpoint_kept_busy_by_a_reader_is_left_for_later(
     await journal.store_tokens("a", pair(3), NOW + 2)
     await journal.close()
     assert leaked(path.parent, "access-1", "refresh-1", "access-2", "refresh-2") == []
+
+
+def test_a_program_that_forgets_to_close_its_journal_still_exits(tmp_path: Path) -> None:
+    """The connection's worker thread never keeps the interpreter alive (an exception
+    between open and close must not hang an app at exit)."""
+    program = (
+        "import asyncio, sys\n"
+        "import tokenjournal as tj\n"
+        "async def main():\n"
+        "    journal = tj.SQLiteJournal(sys.argv[1])\n"
+        "    await journal.open()\n"
+        "    await journal.load('a')\n"
+        "asyncio.run(main())\n"
+        "print('done', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "tokens.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a guard: a hung exit fails the test instead of the run
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "done\n")
