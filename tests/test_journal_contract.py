@@ -334,15 +334,26 @@ def test_lease_liveness() -> None:
 
 def test_checking_a_holder_sends_it_no_signal() -> None:
     """pid_alive only asks whether the pid exists: the holder must not be disturbed."""
+    # Default dispositions (a test run under nohup would otherwise ignore SIGHUP).
+    program = (
+        "import signal, sys\n"
+        "for s in signal.valid_signals():\n"
+        "    try:\n"
+        "        signal.signal(s, signal.SIG_DFL)\n"
+        "    except (OSError, ValueError):\n"
+        "        pass\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
         assert pid_alive(child.pid) is True
-        assert child.poll() is None  # still running: not hung up, not terminated
     finally:
         child.communicate(b"")
-    assert child.returncode == 0
+    assert child.returncode == 0  # it ran to its end: not hung up, not terminated
     assert pid_alive(DEAD_PID) is False
 
 

@@ -205,8 +205,28 @@ def test_requests_that_cannot_be_built_say_why() -> None:
 
 def test_a_public_client_with_an_empty_secret_sends_no_secret() -> None:
     p = tj.OAuth2Protocol(TOKEN_URL, "app", client_secret="", client_auth="none")
-    sent = dict(parse_qsl(p.build_refresh(tj.TokenSet("a", "r"), DEVICE).body.decode()))
+    request = p.build_refresh(tj.TokenSet("a", "r"), DEVICE)
+    sent = dict(parse_qsl(request.body.decode(), keep_blank_values=True))
     assert sent == {"grant_type": "refresh_token", "refresh_token": "r", "client_id": "app"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"token_url": "ftp://x"}, ValueError, "OAuth2Protocol.token_url must be an http(s) URL"),
+        ({"client_id": ""}, ValueError, "OAuth2Protocol.client_id must be a non-empty string"),
+        ({"client_auth": "jwt"}, ValueError, "client_auth must be 'basic', 'body' or 'none'"),
+        ({"client_secret": 5}, TypeError, "client_secret must be a string or None"),
+    ],
+    ids=["url", "client-id", "client-auth", "secret-type"],
+)
+def test_a_misconfigured_protocol_says_what_is_wrong(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    settings: dict[str, Any] = {"token_url": TOKEN_URL, "client_id": "app", **kwargs}
+    with pytest.raises(error) as caught:
+        tj.OAuth2Protocol(**settings)
+    assert str(caught.value) == message
 
 
 # --------------------------------------------------------------------------- Mana
