@@ -58,6 +58,13 @@ def http_date(epoch: float) -> str:
         ),
         (400, {"error": "slow_down"}, tj.Failure(K.SLOW_DOWN, "slow_down", 400, "slow_down")),
         (
+            409,
+            {"error": "rotation_in_progress"},
+            tj.Failure(K.CONFLICT, "rotation_in_progress", 409, "rotation_in_progress", 1.0),
+        ),
+        (429, b"", tj.Failure(K.RATE_LIMITED, "rate_limited", 429, "rate limited")),
+        (502, b"", tj.Failure(K.SERVER, "server_error", 502, "server error 502")),
+        (
             400,
             {"error": "slow_down", "interval": 10},
             tj.Failure(K.SLOW_DOWN, "slow_down", 400, "slow_down", 10.0),
@@ -217,8 +224,15 @@ def test_a_public_client_with_an_empty_secret_sends_no_secret() -> None:
         ({"client_id": ""}, ValueError, "OAuth2Protocol.client_id must be a non-empty string"),
         ({"client_auth": "jwt"}, ValueError, "client_auth must be 'basic', 'body' or 'none'"),
         ({"client_secret": 5}, TypeError, "client_secret must be a string or None"),
+        (
+            {"client_secret": "s", "client_auth": "none"},
+            ValueError,
+            "client_auth='none' never sends the client_secret; "
+            "use client_auth='basic' or 'body' for a confidential client",
+        ),
+        ({"extra_params": {"audience": 5}}, TypeError, "extra_params must map strings to strings"),
     ],
-    ids=["url", "client-id", "client-auth", "secret-type"],
+    ids=["url", "client-id", "client-auth", "secret-type", "public-with-secret", "extra-type"],
 )
 def test_a_misconfigured_protocol_says_what_is_wrong(
     kwargs: dict[str, Any], error: type[Exception], message: str
