@@ -765,13 +765,21 @@ async def test_an_account_row_without_an_access_token_has_no_pair(tmp_path: Path
             "UPDATE intents SET kind = 'teleport'",
             "column intents.kind is not a known kind ('teleport')",
         ),
+        (
+            "UPDATE intents SET started_at = 'now'",
+            "column intents.started_at holds a str, not a number",
+        ),
+        (
+            "UPDATE leases SET expires_at = 'later'",
+            "column leases.expires_at holds a str, not a number",
+        ),
         ("UPDATE leases SET pid = 2147483649", "column leases.pid is out of range (2147483649)"),
         (
             f"UPDATE intents SET generation = {_MAX_GENERATION + 1}",
             f"column intents.generation is out of range ({_MAX_GENERATION + 1})",
         ),
     ],
-    ids=["blank-type", "unknown-kind", "pid", "intent-generation"],
+    ids=["blank-type", "unknown-kind", "intent-start", "lease-expiry", "pid", "intent-generation"],
 )
 async def test_more_edited_rows_name_the_column(tmp_path: Path, sql: str, problem: str) -> None:
     assert await edited(tmp_path, sql) == (
@@ -894,3 +902,22 @@ def test_a_program_that_forgets_to_close_its_journal_still_exits(tmp_path: Path)
         check=False,
     )
     assert (done.returncode, done.stdout) == (0, "done\n")
+
+
+def test_a_checkpoint_that_fails_is_logged_and_left_for_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not busy but broken (an I/O error): the commit stands, the warning says why."""
+
+    class FailingCheckpoint:
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = 10  # type: ignore[attr-defined]  # SQLITE_IOERR
+            raise exc
+
+    journal = tj.SQLiteJournal(tmp_path / "tokens.db")
+    with caplog.at_level(logging.WARNING, logger="tokenjournal"):
+        journal._scrub(FailingCheckpoint())  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {journal.path}: checkpoint failed: disk I/O error"
+    ]
