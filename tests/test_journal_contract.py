@@ -921,3 +921,31 @@ def test_a_checkpoint_that_fails_is_logged_and_left_for_later(
     assert [r.getMessage() for r in caplog.records] == [
         f"journal {journal.path}: checkpoint failed: disk I/O error"
     ]
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("UPDATE accounts SET access_token = x'ff'", "column access_token holds a bytes, not text"),
+        ("UPDATE accounts SET received_at = 'x'", "column received_at holds a str, not a number"),
+        ("UPDATE accounts SET expires_at = 'soon'", "column expires_at holds a str, not a number"),
+        (
+            "UPDATE accounts SET refresh_token = x'00'",
+            "column refresh_token holds a bytes, not text",
+        ),
+        ("UPDATE accounts SET token_type = x'00'", "column token_type holds a bytes, not text"),
+        ("UPDATE accounts SET scope = x'00'", "column scope holds a bytes, not text"),
+        ("UPDATE accounts SET ended_code = x'00'", "column ended_code holds a bytes, not text"),
+        ("UPDATE accounts SET ended_at = 'y'", "column ended_at holds a str, not a number"),
+        ("UPDATE intents SET payload = x'00'", "column intents.payload holds a bytes, not text"),
+        (
+            "UPDATE intents SET generation = 'g'",
+            "column intents.generation holds a str, not an integer",
+        ),
+        ("UPDATE leases SET pid = 'p'", "column leases.pid holds a str, not an integer"),
+    ],
+)
+async def test_every_column_is_named_in_its_error(tmp_path: Path, sql: str, problem: str) -> None:
+    assert await edited(tmp_path, sql) == (
+        f"journal account 'a': {problem}; fix or delete the row (the file was left untouched)"
+    )
