@@ -683,6 +683,7 @@ class Refused(str):
         ("number", 1e300, _EPOCH_MAX),
         ("number", -1e300, _EPOCH_MIN),
         ("number", float("nan"), Refused("is NaN")),
+        ("number", 10**400, Refused("is out of range")),  # no float holds it
         ("number", True, Refused("holds a bool, not a number")),
         ("number", "soon", Refused("holds a str, not a number")),
         ("required_number", None, Refused("is empty")),
