@@ -30,6 +30,7 @@ from tokenjournal._journal import (
     _MAX_GENERATION,
     BUSY_TIMEOUT_MS,
     MAX_LIFETIME,
+    SCHEMA_VERSION,
     Busy,
     Holder,
     Intent,
@@ -824,7 +825,7 @@ async def test_refusals_at_open_say_why(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(other)) as db:
         db.execute("CREATE TABLE photos (id INTEGER)")
     with contextlib.closing(sqlite3.connect(newer)) as db:
-        db.execute("PRAGMA user_version = 2")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     messages = []
     for path, read_only in ((empty, True), (other, False), (newer, False)):
         with pytest.raises(tj.JournalError) as caught:
@@ -834,7 +835,8 @@ async def test_refusals_at_open_say_why(tmp_path: Path) -> None:
         f"journal {empty} is not a tokenjournal journal (schema 0)",
         f"journal {other} is an SQLite database with other tables, not a tokenjournal "
         "journal; it was left untouched",
-        f"journal {newer} has schema 2, newer than this tokenjournal understands (1); "
+        f"journal {newer} has schema {SCHEMA_VERSION + 1}, newer than this tokenjournal "
+        f"understands ({SCHEMA_VERSION}); "
         "upgrade tokenjournal, the file was left untouched",
     ]
 

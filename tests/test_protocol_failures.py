@@ -257,7 +257,13 @@ def test_a_misconfigured_protocol_says_what_is_wrong(
         (
             401,
             {"message": "Device ID has changed"},
-            tj.Failure(K.PERMANENT, "device_id_changed", 401, "device_id_changed"),
+            tj.Failure(
+                K.PERMANENT,
+                "device_id_changed",
+                401,
+                "device_id_changed",
+                description="Device ID has changed",
+            ),
         ),
         (
             401,
