@@ -26,7 +26,10 @@ def scenarios(ttl: float, grace: float, short: bool) -> list[Scenario]:
     long = grace * 2  # one it does not
     tail = ttl + 300.0
     out = [
-        Scenario("steady", "1 steady state", 3 * ttl if not short else 2 * ttl),
+        Scenario(
+            "steady", "1 steady state, all signed in at once", (6 if not short else 3) * ttl,
+            stagger=False,
+        ),
         Scenario(
             "outage", f"2a outage {brief:.0f} s", t0 + brief + tail,
             (Event(t0, "down"), Event(t0 + brief, "up")), outage=(t0, t0 + brief),
