@@ -112,6 +112,25 @@ def test_blocking_clients_are_measured_against_their_bare_twins(
         assert figure in table
 
 
+def test_sealing_compares_a_sealed_journal_with_an_unsealed_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 16: the sealed figures beside the unsealed ones of the same run; the sealed
+    hot path still reads memory only (a count target)."""
+    status, report = run_json(capsys, tmp_path, "--only", "sealing")
+    seal = report["sections"]["sealing"]
+    assert status == 0 and report["ok"] is True
+    assert seal["sealed_hot_journal_calls"] == 0
+    assert seal["sealed_audited_calls_touching_journal"] == 0
+    assert seal["refreshes_per_side"] == 6
+    assert seal["sealed_rss_bytes"] > 0 and seal["unsealed_rss_bytes"] > 0
+    assert [t["name"] for t in report["targets"]] == ["sealed hot path journal calls"]
+    table = bench.render(report)
+    for figure in ("sealing: refresh, sealed / unsealed", "RSS, sealed manager over unsealed"):
+        assert figure in table
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_probe_charges_a_background_refresh_to_the_call_that_started_it(
     server: ReferenceServer,
 ) -> None:

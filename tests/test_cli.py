@@ -16,7 +16,7 @@ import pytest
 import tokenjournal
 from tokenjournal.cli import main
 
-SUBCOMMANDS = ("demo", "serve", "status", "conformance")
+SUBCOMMANDS = ("demo", "serve", "status", "reseal", "conformance")
 
 
 def run_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -185,3 +185,41 @@ async def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture[str]) 
         main, ["conformance", "http://127.0.0.1:9", "--password-env", "TJ_SURELY_UNSET_VAR"]
     )
     assert code == 2 and "TJ_SURELY_UNSET_VAR" in capsys.readouterr().err
+
+
+async def test_an_issuer_url_is_read_through_discovery(capsys: pytest.CaptureFixture[str]) -> None:
+    """OAuth 2.0 without --token-url: the token endpoint comes from the discovery document,
+    and a row says which sign-ins the server offers."""
+    async with ReferenceServer(ServerConfig(test_mode=True)) as server:
+        code, out = await conformance(capsys, server.url, "--protocol", "oauth2", "--json")
+    checks = rows(json.loads(out))
+    assert code == 0, out
+    found = checks["discovery"]
+    assert found["outcome"] == "info" and not found["required"]
+    assert f"token endpoint {server.url}/oauth/token" in found["detail"]
+    assert "browser (PKCE S256), device, password" in found["detail"]
+
+
+async def test_a_discovery_document_for_another_issuer_fails_and_probes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hits: list[str] = []
+
+    async def document(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"issuer": "https://elsewhere.example", "token_endpoint": "https://elsewhere/t"}
+        )
+
+    async def token(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"error": "invalid_grant"}, status=400)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", document)
+    app.router.add_post("/oauth/token", token)
+    async with TestServer(app, host="127.0.0.1") as srv:
+        url = str(srv.make_url("")).rstrip("/")
+        code, out = await conformance(capsys, url, "--protocol", "oauth2")
+    assert code == 1 and hits == []
+    line = next(r for r in out.splitlines() if r.startswith("discovery document"))
+    assert " FAIL " in line and "another issuer" in line

@@ -422,3 +422,29 @@ async def test_the_verification_page_escapes_what_it_echoes() -> None:
         async with browser.get(server.url + "/device", params={"user_code": '"><script>'}) as page:
             text = await page.text()
         assert "<script>" not in text and "&lt;script&gt;" in text
+
+
+async def test_a_refusal_of_a_poll_never_prints_control_characters_or_the_device_code() -> None:
+    """Regression: the device flow parses its polls itself, past the manager's scrub, so a
+    server's error code reached ``SignInFailed.code`` and its message raw: an escape sequence
+    for the terminal that prints it, or the device code echoed back (invariant 8)."""
+    clock = ServerClock(None)
+    tm = tj.TokenManager(MOCK, tj.MemoryJournal(), protocol=protocol(MOCK), clock=clock)
+    secret = "device-code-secret-1234"
+    hostile = f"\x1b]0;pwned\x07 {secret} " + "x" * 500
+    async with tm:
+        with aioresponses() as mock:
+            authorization = {**AUTHORIZATION, "device_code": secret}
+            mock.post(MOCK + "/oauth/device_authorization", payload=authorization)
+            mock.post(
+                MOCK + "/oauth/token",
+                status=400,
+                payload={"error": hostile, "error_description": f"bad {hostile}"},
+            )
+            with pytest.raises(tj.SignInFailed) as raised:
+                await tm.sign_in_device(Shown())
+    error = raised.value
+    for text in (error.code, str(error), error.description or ""):
+        assert "\x1b" not in text and "\x07" not in text
+        assert secret not in text
+    assert len(error.code) <= 64

@@ -38,10 +38,10 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"adapters"},  # requests and httpx auth, over either manager
         {"sync"},  # the blocking manager
         {""},  # ``tokenjournal/__init__.py``: the public surface
-        {"_manager", "_middleware", "_device"},
+        {"_manager", "_middleware", "_device", "_discovery", "_browser"},
         {"_journal", "_doorbell", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
-        {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock"},
+        {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock", "_seal"},
     )
 )
 

@@ -254,3 +254,26 @@ def test_desktop_tk_window_smoke_under_xvfb(tmp_path: Path, xvfb_display: str) -
     assert_lines(result, 0, "smoke: driving the Tk window", *DESKTOP_STEPS, "idle CPU: ")
     idle = re.search(r"idle CPU: ([0-9.]+)% of a core", result.stdout)
     assert idle is not None and float(idle.group(1)) < IDLE_CPU_LIMIT, result.stdout
+
+
+OAUTH_STEPS = (
+    "ok: starts signed out",
+    "ok: a denial in the browser is explained",
+    "ok: signed in through the browser, the email read from the ID token",
+    "ok: the expired token was refreshed once",
+    "ok: signed out, and the server revoked the session",
+    "SMOKE OK: discovery, browser sign-in (denied, allowed), refresh, sign-out",
+)
+
+
+def test_desktop_oauth_smoke_headless(tmp_path: Path) -> None:
+    """Discovery from the issuer URL, browser sign-in (a scripted person at the login page)
+    denied then allowed, a refresh, sign-out through the revocation endpoint."""
+    result = run_sample(tmp_path, "desktop_oauth.py", "--smoke", "--headless")
+    assert_lines(result, 0, "smoke: headless (controller only)", *OAUTH_STEPS)
+
+
+def test_desktop_oauth_window_smoke_under_xvfb(tmp_path: Path, xvfb_display: str) -> None:
+    env = sample_env(tmp_path, DISPLAY=xvfb_display)
+    result = run_sample(tmp_path, "desktop_oauth.py", "--smoke", env=env)
+    assert_lines(result, 0, "smoke: driving the Tk window", *OAUTH_STEPS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from datetime import UTC, datetime, timedelta
@@ -20,9 +21,11 @@ def pair(lifetime: float = 900.0) -> tj.TokenSet:
 
 
 def test_repr_and_str_show_fingerprints_never_tokens() -> None:
-    tokens = pair()
+    tokens = dataclasses.replace(pair(), id_token="id-token-secret")
+    assert tokens.id_token == "id-token-secret"
     for text in (repr(tokens), str(tokens), f"{tokens}", repr([tokens])):
         assert "access-secret" not in text and "refresh-secret" not in text
+        assert "id-token-secret" not in text
         assert tj.fingerprint("access-secret") in text
 
 
@@ -186,6 +189,8 @@ def test_every_duration_of_the_policy_must_be_positive(field: str) -> None:
         ({"access_token": "a", "refresh_token": ""}, "TokenSet.refresh_token must be"),
         ({"access_token": "a", "refresh_token": "r", "token_type": ""}, "TokenSet.token_type"),
         ({"access_token": "a", "refresh_token": None, "expires_at": 1.0}, "TokenSet.expires_at"),
+        ({"access_token": "a", "refresh_token": "r", "id_token": ""}, "TokenSet.id_token must be"),
+        ({"access_token": "a", "refresh_token": "r", "id_token": 7}, "TokenSet.id_token must be"),
     ],
 )
 def test_a_rejected_tokenset_names_the_field(kwargs: dict[str, object], message: str) -> None:

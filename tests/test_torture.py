@@ -71,6 +71,9 @@ def test_short_run_loses_no_session() -> None:
     assert figures["server_rotations"] == figures["committed_refreshes"] > 0, command
     assert figures["outside_window_recoveries"] == figures["outside_window_clean"] >= 2
     assert all(n["ok"] for n in figures["network"]), command
+    sealed = figures["sealed_kill_phase"]  # issue 16: the kills again, on sealed journals
+    assert sealed["random_kills"] >= 10 and sealed["readable_tokens"] == 0, (command, sealed)
+    assert sealed["server_rotations"] == sealed["committed_refreshes"] > 0, (command, sealed)
     # Phases 4 and 5 ran and bit where they must (issue 11): their rows are in the table.
     assert {"hung processes", "stuck transactions", "refresh storms"} <= set(
         figures["must_be_zero"]
@@ -266,3 +269,16 @@ async def test_begin_refresh_keeps_a_journaled_sign_out(tmp_path: Path, kind: st
         assert intent is not None and intent.kind == "sign_out"
     finally:
         await journal.close()
+
+
+async def test_the_sealed_pass_scanner_sees_plain_tokens_and_not_sealed_ones(
+    tmp_path: Path,
+) -> None:
+    """The sealed kill pass counts tokens readable in a journal's raw files: not blind."""
+    pair = tj.TokenSet("access-0123456789abcdef", "refresh-0123456789abcdef")
+    for name, seal, readable in (("plain.db", None, 2), ("sealed.db", tj.Seal(bytes(32)), 0)):
+        journal = tj.SQLiteJournal(tmp_path / name, seal=seal)
+        await journal.open()
+        await journal.store_tokens("default", pair, 1.0)
+        await journal.close()
+        assert journals.readable_tokens(tmp_path / name, pair) == readable, name

@@ -5,6 +5,7 @@ failures are retried with backoff; a refresh interrupted by a crash is replayed 
 server's grace window on the next start. Start with :class:`TokenManager`.
 """
 
+from . import _discovery  # noqa: F401  (installs the I/O behind OAuth2Protocol.discover)
 from ._clock import Clock, SystemClock
 from ._errors import (
     JournalError,
@@ -29,8 +30,10 @@ from ._protocols import (
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
+    ServerMetadata,
 )
 from ._retry import RetryPolicy
+from ._seal import Seal
 from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 
 __version__ = "0.1.0"
@@ -55,7 +58,9 @@ __all__ = [
     "RateLimited",
     "RetryPolicy",
     "SQLiteJournal",
+    "Seal",
     "ServerError",
+    "ServerMetadata",
     "SessionEnded",
     "SessionState",
     "SignInFailed",

@@ -102,7 +102,7 @@ async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     )
     if isinstance(parsed, DeviceCode):
         return parsed
-    raise SignInFailed(parsed.code)
+    raise SignInFailed(parsed.code, description=parsed.description)
 
 
 def _poll_policy(retry: RetryPolicy, code: DeviceCode, now: float) -> RetryPolicy:
@@ -133,9 +133,11 @@ async def _pending_code(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     return code
 
 
-async def _give_up(io: DeviceIO, code: str, message: str | None = None) -> SignInFailed:
+async def _give_up(
+    io: DeviceIO, code: str, message: str | None = None, description: str | None = None
+) -> SignInFailed:
     await io.journal.clear_device_code(io.account)
-    return SignInFailed(code, message)
+    return SignInFailed(code, message, description=description)
 
 
 async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCode) -> TokenSet:
@@ -187,4 +189,4 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
             # Journaled, so a restart polls at the slower pace the server asked for.
             await io.journal.save_device_code(io.account, _encode(protocol, code), clock.time())
         elif answer.kind is not FailureKind.PENDING:  # denied, expired, refused
-            raise await _give_up(io, answer.code)
+            raise await _give_up(io, answer.code, description=answer.description)

@@ -12,16 +12,46 @@
     └── JournalError         storage: locked, full, read-only, corrupt, newer schema
 
 Messages never contain a token; at most a fingerprint. Each class's ``code`` is listed in
-docs/architecture.md section 4.
+docs/architecture.md section 4. ``SessionEnded``, ``SignInFailed`` and ``ProtocolError`` also
+carry ``description``: the server's own words (OAuth's ``error_description``, Mana's
+``message``), made printable and cut to ``DESCRIPTION_LIMIT`` characters, or ``None``.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+from ._terminal import printable
+
+#: The longest server description an error keeps: a sentence, not a page of HTML.
+DESCRIPTION_LIMIT: Final = 200
+#: A server's error code longer than this is cut: codes are identifiers, not essays.
+CODE_LIMIT: Final = 64
+
+
+def clean_description(description: object) -> str | None:
+    """A server's ``error_description`` fit for a message, a log line or a terminal: control
+    characters escaped, cut to :data:`DESCRIPTION_LIMIT`; ``None`` or empty stays ``None``.
+
+    The manager has already stripped the exchange's secrets from it; this is the last line
+    for text that reaches an error by another road (the device flow, the browser's redirect).
+    """
+    if description is None:
+        return None
+    text = printable(description, limit=DESCRIPTION_LIMIT).strip()
+    return text or None
+
+
+def _with_description(message: str, description: str | None) -> str:
+    return f"{message} ({description})" if description else message
 
 
 class TokenJournalError(Exception):
     """The root of every error tokenjournal raises on purpose."""
 
     code: str = "tokenjournal_error"
+    #: The server's description of the failure, when it gave one (see the module doc).
+    description: str | None = None
 
 
 class SessionEnded(TokenJournalError):
@@ -31,9 +61,13 @@ class SessionEnded(TokenJournalError):
     records it with the time, so a restarted process knows why it must sign in again.
     """
 
-    def __init__(self, code: str, message: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str | None = None, *, description: str | None = None
+    ) -> None:
         self.code = code
-        super().__init__(message or f"session ended by the server: {code}; sign in again")
+        self.description = clean_description(description)
+        text = message or f"session ended by the server: {code}; sign in again"
+        super().__init__(_with_description(text, self.description))
 
 
 class NotSignedIn(TokenJournalError):
@@ -76,15 +110,26 @@ class SignInFailed(TokenJournalError):
     ``code`` holds the server's code. Nothing was stored; the account's state is unchanged.
     """
 
-    def __init__(self, code: str, message: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str | None = None, *, description: str | None = None
+    ) -> None:
         self.code = code
-        super().__init__(message or f"sign-in refused by the server: {code}")
+        self.description = clean_description(description)
+        text = message or f"sign-in refused by the server: {code}"
+        super().__init__(_with_description(text, self.description))
 
 
 class ProtocolError(TokenJournalError):
-    """The server said something the protocol does not allow (a 4xx for our request, a bad body)."""
+    """The server said something the protocol does not allow (a 4xx for our request, a bad body).
+
+    ``description`` is the server's ``error_description`` when it gave one.
+    """
 
     code: str = "protocol_error"
+
+    def __init__(self, message: str = "", *, description: str | None = None) -> None:
+        self.description = clean_description(description)
+        super().__init__(_with_description(message, self.description))
 
 
 class JournalError(TokenJournalError):

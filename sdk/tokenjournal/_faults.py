@@ -20,6 +20,11 @@ CRASH_POINTS: Final = (
     "after_commit",  # committed, waiters not yet woken
     "mid_sign_out",  # sign-out journaled, server not yet told
 )
+#: Points of the journal's sealing (docs/architecture.md section 7), apart from the refresh's.
+SEAL_POINTS: Final = (
+    "seal_before_commit",  # every row sealed (or re-sealed) in the transaction, not committed
+    "seal_before_scrub",  # committed, the plain (or old) values not yet checkpointed away
+)
 
 _armed: frozenset[str] | None = None
 
@@ -28,11 +33,10 @@ def arm(points: str | None) -> None:
     """Arm the comma-separated ``points`` (``None`` or empty disarms). Unknown names are errors."""
     global _armed
     names = frozenset(p.strip() for p in (points or "").split(",") if p.strip())
-    unknown = names - set(CRASH_POINTS)
+    unknown = names - set(CRASH_POINTS) - set(SEAL_POINTS)
     if unknown:
-        raise ValueError(
-            f"unknown crash points {sorted(unknown)}; known: {', '.join(CRASH_POINTS)}"
-        )
+        known = ", ".join((*CRASH_POINTS, *SEAL_POINTS))
+        raise ValueError(f"unknown crash points {sorted(unknown)}; known: {known}")
     _armed = names or None
 
 

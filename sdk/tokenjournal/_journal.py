@@ -13,7 +13,9 @@ itself is section 5):
   invariants 2 and 13);
 * an intent is written before a refresh token is sent, and cleared by that same commit
   (invariants 1 and 6);
-* the lease row makes one process the refresher per account across processes (invariant 4).
+* the lease row makes one process the refresher per account across processes (invariant 4);
+* with a :class:`~tokenjournal.Seal`, every column listed in :data:`SECRET_TABLES` is sealed
+  on write and opened on read (invariant 15, docs/architecture.md section 7).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -38,10 +41,12 @@ from typing import Any, Final, Literal, Protocol, TypeVar, cast, runtime_checkab
 import aiosqlite
 
 from ._errors import JournalError
+from ._faults import crash_point
 from ._protocols import MAX_LIFETIME
+from ._seal import Seal, Unopenable, is_sealed, key_id_of
 from ._tokens import TokenSet, fingerprint, to_datetime
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
@@ -96,8 +101,23 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class SealInfo:
+    """What a sealed row shows without its key: who sealed it, and fingerprints kept at write."""
+
+    key_id: str
+    signed_in: bool
+    access_fingerprint: str
+    refresh_fingerprint: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AccountRecord:
-    """One account's row, as read in one transaction."""
+    """One account's row, as read in one transaction.
+
+    ``sealed`` is set for a sealed row; a journal opened read-only without the key then has
+    ``tokens=None`` (what ``status`` shows comes from ``sealed``).
+    """
 
     account: str
     tokens: TokenSet | None
@@ -106,6 +126,7 @@ class AccountRecord:
     ended_at: float | None = None
     intent: Intent | None = None
     lease: Lease | None = None
+    sealed: SealInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +268,14 @@ class Journal(Protocol):
         """Forget the pending device code."""
         ...
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep ``issuer``'s discovery document (JSON text), read at wall time ``now``."""
+        ...
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document of ``issuer`` and when it was read, or ``None``."""
+        ...
+
 
 # --------------------------------------------------------------------------- memory
 
@@ -259,6 +288,7 @@ class MemoryJournal:
 
     def __init__(self) -> None:
         self._records: dict[str, AccountRecord] = {}
+        self._metadata: dict[str, tuple[str, float]] = {}
         self._device_id = str(uuid.uuid4())
         self._commits = 0
 
@@ -375,6 +405,15 @@ class MemoryJournal:
         if rec.intent is not None and rec.intent.kind == "device_code":
             self._put(replace(rec, intent=None))
 
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document."""
+        self._metadata[issuer] = (document, now)
+        self._commits += 1
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read."""
+        return self._metadata.get(issuer)
+
 
 def _signing_out(rec: AccountRecord) -> bool:
     """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
@@ -437,14 +476,83 @@ _SCHEMA: Final = (
         expires_at REAL NOT NULL)""",
 )
 
+#: Sealing (docs/architecture.md section 7): which key sealed each row, and the keyed
+#: fingerprints ``status`` shows without the key.
+_SEALING: Final = (
+    "ALTER TABLE accounts ADD COLUMN sealed_by TEXT",
+    "ALTER TABLE accounts ADD COLUMN access_fp TEXT",
+    "ALTER TABLE accounts ADD COLUMN refresh_fp TEXT",
+    "ALTER TABLE intents ADD COLUMN sealed_by TEXT",
+)
+
+#: The first schema with the sealing columns (``_SEALING`` is the step that reaches it).
+SEALING_SCHEMA: Final = 2
+#: Schema 3: the OpenID Connect ID token kept with the pair (NULL for a pair without one).
+_ID_TOKEN: Final = ("ALTER TABLE accounts ADD COLUMN id_token TEXT",)
+
 #: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {0: _SCHEMA}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    0: _SCHEMA,
+    SEALING_SCHEMA - 1: _SEALING,
+    SEALING_SCHEMA: _ID_TOKEN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SecretTable:
+    """A table whose ``columns`` hold secrets: sealed when the journal has a seal.
+
+    Each value is bound (the associated data) to ``table.column``, the row's ``owner``
+    column (the account) and its ``generation`` column, so a value copied to another row,
+    column or generation does not open. The table has a ``sealed_by`` column: the key id
+    that sealed the row (NULL: plain).
+    """
+
+    table: str
+    owner: str
+    generation: str
+    columns: tuple[str, ...]
+    #: Per column, the column that keeps its keyed fingerprint (for ``status``), or None.
+    fingerprints: tuple[str | None, ...]
+
+
+#: Every secret column of the journal, in one place (table and column names in the SQL
+#: built from it come from here, never from input): the in-place sealing at open, the
+#: re-sealing after a rotation and the key check all work from this list. A write seals
+#: with :func:`_sealed`, a read opens with :func:`_opened`.
+SECRET_TABLES: Final = (
+    SecretTable(
+        "accounts",
+        "account",
+        "generation",
+        ("access_token", "refresh_token", "id_token"),
+        ("access_fp", "refresh_fp", None),
+    ),
+    SecretTable("intents", "account", "generation", ("payload",), (None,)),
+)
+
+
+def _sealed(
+    seal: Seal | None, table: str, column: str, owner: str, generation: int, value: str | None
+) -> str | None:
+    """What the journal stores for a secret column: ``value`` sealed, or as is without a seal."""
+    if value is None or seal is None:
+        return value
+    return seal.seal(value, account=owner, column=f"{table}.{column}", generation=generation)
+
+
+#: ``meta`` key: the id of the key the journal was last sealed with (absent: plain).
+META_SEALED_BY: Final = "sealed_by"
+
+#: ``meta`` keys of kept discovery documents: this prefix and the issuer.
+_METADATA_KEY: Final = "discovery "
 
 _LOAD_SQL: Final = """
 SELECT a.access_token, a.refresh_token, a.expires_at, a.received_at, a.token_type, a.scope,
-       a.generation, a.ended_code, a.ended_at,
+       a.generation, a.ended_code, a.ended_at, a.id_token,
        i.kind, i.refresh_fp, i.started_at, i.generation, i.payload,
-       l.holder, l.pid, l.host, l.expires_at
+       l.holder, l.pid, l.host, l.expires_at,
+       a.sealed_by, a.access_fp, a.refresh_fp, i.sealed_by
 FROM (SELECT ? AS account) q
 LEFT JOIN accounts a ON a.account = q.account
 LEFT JOIN intents i ON i.account = q.account
@@ -492,6 +600,8 @@ class _Tx:
     #: It replaced or dropped a secret: after the commit, checkpoint the WAL into the file
     #: and truncate it, so the old value is left in no file of the journal.
     scrub: bool = False
+    #: A crash point to pass between the commit and the scrub (the sealing's steps).
+    point: str | None = None
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -507,7 +617,13 @@ class SQLiteJournal:
 
     ``path`` may start with ``~``. The file is created 0600; a folder that has to be created
     for it is created 0700; an existing folder is never changed. ``read_only=True`` opens it
-    without creating, migrating or writing anything (the ``status`` command uses it).
+    without creating, migrating or writing anything (the ``status`` command uses it; without
+    a seal, sealed rows then read as :class:`SealInfo` with no tokens).
+
+    With ``seal`` every secret column (:data:`SECRET_TABLES`) is sealed on write. A plain
+    journal is sealed in place, in one transaction, by :meth:`open`; a journal sealed with a
+    key the seal does not hold (or opened without one) is a :class:`JournalError` from
+    :meth:`open` naming the key id it needs, and the file is left byte-for-byte unchanged.
 
     Every call is one job on aiosqlite's worker thread, a transaction included (BEGIN,
     statements and COMMIT together): a caller that is cancelled or times out never leaves
@@ -522,10 +638,14 @@ class SQLiteJournal:
         *,
         busy_timeout: float = BUSY_TIMEOUT_MS / 1000,
         read_only: bool = False,
+        seal: Seal | None = None,
     ) -> None:
+        if seal is not None and not isinstance(seal, Seal):
+            raise TypeError("seal must be a tokenjournal.Seal or None")
         self.path = Path(os.path.expanduser(os.fspath(path)))
         self.busy_timeout = busy_timeout
         self.read_only = read_only
+        self.seal = seal
         self._db: aiosqlite.Connection | None = None
         # open() and close() one at a time: two concurrent opens must not make two connections.
         self._life = asyncio.Lock()
@@ -533,7 +653,13 @@ class SQLiteJournal:
         self._device_id: str | None = None
 
     def __repr__(self) -> str:
-        return f"SQLiteJournal({str(self.path)!r})"
+        sealed = f", seal={self.seal!r}" if self.seal is not None else ""
+        return f"SQLiteJournal({str(self.path)!r}{sealed})"
+
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` has made the connection (and :meth:`close` not yet closed it)."""
+        return self._db is not None
 
     @property
     def durable_commits(self) -> int:
@@ -601,7 +727,14 @@ class SQLiteJournal:
         """Run ``body`` in one BEGIN IMMEDIATE transaction, committed durably."""
         if self.read_only and write:
             raise JournalError(f"journal {self.path} was opened read-only")
-        return await self._run(lambda conn, abandoned: self._in_transaction(conn, body, abandoned))
+
+        def checked(tx: _Tx) -> _T:
+            self._check_sealing(tx)
+            return body(tx)
+
+        return await self._run(
+            lambda conn, abandoned: self._in_transaction(conn, checked, abandoned)
+        )
 
     def _in_transaction(
         self, conn: sqlite3.Connection, body: Callable[[_Tx], _T], abandoned: threading.Event
@@ -621,6 +754,8 @@ class SQLiteJournal:
                     conn.execute("ROLLBACK")
             raise
         self._commits += 1
+        if tx.point is not None:
+            crash_point(tx.point)
         if tx.scrub:
             self._scrub(conn)
         return result
@@ -666,6 +801,8 @@ class SQLiteJournal:
                 uri = self.path.absolute().as_uri() + "?mode=ro"
                 connecting = _connect(uri, uri=True)
             else:
+                if self.path.is_file() and self.path.stat().st_size:
+                    await self._probe()
                 self._prepare_file()
                 connecting = _connect(str(self.path))
             try:
@@ -678,6 +815,155 @@ class SQLiteJournal:
                 await asyncio.shield(self._close_quietly(db))
                 raise
             self._db = db
+
+    async def _probe(self) -> None:
+        """Refuse a sealed journal this seal cannot open before writing a byte to it.
+
+        A read-write connection would change the files even when it gives up: the last one
+        to close checkpoints a WAL a crash left into the main file, and a read-only one
+        rebuilds the ``-shm`` index. This one is ``immutable``: it reads the main file alone
+        and touches nothing. What only the WAL knows (a sealing not yet checkpointed) is
+        checked again on the real connection; a probe that cannot read (a checkpoint
+        copying pages meanwhile) is no verdict either way.
+        """
+        uri = self.path.absolute().as_uri() + "?mode=ro&immutable=1"
+        try:
+            db = await _connect(uri, uri=True)
+        except sqlite3.Error:
+            return
+        try:
+
+            def job(conn: sqlite3.Connection, abandoned: threading.Event) -> set[str]:
+                return self._needed_keys(conn)
+
+            try:
+                needed = await self._run(job, db)
+            except JournalError:
+                return  # unreadable now: the real connection decides
+            self._refuse_unless_openable(needed)
+        finally:
+            await asyncio.shield(self._close_quietly(db))
+
+    @staticmethod
+    def _needed_keys(conn: sqlite3.Connection) -> set[str]:
+        """The key ids a journal's rows (and its ``meta``) say sealed them."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version < SEALING_SCHEMA:  # before sealing existed: nothing is sealed
+            return set()
+        parts = ["SELECT value FROM meta WHERE key = ?"]
+        parts += [
+            f"SELECT sealed_by FROM {t.table} WHERE sealed_by IS NOT NULL"  # noqa: S608
+            for t in SECRET_TABLES
+        ]
+        rows = conn.execute(" UNION ".join(parts), (META_SEALED_BY,)).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def _refuse_unless_openable(self, needed: set[str]) -> None:
+        if not needed or (self.read_only and self.seal is None):
+            return
+        if self.seal is None:
+            raise JournalError(
+                f"journal {self.path} is sealed (key id {', '.join(sorted(needed))}); open it "
+                "with that key (seal=tokenjournal.Seal...); the file was left untouched"
+            )
+        missing = needed - set(self.seal.key_ids)
+        if missing:
+            raise JournalError(
+                f"journal {self.path} is sealed with key id {', '.join(sorted(missing))}, "
+                f"which this seal (key id {self.seal.key_id}) does not hold; pass that key, "
+                "or previous=[it] to rotate; the file was left untouched"
+            )
+
+    def _check_sealing(self, tx: _Tx) -> None:
+        """Before each write: another process may have sealed (or re-keyed) the journal
+        since this one opened it; writing plain text, or under a key it no longer names,
+        would undo that."""
+        row = tx.execute("SELECT value FROM meta WHERE key = ?", (META_SEALED_BY,)).fetchone()
+        if row is None:
+            return
+        current = str(row[0])
+        if self.seal is None:
+            raise JournalError(
+                f"journal {self.path} was sealed (key id {current}) by another process "
+                "since this one opened it; open it with that seal"
+            )
+        if current not in self.seal.key_ids:
+            raise JournalError(
+                f"journal {self.path} was sealed with key id {current} by another process "
+                f"since this one opened it; this seal holds {', '.join(self.seal.key_ids)}"
+            )
+
+    def _seal_rows(self, tx: _Tx, *, everything: bool) -> int:
+        """Seal every plain secret (and, with ``everything``, re-seal every row an older key
+        sealed) under this seal's key, in the caller's transaction. Returns the rows changed."""
+        seal = self.seal
+        assert seal is not None
+        # Under the write lock: another process may have sealed it with a key we lack since
+        # open() looked; re-sealing around its rows would hide them behind our key id.
+        self._refuse_unless_openable(self._needed_keys(tx.conn))
+        changed = 0
+        for t in SECRET_TABLES:
+            fps = [c for c in t.fingerprints if c is not None]
+            rows = tx.execute(
+                f"SELECT rowid, {t.owner}, {t.generation}, sealed_by, {', '.join(t.columns)} "  # noqa: S608
+                f"FROM {t.table}"
+            ).fetchall()
+            for rowid, owner, generation, sealed_by, *values in rows:
+                if sealed_by == seal.key_id or all(v is None for v in values):
+                    continue
+                if sealed_by is not None and not everything:
+                    continue  # an older key's row: re-sealed when it is next written
+                r = _Row(str(owner))
+                plain = [
+                    _opened(r, seal if sealed_by is not None else None, t.table, c, generation, v)
+                    for c, v in zip(t.columns, values, strict=True)
+                ]
+                sets = [f"{c} = ?" for c in (*t.columns, *fps)]
+                params: list[Any] = [
+                    None if v is None else _sealed(seal, t.table, c, str(owner), generation, v)
+                    for c, v in zip(t.columns, plain, strict=True)
+                ]
+                params += [
+                    seal.fingerprint(v)
+                    for fp, v in zip(t.fingerprints, plain, strict=True)
+                    if fp is not None
+                ]
+                tx.execute(
+                    f"UPDATE {t.table} SET {', '.join(sets)}, sealed_by = ? WHERE rowid = ?",  # noqa: S608
+                    (*params, seal.key_id, rowid),
+                )
+                changed += 1
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_SEALED_BY, seal.key_id)
+        )
+        # The plain (or older) values are still in the main file's old pages: checkpoint.
+        tx.scrub = changed > 0
+        tx.point = "seal_before_scrub"
+        crash_point("seal_before_commit")
+        return changed
+
+    def _needs_sealing(self, conn: sqlite3.Connection) -> bool:
+        assert self.seal is not None
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (META_SEALED_BY,)).fetchone()
+        if row is None or str(row[0]) != self.seal.key_id:
+            return True
+        return any(
+            conn.execute(
+                f"SELECT 1 FROM {t.table} WHERE sealed_by IS NULL AND "  # noqa: S608
+                f"({' OR '.join(f'{c} IS NOT NULL' for c in t.columns)}) LIMIT 1"
+            ).fetchone()
+            for t in SECRET_TABLES
+        )
+
+    async def reseal(self) -> int:
+        """Re-seal every row under this seal's key (after a rotation), in one transaction.
+
+        Rows sealed by a ``previous`` key, or plain, are sealed anew; then the WAL is
+        scrubbed. Returns how many rows changed.
+        """
+        if self.seal is None:
+            raise ValueError("reseal needs a journal opened with a seal")
+        return await self._transaction(lambda tx: self._seal_rows(tx, everything=True))
 
     def _prepare_file(self) -> None:
         # Every folder we have to create is 0700 (os.makedirs applies its mode to the leaf
@@ -725,16 +1011,26 @@ class SQLiteJournal:
                 "tokenjournal journal; it was left untouched"
             )
         if self.read_only:
+            if version == 0:
+                raise JournalError(f"journal {self.path} is not a tokenjournal journal (schema 0)")
             if version < SCHEMA_VERSION:
                 raise JournalError(
-                    f"journal {self.path} is not a tokenjournal journal (schema {version})"
+                    f"journal {self.path} has schema {version}, older than this tokenjournal "
+                    f"({SCHEMA_VERSION}); a TokenManager migrates it when it next opens it"
                 )
+            self._refuse_unless_openable(self._needed_keys(conn))
             return
+        # Checked again on this connection: another process may have sealed it meanwhile.
+        self._refuse_unless_openable(self._patiently(lambda: self._needed_keys(conn), abandoned))
         self._patiently(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall(), abandoned)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA secure_delete = ON")
         if version < SCHEMA_VERSION:
             self._in_transaction(conn, self._migrate, abandoned)
+        if self.seal is not None and self._needs_sealing(conn):
+            # A plain journal (or one a previous key sealed last) is sealed in place in one
+            # transaction; its scrub takes the plain bytes out of every file.
+            self._in_transaction(conn, lambda tx: self._seal_rows(tx, everything=False), abandoned)
         # A process killed between a commit and its checkpoint left replaced secrets in
         # the WAL: clear them before anything else happens.
         self._scrub(conn)
@@ -777,6 +1073,11 @@ class SQLiteJournal:
             self._device_id = str(rows[0][0])
         return self._device_id
 
+    async def sealed_by(self) -> str | None:
+        """The id of the key the journal was last sealed with, or ``None`` for a plain one."""
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (META_SEALED_BY,))
+        return str(rows[0][0]) if rows else None
+
     async def accounts(self) -> list[str]:
         """Every account with a row."""
         rows = await self._read("SELECT account FROM accounts ORDER BY account")
@@ -785,18 +1086,17 @@ class SQLiteJournal:
     async def load(self, account: str) -> AccountRecord:
         """The account's record, read in one statement."""
         rows = await self._read(_LOAD_SQL, (account,))
-        return _record(account, tuple(rows[0]))
+        return _record(account, tuple(rows[0]), self.seal)
 
-    @staticmethod
-    def _load_in(tx: _Tx, account: str) -> AccountRecord:
+    def _load_in(self, tx: _Tx, account: str) -> AccountRecord:
         row = tx.execute(_LOAD_SQL, (account,)).fetchone()
         assert row is not None
-        return _record(account, tuple(row))
+        return _record(account, tuple(row), self.seal)
 
     # -- writes ------------------------------------------------------------------------
 
-    @staticmethod
     def _put_tokens(
+        self,
         tx: _Tx,
         account: str,
         tokens: TokenSet | None,
@@ -810,20 +1110,27 @@ class SQLiteJournal:
             # "Never expires" (datetime.max) would not read back as a datetime: keep a
             # lifetime a datetime can hold, the same cap the protocols put on an answer.
             expires = min(expires, (now if received is None else received) + MAX_LIFETIME)
+        access = tokens.access_token if tokens else None
+        refresh = tokens.refresh_token if tokens else None
+        id_token = tokens.id_token if tokens else None
+        seal = self.seal if tokens else None
         tx.execute(
             """INSERT INTO accounts (account, access_token, refresh_token, expires_at, received_at,
-                   token_type, scope, generation, ended_code, ended_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   token_type, scope, generation, ended_code, ended_at, updated_at,
+                   sealed_by, access_fp, refresh_fp, id_token)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(account) DO UPDATE SET
                    access_token = excluded.access_token, refresh_token = excluded.refresh_token,
                    expires_at = excluded.expires_at, received_at = excluded.received_at,
                    token_type = excluded.token_type, scope = excluded.scope,
                    generation = excluded.generation, ended_code = excluded.ended_code,
-                   ended_at = excluded.ended_at, updated_at = excluded.updated_at""",
+                   ended_at = excluded.ended_at, updated_at = excluded.updated_at,
+                   sealed_by = excluded.sealed_by, access_fp = excluded.access_fp,
+                   refresh_fp = excluded.refresh_fp, id_token = excluded.id_token""",
             (
                 account,
-                tokens.access_token if tokens else None,
-                tokens.refresh_token if tokens else None,
+                _sealed(seal, "accounts", "access_token", account, generation, access),
+                _sealed(seal, "accounts", "refresh_token", account, generation, refresh),
                 expires,
                 received,
                 tokens.token_type if tokens else None,
@@ -832,6 +1139,10 @@ class SQLiteJournal:
                 ended[0],
                 ended[1],
                 now,
+                seal.key_id if seal else None,
+                seal.fingerprint(access) if seal else None,
+                seal.fingerprint(refresh) if seal else None,
+                _sealed(seal, "accounts", "id_token", account, generation, id_token),
             ),
         )
         # Whatever pair (or device code) the row held before is replaced: scrub it away.
@@ -959,10 +1270,14 @@ class SQLiteJournal:
                 "VALUES (?, 'sign_out', ?, ?, ?, NULL)",
                 (account, fp, now, intent.generation),
             )
-            tx.execute(
-                "UPDATE accounts SET generation = ?, updated_at = ? WHERE account = ?",
-                (intent.generation, now, account),
-            )
+            if self.seal is not None:
+                # Sealed values are bound to the generation: seal the pair anew for it.
+                self._put_tokens(tx, account, rec.tokens, intent.generation, now)
+            else:
+                tx.execute(
+                    "UPDATE accounts SET generation = ?, updated_at = ? WHERE account = ?",
+                    (intent.generation, now, account),
+                )
             return replace(rec, generation=intent.generation, intent=intent)
 
         return await self._transaction(body)
@@ -981,11 +1296,18 @@ class SQLiteJournal:
         def body(tx: _Tx) -> None:
             rec = self._load_in(tx, account)
             tx.scrub = rec.intent is not None and rec.intent.payload is not None
+            seal = self.seal
             tx.execute(
                 "INSERT OR REPLACE INTO intents "
-                "(account, kind, refresh_fp, started_at, generation, payload) "
-                "VALUES (?, 'device_code', '-', ?, ?, ?)",
-                (account, now, rec.generation, payload),
+                "(account, kind, refresh_fp, started_at, generation, payload, sealed_by) "
+                "VALUES (?, 'device_code', '-', ?, ?, ?, ?)",
+                (
+                    account,
+                    now,
+                    rec.generation,
+                    _sealed(seal, "intents", "payload", account, rec.generation, payload),
+                    seal.key_id if seal else None,
+                ),
             )
 
         await self._transaction(body)
@@ -1000,6 +1322,32 @@ class SQLiteJournal:
             tx.scrub = cursor.rowcount > 0
 
         await self._transaction(body)
+
+    async def save_metadata(self, issuer: str, document: str, now: float) -> None:
+        """Keep the discovery document in ``meta`` (no secret in it: no scrub)."""
+        value = json.dumps({"fetched_at": now, "document": document})
+
+        def body(tx: _Tx) -> None:
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_METADATA_KEY + issuer, value),
+            )
+
+        await self._transaction(body)
+
+    async def load_metadata(self, issuer: str) -> tuple[str, float] | None:
+        """The kept discovery document and when it was read; an unreadable one is none."""
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (_METADATA_KEY + issuer,))
+        if not rows:
+            return None
+        try:
+            kept = json.loads(rows[0][0])
+            document, fetched_at = kept["document"], kept["fetched_at"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(document, str) or not isinstance(fetched_at, int | float):
+            return None
+        return document, float(fetched_at)
 
 
 #: What a datetime can hold, with a day to spare at each end (years 1 and 9999).
@@ -1070,7 +1418,22 @@ class _Row:
         return to_datetime(self.number(column, value))
 
 
-def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
+def _opened(
+    r: _Row, seal: Seal | None, table: str, column: str, generation: object, value: object
+) -> str | None:
+    """A secret column as read: opened with ``seal``, or as is without one."""
+    text = r.text(f"{table}.{column}", value)
+    if text is None or seal is None:
+        return text
+    if not isinstance(generation, int):
+        raise r.bad(f"{table}.{column}", "is sealed in a row without a generation")
+    try:
+        return seal.open(text, account=r.account, column=f"{table}.{column}", generation=generation)
+    except Unopenable as exc:
+        raise r.bad(f"{table}.{column}", str(exc)) from None
+
+
+def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> AccountRecord:
     r = _Row(account)
     (
         access,
@@ -1082,6 +1445,7 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
         generation,
         ended_code,
         ended_at,
+        id_token,
         i_kind,
         i_fp,
         i_started,
@@ -1091,7 +1455,34 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
         l_pid,
         l_host,
         l_exp,
+        a_sealed_by,
+        a_access_fp,
+        a_refresh_fp,
+        i_sealed_by,
     ) = row
+    sealed = None
+    if a_sealed_by is not None:
+        kid = r.required_text("sealed_by", a_sealed_by)
+        sealed = SealInfo(
+            kid,
+            access is not None,
+            r.text("access_fp", a_access_fp) or "-",
+            r.text("refresh_fp", a_refresh_fp) or "-",
+            r.number("expires_at", expires_at),
+        )
+        # Without the seal (only a read-only journal gets this far): no tokens.
+        access = _opened(r, seal, "accounts", "access_token", generation, access)
+        refresh = _opened(r, seal, "accounts", "refresh_token", generation, refresh)
+        id_token = _opened(r, seal, "accounts", "id_token", generation, id_token)
+        if seal is None:
+            access = refresh = id_token = None
+    elif is_sealed(access) or is_sealed(refresh) or is_sealed(id_token):
+        raise r.bad("sealed_by", f"is empty beside a value sealed by {key_id_of(str(access))}")
+    if i_sealed_by is not None:
+        r.required_text("intents.sealed_by", i_sealed_by)
+        i_payload = (
+            None if seal is None else _opened(r, seal, "intents", "payload", i_gen, i_payload)
+        )
     tokens = None
     if r.text("access_token", access):
         received = r.when("received_at", received_at)
@@ -1107,6 +1498,7 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
                 received,
                 r.text("token_type", token_type) or "Bearer",
                 r.text("scope", scope),
+                r.text("id_token", id_token) or None,
             )
         except ValueError as exc:
             raise r.bad("access_token", f"does not make a token pair ({exc})") from None
@@ -1137,4 +1529,5 @@ def _record(account: str, row: tuple[Any, ...]) -> AccountRecord:
         r.number("ended_at", ended_at),
         intent,
         lease,
+        sealed,
     )

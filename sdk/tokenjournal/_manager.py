@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import webbrowser
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -30,9 +31,12 @@ from yarl import URL
 
 from . import _doorbell as doorbell
 from . import _faults
+from ._browser import BrowserIO, OpenBrowser, run_browser_flow
 from ._clock import Clock, SystemClock
 from ._device import DeviceIO, run_device_flow
 from ._errors import (
+    CODE_LIMIT,
+    DESCRIPTION_LIMIT,
     JournalError,
     NotSignedIn,
     ProtocolError,
@@ -65,6 +69,7 @@ from ._protocols import (
     OAuth2Protocol,
 )
 from ._retry import GRACE_GUARD, RetryPolicy, attempts
+from ._seal import Seal
 from ._terminal import printable
 from ._tokens import Failure, FailureKind, TokenSet, fingerprint
 from ._transport import NetworkFailure, Raw, send
@@ -83,8 +88,6 @@ WAIT_FIRST: Final = 0.01
 WAIT_MAX: Final = 0.05  # while waiting only: ~20 cheap reads a second buys a short tail
 #: With the holder's doorbell in reach, reads are only a safety net: fewer of them.
 BELL_WAIT_MAX: Final = 0.25
-#: A server's error code longer than this is cut: codes are identifiers, not essays.
-CODE_LIMIT: Final = 64
 #: The grace rescue (invariant 11) tries again at least this often, as a share of the grace
 #: window and in seconds: a network that comes back is noticed within the smaller of the two,
 #: and a 300 s window costs about ten requests.
@@ -140,10 +143,14 @@ def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
 def _scrubbed(failure: Failure, secrets: Iterable[str]) -> Failure:
     """``failure`` with its server-supplied text printable, short, and free of secrets."""
     secrets = tuple(secrets)
+    description = failure.description
     return dataclasses.replace(
         failure,
         code=printable(failure.code, limit=CODE_LIMIT, secrets=secrets),
         message=printable(failure.message, secrets=secrets),
+        description=None
+        if description is None
+        else printable(description, limit=DESCRIPTION_LIMIT, secrets=secrets),
     )
 
 
@@ -159,7 +166,8 @@ class TokenManager:
     while a refresh is pending (the grace rescue). ``allowed_origins`` are the origins the
     middleware may send the bearer to (default: the auth server's origin only). Plain HTTP to
     an auth server that is not this machine is refused unless ``allow_insecure_http``: the
-    refresh token and the password would cross the network in clear.
+    refresh token and the password would cross the network in clear. ``seal`` (a
+    :class:`~tokenjournal.Seal`) seals the tokens at rest in the journal at ``journal``.
     """
 
     def __init__(
@@ -179,6 +187,7 @@ class TokenManager:
         device_name: str | None = None,
         device_type: str = "python",
         user_agent: str = "tokenjournal",
+        seal: Seal | None = None,
     ) -> None:
         url = URL(auth_url) if isinstance(auth_url, str) else None
         if url is None or url.scheme not in ("http", "https") or not url.host:
@@ -206,7 +215,11 @@ class TokenManager:
                 )
         self._clock: Clock = clock or SystemClock()
         if isinstance(journal, str | os.PathLike):
-            self.journal: Journal = SQLiteJournal(journal)
+            self.journal: Journal = SQLiteJournal(journal, seal=seal)
+        elif seal is not None:
+            # A journal object brings its own: SQLiteJournal(path, seal=...); a MemoryJournal
+            # keeps nothing at rest.
+            raise TypeError("seal= goes with a journal path; pass it to SQLiteJournal instead")
         elif isinstance(journal, Journal):
             self.journal = journal
         else:
@@ -423,7 +436,7 @@ class TokenManager:
             lambda: request, self._reader(None), secrets=credentials.values(), what="sign-in"
         )
         if isinstance(answer, Failure):
-            raise SignInFailed(answer.code)
+            raise SignInFailed(answer.code, description=answer.description)
         await self._store_sign_in(answer)
         return answer
 
@@ -438,6 +451,49 @@ class TokenManager:
             self._exchange, self._pause, self._clock, self.journal, self.account, self.retry
         )
         tokens = await run_device_flow(io, self.protocol, on_code)
+        await self._store_sign_in(tokens)
+        return tokens
+
+    async def sign_in_browser(
+        self,
+        *,
+        open_browser: OpenBrowser = webbrowser.open,
+        port: int = 0,
+        timeout: float = 300,  # noqa: ASYNC109  (the API's name; the wait runs on the clock)
+        prompt: str | None = None,
+    ) -> TokenSet:
+        """Sign in through the system browser: authorization code with PKCE (S256) and a
+        loopback redirect to 127.0.0.1 (RFC 8252, RFC 7636); returns the new pair.
+
+        ``open_browser(url)`` shows the authorization page (``webbrowser.open`` by default;
+        a coroutine function is awaited; ``False`` logs the URL to open by hand). ``port``
+        is the listener's (0: any free one), ``timeout`` how long to wait for the browser
+        to come back, ``prompt`` OpenID Connect's (``login``, ``consent``,
+        ``select_account``). Refusals, a wrong ``state`` and the timeout raise
+        :class:`SignInFailed` with ``.code`` and ``.description``; the code exchange is
+        retried like any sign-in. The pair is journaled only once the exchange returned it:
+        a crash or a failure anywhere before leaves the account as it was.
+        See :mod:`tokenjournal._browser`.
+        """
+        self._require_open()
+        if not isinstance(self.protocol, OAuth2Protocol):
+            raise TypeError("sign_in_browser needs an OAuth2Protocol with authorization_url")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+
+        async def exchange(request: HttpRequest, secrets: Iterable[str]) -> TokenSet | Failure:
+            return await self._exchange(
+                lambda: request, self._reader(None), secrets=secrets, what="code exchange"
+            )
+
+        tokens = await run_browser_flow(
+            BrowserIO(exchange, self._pause),
+            self.protocol,
+            open_browser=open_browser,
+            port=port,
+            wait=timeout,
+            prompt=prompt,
+        )
         await self._store_sign_in(tokens)
         return tokens
 
@@ -556,7 +612,7 @@ class TokenManager:
         self._emit(EventKind.SIGNED_IN)
         log.info("signed in account %s (token %s)", self.account, fingerprint(tokens.access_token))
 
-    async def _end(self, code: str, generation: int) -> TokenSet:
+    async def _end(self, code: str, generation: int, description: str | None = None) -> TokenSet:
         """The server says the token of ``generation`` is dead: end the session, unless a
         newer pair was stored meanwhile (a sign-in racing a recovery, another process), in
         which case the dead token was an old one and the newer pair is returned."""
@@ -576,7 +632,7 @@ class TokenManager:
         self._set_state(SessionState.ENDED)
         self._emit(EventKind.ENDED, code)
         log.warning("the server ended the session of account %s: %s", self.account, code)
-        raise SessionEnded(code)
+        raise SessionEnded(code, description=description)
 
     async def _finish_sign_out(self, tokens: TokenSet | None, generation: int) -> None:
         request = self.protocol.build_sign_out(tokens, self._device_info()) if tokens else None
@@ -591,7 +647,7 @@ class TokenManager:
                         self.protocol.parse_sign_out(status, headers, body) or True
                     ),
                     policy=dataclasses.replace(self.retry, max_elapsed=budget),
-                    secrets=(tokens.access_token, tokens.refresh_token or ""),
+                    secrets=tokens.secrets,
                     what="logout",
                 )
             except (TransientError, ProtocolError) as exc:
@@ -784,7 +840,7 @@ class TokenManager:
                         grace_deadline=claim.deadline,
                         before_send=functools.partial(self._prove_lease, claim),
                         arrived=functools.partial(setattr, claim, "reached", True),
-                        secrets=(claim.tokens.access_token, claim.tokens.refresh_token or ""),
+                        secrets=claim.tokens.secrets,
                         what="refresh",
                     )
                 except _LeaseLost:
@@ -952,10 +1008,11 @@ class TokenManager:
         sees it, unless another process committed first (then its newer pair is adopted)."""
         if isinstance(answer, Failure):
             if answer.kind is FailureKind.PERMANENT:
-                return await self._end(answer.code, claim.generation)
+                return await self._end(answer.code, claim.generation, answer.description)
             await self._release()
             raise ProtocolError(
-                f"the auth server rejected the refresh request: {answer.code} ({answer.status})"
+                f"the auth server rejected the refresh request: {answer.code} ({answer.status})",
+                description=answer.description,
             )
         _faults.crash_point("after_response")
         try:

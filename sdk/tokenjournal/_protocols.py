@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
 from urllib.parse import quote, urlencode
 
+from ._clock import Clock
 from ._numbers import MAX_SECONDS, epoch_seconds, http_date, positive_seconds, retry_after
 from ._tokens import Failure, FailureKind, TokenSet, fingerprint, to_datetime
 
@@ -26,6 +30,8 @@ MAX_BODY: Final = 1024 * 1024
 CONFLICT_WAIT: Final = 1.0
 #: The longest access-token lifetime the SDK believes: ten years.
 MAX_LIFETIME: Final = MAX_SECONDS
+#: A server's error description is cut to this many characters before it goes anywhere.
+MAX_DESCRIPTION: Final = 1024
 
 _JSON: Final = (("Content-Type", "application/json"), ("Accept", "application/json"))
 _FORM: Final = (
@@ -176,6 +182,22 @@ def _json_object(text: bytes | str) -> dict[str, Any] | None:
 def _nonempty_str(data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     return value if isinstance(value, str) and value else None
+
+
+def _visible_ascii(text: str) -> bool:
+    """RFC 6749's VSCHAR (``%x20-7E``): what a token may be made of."""
+    return text.isascii() and text.isprintable()
+
+
+def _description(data: Mapping[str, Any] | None, key: str) -> str | None:
+    """The server's human-readable text under ``key`` (a string, or a list of strings as
+    NestJS sends), cut to :data:`MAX_DESCRIPTION`; ``None`` when there is none."""
+    value = data.get(key) if data is not None else None
+    if isinstance(value, list):
+        value = "; ".join(v for v in value if isinstance(v, str))
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()[:MAX_DESCRIPTION]
 
 
 def _shared_failure(
@@ -380,6 +402,13 @@ class ManaProtocol:
         self, status: int, headers: Mapping[str, str], body: bytes, now: float
     ) -> Failure:
         data = _load_json_object(body)
+        failure = self._classify(data, status, headers, now)
+        return replace(failure, description=_description(data, "message"))
+
+    @staticmethod
+    def _classify(
+        data: Mapping[str, Any] | None, status: int, headers: Mapping[str, str], now: float
+    ) -> Failure:
         code = mana_error_code(data)
         shared = _shared_failure(code, status, headers, now)
         if shared is not None:
@@ -409,6 +438,8 @@ CLIENT_AUTH_METHODS: Final = ("basic", "body", "none")
 RESERVED_PARAMS: Final = frozenset(
     {"grant_type", "client_id", "client_secret", "scope", "username", "password"}
     | {"refresh_token", "device_code", "token", "token_type_hint"}
+    | {"response_type", "redirect_uri", "state", "code", "code_verifier", "prompt"}
+    | {"code_challenge", "code_challenge_method"}
 )
 #: RFC 8628 3.2: the polling interval when the server names none.
 DEVICE_INTERVAL: Final = 5.0
@@ -417,6 +448,133 @@ MIN_INTERVAL: Final = 1.0
 #: A polling interval longer than an hour is a server bug too; it is capped, not obeyed.
 MAX_INTERVAL: Final = 3600.0
 MIN_LIFETIME: Final = 1.0
+
+
+# --------------------------------------------------------------------------- discovery
+
+#: A kept discovery document younger than this is used without asking the server (a day).
+DISCOVERY_MAX_AGE: Final = 86400.0
+#: How long one discovery request may take before the next well-known URL (or the kept
+#: document) is tried.
+DISCOVERY_TIMEOUT: Final = 10.0
+OIDC_WELL_KNOWN: Final = "/.well-known/openid-configuration"
+RFC8414_WELL_KNOWN: Final = "/.well-known/oauth-authorization-server"
+_ENDPOINTS: Final = (
+    "token_endpoint",
+    "authorization_endpoint",
+    "device_authorization_endpoint",
+    "revocation_endpoint",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    """What discovery learnt of an authorization server (RFC 8414 section 2, OIDC Discovery
+    section 3): its issuer, its endpoints, what it supports. ``document`` is the JSON text
+    as served, which the journal keeps."""
+
+    issuer: str
+    token_endpoint: str
+    authorization_endpoint: str | None = None
+    device_authorization_endpoint: str | None = None
+    revocation_endpoint: str | None = None
+    grant_types_supported: tuple[str, ...] = ()
+    code_challenge_methods_supported: tuple[str, ...] = ()
+    document: str = field(default="{}", repr=False, compare=False)
+
+
+def metadata_urls(issuer: str) -> tuple[str, ...]:
+    """The well-known URLs of ``issuer``, in the order they are tried.
+
+    OpenID Connect appends its path to the issuer (Keycloak's realm issuers included);
+    RFC 8414 section 3.1 inserts its path between the host and the issuer's path. For an
+    issuer without a path the two differ only in their last segment.
+    """
+    base = issuer.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    host, slash, path = rest.partition("/")
+    urls = [base + OIDC_WELL_KNOWN, f"{scheme}{sep}{host}{RFC8414_WELL_KNOWN}{slash}{path}"]
+    return tuple(dict.fromkeys(urls))
+
+
+def _same_issuer(a: str, b: str) -> bool:
+    # RFC 8414 3.3 wants them identical; Auth0's issuer ends in "/" and people type it
+    # without, so a trailing slash is the one difference forgiven.
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def parse_metadata(
+    status: int, headers: Mapping[str, str], body: bytes, issuer: str
+) -> ServerMetadata | Failure:
+    """A discovery answer, read and checked: a 2xx JSON object whose ``issuer`` is
+    ``issuer``, with an http(s) ``token_endpoint``; every other endpoint, when present, an
+    http(s) URL. A missing document (404) is ``REJECTED`` (the next well-known URL may
+    have it); an issuer that differs is ``REJECTED`` as ``issuer_mismatch``."""
+    if not 200 <= status < 300:
+        shared = _shared_failure(None, status, headers, 0.0)
+        return shared or _rejected(None, status)
+    data = _load_json_object(body)
+    if data is None:
+        return Failure(FailureKind.MALFORMED, "malformed_body", status, "not a JSON object")
+    named = data.get("issuer")
+    if not isinstance(named, str) or not _same_issuer(named, issuer):
+        return Failure(
+            FailureKind.REJECTED,
+            "issuer_mismatch",
+            status,
+            "the discovery document names another issuer",
+        )
+    urls: dict[str, str | None] = {}
+    for name in _ENDPOINTS:
+        value = data.get(name)
+        if value is not None and not (
+            isinstance(value, str) and value.lower().startswith(("https://", "http://"))
+        ):
+            return Failure(
+                FailureKind.MALFORMED, "malformed_body", status, f"{name} is not an http(s) URL"
+            )
+        urls[name] = value
+    token = urls.pop("token_endpoint")
+    if token is None:
+        return Failure(FailureKind.MALFORMED, "malformed_body", status, "no token_endpoint")
+    return ServerMetadata(
+        issuer,
+        token,
+        urls["authorization_endpoint"],
+        urls["device_authorization_endpoint"],
+        urls["revocation_endpoint"],
+        _strings(data.get("grant_types_supported")),
+        _strings(data.get("code_challenge_methods_supported")),
+        body.decode("utf-8"),
+    )
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+#: Reads (or recalls) an issuer's metadata. The I/O lives a layer up, in
+#: ``tokenjournal._discovery``, which installs itself here when ``tokenjournal`` is imported:
+#: this module stays sans-IO and imports nothing that sends.
+MetadataSource = Callable[..., Awaitable[ServerMetadata]]
+_metadata_source: MetadataSource | None = None
+
+
+def install_metadata_source(source: MetadataSource) -> None:
+    """Called once by ``tokenjournal._discovery``: the I/O behind ``OAuth2Protocol.discover``."""
+    global _metadata_source
+    _metadata_source = source
+
+
+# --------------------------------------------------------------------------- browser sign-in
+
+PKCE_METHOD: Final = "S256"
+
+
+def pkce_challenge(verifier: str) -> str:
+    """RFC 7636 4.2, S256: ``BASE64URL(SHA256(ASCII(verifier)))`` without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def oauth_error_code(data: Mapping[str, Any] | None) -> str | None:
@@ -454,8 +612,13 @@ class OAuth2Protocol:
 
     ``revocation_url`` (RFC 7009), when given, is told about a sign-out.
 
-    ``extra_params`` go with the sign-in requests (password grant, device authorization),
-    for servers that want more than the RFC: Auth0's ``audience``, for one.
+    ``extra_params`` go with the sign-in requests (password grant, device authorization,
+    browser sign-in), for servers that want more than the RFC: Auth0's ``audience``, for one.
+
+    ``authorization_url`` is where the browser sign-in sends the person (RFC 6749 4.1, with
+    PKCE); ``issuer`` is the server's issuer identifier, checked against the ``iss`` of a
+    browser redirect (RFC 9207) when the server sends one. :meth:`discover` fills every URL
+    from the server's metadata.
     """
 
     token_url: str
@@ -466,9 +629,69 @@ class OAuth2Protocol:
     device_authorization_url: str | None = None
     revocation_url: str | None = None
     extra_params: Mapping[str, str] | None = field(default=None, compare=False)
+    authorization_url: str | None = None
+    issuer: str | None = None
+
+    @classmethod
+    async def discover(
+        cls,
+        issuer: str,
+        *,
+        journal: str | os.PathLike[str] | Any = None,
+        max_age: float = DISCOVERY_MAX_AGE,
+        request_timeout: float = DISCOVERY_TIMEOUT,
+        allow_insecure_http: bool = False,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> OAuth2Protocol:
+        """A protocol for the server whose issuer identifier is ``issuer``, its endpoints read
+        from ``/.well-known/openid-configuration`` (OpenID Connect Discovery), else RFC 8414's
+        ``/.well-known/oauth-authorization-server``.
+
+        The document must name ``issuer`` as its issuer (a trailing ``/`` aside), or this
+        raises :class:`~tokenjournal.ProtocolError`: a document that speaks for another
+        server must not choose where tokens go. ``options`` are the constructor's
+        (``client_id``, ``client_secret``, ``client_auth``, ``scope``, ``extra_params``, or a
+        URL to use instead of the document's).
+
+        With ``journal`` (a path or a journal) the document is kept there: one younger than
+        ``max_age`` seconds is used without asking the server, an older one is read again,
+        and when the issuer gives no usable document (no network, 5xx, a captive portal's
+        page) the kept one is used whatever its age, so a device that boots offline still
+        starts; one that names another issuer is never replaced by the kept one. Without a kept
+        document an unreachable issuer is a :class:`~tokenjournal.NetworkError`. Discovery
+        runs only here, at start-up, never on the token path. Each well-known URL gets one
+        request of at most ``request_timeout`` seconds; ``clock`` (wall time) dates the kept
+        document. Plain HTTP to an issuer that is not this machine needs
+        ``allow_insecure_http``.
+        """
+        if _metadata_source is None:  # pragma: no cover - installed by `import tokenjournal`
+            raise RuntimeError("tokenjournal._discovery is not loaded")
+        metadata = await _metadata_source(
+            issuer,
+            journal=journal,
+            max_age=max_age,
+            request_timeout=request_timeout,
+            allow_insecure_http=allow_insecure_http,
+            clock=clock,
+        )
+        fields: dict[str, Any] = {
+            "token_url": metadata.token_endpoint,
+            "device_authorization_url": metadata.device_authorization_endpoint,
+            "revocation_url": metadata.revocation_endpoint,
+            "authorization_url": metadata.authorization_endpoint,
+            "issuer": metadata.issuer,
+        }
+        fields.update(options)
+        return cls(**fields)
 
     def __post_init__(self) -> None:
-        for name in ("token_url", "device_authorization_url", "revocation_url"):
+        for name in (
+            "token_url",
+            "device_authorization_url",
+            "revocation_url",
+            "authorization_url",
+        ):
             url = getattr(self, name)
             if url is not None and not (
                 isinstance(url, str) and url.lower().startswith(("https://", "http://"))
@@ -593,6 +816,71 @@ class OAuth2Protocol:
         fields = {"grant_type": DEVICE_GRANT, "device_code": device_code}
         return self._form(self.token_url, fields)
 
+    def build_authorization_url(
+        self, redirect_uri: str, state: str, code_challenge: str, prompt: str | None = None
+    ) -> str:
+        """RFC 6749 4.1.1 with RFC 7636 4.3: the URL the browser opens. ``prompt`` is OpenID
+        Connect's (``login``, ``consent``, ``select_account``, ``none``)."""
+        if self.authorization_url is None:
+            raise ValueError("OAuth2Protocol needs authorization_url for the browser sign-in")
+        fields = self._with_scope(
+            {
+                "response_type": "code",
+                "client_id": self.client_id,
+                "redirect_uri": redirect_uri,
+                "state": state,
+                "code_challenge": code_challenge,
+                "code_challenge_method": PKCE_METHOD,
+            }
+        )
+        if prompt:
+            fields["prompt"] = prompt
+        joiner = "&" if "?" in self.authorization_url else "?"
+        return self.authorization_url + joiner + urlencode(fields)
+
+    def parse_redirect(self, query: Mapping[str, str], state: str) -> str | Failure:
+        """The authorization code of a browser redirect (RFC 6749 4.1.2), or why not.
+
+        ``state`` is checked first, in constant time: a redirect that does not carry ours
+        is someone else's (CSRF) and nothing else in it is believed (``state_mismatch``).
+        An ``iss`` that is not our issuer is a mix-up attack (RFC 9207,
+        ``issuer_mismatch``). An ``error`` (``access_denied``, ...) is PERMANENT with the
+        server's ``error_description``.
+        """
+        got = query.get("state", "")
+        if not hmac.compare_digest(got.encode("utf-8", "replace"), state.encode("utf-8")):
+            return Failure(
+                FailureKind.REJECTED, "state_mismatch", 400, "the redirect's state is not ours"
+            )
+        iss = query.get("iss")
+        if iss is not None and self.issuer is not None and not _same_issuer(iss, self.issuer):
+            return Failure(
+                FailureKind.REJECTED, "issuer_mismatch", 400, "the redirect names another issuer"
+            )
+        error = oauth_error_code(query)
+        if error is not None:
+            return Failure(
+                FailureKind.PERMANENT,
+                error,
+                400,
+                error,
+                description=_description(query, "error_description"),
+            )
+        code = query.get("code")
+        if not code:
+            return Failure(FailureKind.MALFORMED, "no_code", 400, "the redirect has no code")
+        return code
+
+    def build_code_exchange(self, code: str, redirect_uri: str, code_verifier: str) -> HttpRequest:
+        """RFC 6749 4.1.3 with RFC 7636 4.5: trade the code and the verifier for tokens."""
+        fields = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }
+        return self._form(self.token_url, fields)
+
     def parse_tokens(
         self,
         status: int,
@@ -651,6 +939,11 @@ class OAuth2Protocol:
         scope = data.get("scope")
         if not isinstance(scope, str) or not scope.strip():
             scope = previous.scope if previous is not None else self.scope
+        # OpenID Connect: a refresh may bring a new ID token or none (keep the old one). An
+        # unusable one (not a printable-ASCII string: a JWT always is) is ignored the same way.
+        id_token = data.get("id_token")
+        if not (isinstance(id_token, str) and id_token and _visible_ascii(id_token)):
+            id_token = previous.id_token if previous is not None else None
         return TokenSet(
             access,
             refresh,
@@ -658,6 +951,7 @@ class OAuth2Protocol:
             to_datetime(received_at),
             "Bearer",
             scope,
+            id_token,
         )
 
     def _classify_error(
@@ -670,6 +964,13 @@ class OAuth2Protocol:
         use 400, 401 and 403); an unknown code in a 4xx means our request was wrong.
         """
         data = _load_json_object(body)
+        failure = self._classify(data, status, headers, now)
+        return replace(failure, description=_description(data, "error_description"))
+
+    @staticmethod
+    def _classify(
+        data: Mapping[str, Any] | None, status: int, headers: Mapping[str, str], now: float
+    ) -> Failure:
         code = oauth_error_code(data)
         # rotation_in_progress is the reference server's concurrent-rotation answer here too.
         shared = _shared_failure(code, status, headers, now)

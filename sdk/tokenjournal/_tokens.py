@@ -41,7 +41,9 @@ class TokenSet:
     ``expires_at`` is the access token's expiry as an aware UTC datetime (``None`` when the
     server gave no expiry: such a token is refreshed only when the server answers 401).
     ``received_at`` is when the client received the pair; with ``expires_at`` it gives the
-    token's lifetime, which bounds the refresh margin. ``repr`` shows fingerprints only.
+    token's lifetime, which bounds the refresh margin. ``id_token`` is the OpenID Connect ID
+    token when the server sent one (a refresh that brings none keeps the previous one). ``repr``
+    shows fingerprints only, and never the ID token.
     """
 
     access_token: str = field(repr=False)
@@ -50,6 +52,7 @@ class TokenSet:
     received_at: datetime | None = None
     token_type: str = "Bearer"
     scope: str | None = None
+    id_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.access_token, str) or not self.access_token:
@@ -58,6 +61,8 @@ class TokenSet:
             not isinstance(self.refresh_token, str) or not self.refresh_token
         ):
             raise ValueError("TokenSet.refresh_token must be a non-empty string or None")
+        if self.id_token is not None and (not isinstance(self.id_token, str) or not self.id_token):
+            raise ValueError("TokenSet.id_token must be a non-empty string or None")
         if not isinstance(self.token_type, str) or not self.token_type.strip():
             # An empty type read back as "Bearer" made every load look like a new pair.
             raise ValueError("TokenSet.token_type must be a non-empty string")
@@ -109,6 +114,11 @@ class TokenSet:
         return exp is not None and now >= exp - self.margin(refresh_margin)
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every token of the set, for scrubbing a server's words of them."""
+        return tuple(t for t in (self.access_token, self.refresh_token, self.id_token) if t)
+
+    @property
     def sendable(self) -> bool:
         """Whether both tokens are 1*VSCHAR (RFC 6749 A.12/A.17: printable ASCII): a token
         with CR/LF, NUL or non-ASCII fits in no header, and a lone surrogate in no journal."""
@@ -147,13 +157,19 @@ class FailureKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A failed answer, classified. ``message`` never holds a token."""
+    """A failed answer, classified. ``message`` never holds a token.
+
+    ``description`` is the server's own explanation (OAuth's ``error_description``, Mana's
+    ``message``), raw but cut to ``MAX_DESCRIPTION`` characters: the manager makes it
+    printable and strips secrets from it before anyone sees it.
+    """
 
     kind: FailureKind
     code: str
     status: int
     message: str = ""
     retry_after: float | None = None
+    description: str | None = None
 
     @property
     def retryable(self) -> bool:

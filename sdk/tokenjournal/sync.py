@@ -37,6 +37,7 @@ from ._journal import Journal
 from ._manager import TokenManager as AsyncTokenManager
 from ._protocols import AuthProtocol, DeviceCode
 from ._retry import RetryPolicy
+from ._seal import Seal
 from ._tokens import TokenSet
 
 __all__ = ["Deliver", "TokenManager"]
@@ -82,6 +83,7 @@ class TokenManager:
         device_name: str | None = None,
         device_type: str = "python",
         user_agent: str = "tokenjournal",
+        seal: Seal | None = None,
     ) -> None:
         # Built here, in the caller's thread, so a bad argument fails at once; nothing in the
         # async manager's constructor touches an event loop.
@@ -100,6 +102,7 @@ class TokenManager:
             device_name=device_name,
             device_type=device_type,
             user_agent=user_agent,
+            seal=seal,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

@@ -28,9 +28,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kills", type=int, default=1000, help="random SIGKILLs in phase 2")
     p.add_argument(
+        "--sealed-kills",
+        type=int,
+        default=None,
+        help="random SIGKILLs in phase 2's sealed pass, on sealed journals "
+        "(default: as --kills; short 10; 0 skips it)",
+    )
+    p.add_argument(
         "--short",
         action="store_true",
-        help="the CI form: 30 kills, one round of crash points and network faults, "
+        help="the CI form: 30 kills (10 sealed), one round of crash points and network faults, "
         "a short list of time scenarios, 4 cancellation workers and 2 fork rounds",
     )
     p.add_argument(
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         kills, crash_rounds = min(ns.kills, 30), 1 if ns.crash_rounds is None else ns.crash_rounds
     else:
         kills, crash_rounds = ns.kills, 5 if ns.crash_rounds is None else ns.crash_rounds
+    sealed_kills = _pick(ns.sealed_kills, ns.short, 10, kills)
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**31)
     words = ["python", "-m", "tests.torture", *(argv if argv is not None else sys.argv[1:])]
     if ns.seed is None:
@@ -137,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             max_life=ns.max_life,
             chaos=not ns.no_chaos,
             seed=seed,
+        ),
+        sealed_kills=KillOptions(
+            kills=sealed_kills,
+            slots=ns.workers,
+            journals=ns.journals,
+            access_ttl=ns.access_ttl,
+            arm_probability=ns.arm,
+            max_life=ns.max_life,
+            chaos=not ns.no_chaos,
+            seed=seed + 1,
+            sealed=True,
         ),
         crash_rounds=crash_rounds,
         network_rounds=ns.network_rounds

@@ -26,6 +26,8 @@ class RunOptions:
     """What one run does (see ``python -m tests.torture --help``)."""
 
     kills: KillOptions
+    #: Phase 2 again on sealed journals (``None`` or 0 kills: skipped).
+    sealed_kills: KillOptions | None = None
     crash_rounds: int = 3
     network_rounds: int = 1
     keep: bool = False
@@ -68,6 +70,9 @@ async def run(options: RunOptions) -> Figures:
             await asyncio.gather(crash_phase(), network_phase())
             if options.kills.kills:
                 figures.kills = await KillPhase(options.kills, workdir, stderr).run()
+            sealed = options.sealed_kills
+            if sealed is not None and sealed.kills:
+                figures.sealed_kills = await KillPhase(sealed, workdir, stderr).run()
 
             async def time_phase() -> None:
                 if options.time_rounds:

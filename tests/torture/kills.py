@@ -18,11 +18,17 @@ What is counted (see :class:`KillFigures`):
   sign-ins and any recorded end are taken out), not from event lines a SIGKILL can cut off.
 * double rotations: server rotations minus committed refreshes, after a final recovery pass
   that lets every journal finish its pending intent.
+
+With ``sealed`` the same phase runs on journals sealed with a random key (every worker gets
+it through its environment), and after the final pass each journal's raw files
+(``tokens.db``, ``-wal``, ``-shm``) are scanned for its current tokens (must be 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import random
 import statistics
 import time
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+import tokenjournal as tj
 from tokenjournal.server import ReferenceServer, ServerConfig
 
 from . import journals
@@ -78,6 +85,8 @@ class KillOptions:
     aimed: float = 0.5
     chaos: bool = True
     seed: int = 0
+    #: Seal every journal (a random key): the phase's sealed pass.
+    sealed: bool = False
 
 
 @dataclass
@@ -112,6 +121,11 @@ class KillFigures:
     killed_before_first_200: int = 0
     final_check_failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    sealed: bool = False
+    #: Sealed pass: current tokens found in plain bytes of a journal's files.
+    readable_tokens: int = 0
+    #: Sealed pass: journals whose final row was not sealed.
+    unsealed_journals: int = 0
 
     @property
     def double_rotations(self) -> int:
@@ -152,6 +166,10 @@ class KillPhase:
         self.server: ReferenceServer | None = None
         self.proxy: FaultProxy | None = None
         self.journals: list[_Journal] = []
+        key = os.urandom(32) if options.sealed else None
+        self.seal = tj.Seal(key) if key is not None else None
+        self.seal_key = base64.b64encode(key).decode() if key is not None else None
+        self.fig.sealed = options.sealed
 
     @property
     def url(self) -> str:
@@ -169,9 +187,10 @@ class KillPhase:
                 self.proxy = FaultProxy(server.port, stall_seconds=0.8, truncate_at=60)
                 await self.proxy.start()
             try:
+                name = "kill-sealed" if self.seal is not None else "kill"
                 for i in range(self.opt.journals):
-                    jr = _Journal(self.workdir / f"kill-{i}.db")
-                    jr.segment_start = await journals.sign_in(server.url, jr.path)
+                    jr = _Journal(self.workdir / f"{name}-{i}.db")
+                    jr.segment_start = await journals.sign_in(server.url, jr.path, seal=self.seal)
                     self.journals.append(jr)
                 server.reset_stats()
                 tasks = [
@@ -213,7 +232,14 @@ class KillPhase:
             point = None
             if self.rng.random() < self.opt.arm_probability:
                 point = self.rng.choice(REFRESH_POINTS)
-            worker = await spawn(self.url, journal.path, "loop", crash_at=point, stderr=self.stderr)
+            worker = await spawn(
+                self.url,
+                journal.path,
+                "loop",
+                crash_at=point,
+                stderr=self.stderr,
+                seal_key=self.seal_key,
+            )
             self.fig.starts += 1
             if not first:
                 self.fig.restarts += 1
@@ -286,12 +312,14 @@ class KillPhase:
             self.fig.lost_outside += 1
         assert self.server is not None
         async with journal.lock:
-            record = await journals.read(journal.path)
+            record = await journals.read(journal.path, seal=self.seal)
             if record.tokens is not None:
                 return  # the other slot on this journal signed in again already
             ended = record.ended_code is not None
             journal.committed += record.generation - journal.segment_start - int(ended)
-            journal.segment_start = await journals.sign_in(self.server.url, journal.path)
+            journal.segment_start = await journals.sign_in(
+                self.server.url, journal.path, seal=self.seal
+            )
             self.fig.resignins += 1
 
     async def _chaos(self) -> None:
@@ -313,7 +341,9 @@ class KillPhase:
         """Every journal gets one clean worker that finishes what the kills left pending."""
         assert self.server is not None
         for jr in self.journals:
-            worker = await spawn(self.server.url, jr.path, "check", stderr=self.stderr)
+            worker = await spawn(
+                self.server.url, jr.path, "check", stderr=self.stderr, seal_key=self.seal_key
+            )
             await worker.wait(120)
             check = worker.first("check")
             if check is None or check.get("intent") is not None or check.get("status") != 200:
@@ -321,7 +351,10 @@ class KillPhase:
                 self.fig.final_check_failures.append(f"{jr.path.name}: {events}")
             if worker.all("lost"):
                 await self._lost(worker, jr, worker.all("lost")[0])
-            record = await journals.read(jr.path)
+            record = await journals.read(jr.path, seal=self.seal)
             ended = int(record.tokens is None and record.ended_code is not None)
             jr.committed += record.generation - jr.segment_start - ended
             jr.segment_start = record.generation
+            if self.seal is not None:
+                self.fig.readable_tokens += journals.readable_tokens(jr.path, record.tokens)
+                self.fig.unsealed_journals += record.tokens is not None and record.sealed is None

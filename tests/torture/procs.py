@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+from .journals import SEAL_ENV
+
 #: The repository root: workers run ``python -m tests.torture.worker`` from here.
 ROOT: Final = Path(__file__).resolve().parents[2]
 #: Exit code of a process that died at an armed crash point (``os._exit(137)``).
@@ -95,11 +97,15 @@ async def spawn(
     stderr: IO[bytes] | None = None,
     extra: tuple[str, ...] = (),
     module: str = "tests.torture.worker",
+    seal_key: str | None = None,
 ) -> Worker:
-    """Start ``python -m MODULE`` (the worker by default; armed at ``crash_at`` if given)."""
-    env = {k: v for k, v in os.environ.items() if k != "TOKENJOURNAL_CRASH_AT"}
+    """Start ``python -m MODULE`` (the worker by default; armed at ``crash_at`` if given;
+    sealing its journal with ``seal_key``, base64, if given)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENJOURNAL_CRASH_AT", SEAL_ENV)}
     if crash_at:
         env["TOKENJOURNAL_CRASH_AT"] = crash_at
+    if seal_key:
+        env[SEAL_ENV] = seal_key
     spawned = time.time()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

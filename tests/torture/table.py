@@ -25,6 +25,8 @@ class Figures:
     seconds: float = 0.0
     crash_rounds: list[CrashOutcome] = field(default_factory=list)
     kills: KillFigures | None = None
+    #: Phase 2 again, on sealed journals.
+    sealed_kills: KillFigures | None = None
     network: list[NetOutcome] = field(default_factory=list)
     time: list[TimeOutcome] = field(default_factory=list)
     cancel: CancelFigures | None = None
@@ -55,8 +57,9 @@ class Figures:
     def crashes_injected(self) -> Counter[str]:
         """Workers that died at each named point, both phases."""
         counts: Counter[str] = Counter(o.point for o in self.crash_rounds if o.crashed)
-        if self.kills is not None:
-            counts.update(self.kills.crashes)
+        for k in (self.kills, self.sealed_kills):
+            if k is not None:
+                counts.update(k.crashes)
         return counts
 
     def crash_failures(self) -> list[str]:
@@ -84,7 +87,21 @@ class Figures:
             ),
             "outside-window recoveries not a clean SessionEnded": runs - clean,
             "journals not clean after the final recovery": len(k.final_check_failures),
+            **self.sealed_axes(),
             **self.new_axes(),
+        }
+
+    def sealed_axes(self) -> dict[str, int]:
+        """Phase 2's sealed pass: the same must-be-zero figures, and no readable token."""
+        s = self.sealed_kills or KillFigures()
+        return {
+            "sealed: sessions lost": s.lost_inside + s.lost_outside,
+            "sealed: double rotations": s.double_rotations,
+            "sealed: family revocations": s.family_revocations,
+            "sealed: exceptions escaping or unexpected exits": s.fatal + s.unexpected_exits,
+            "sealed: journals not clean after the final recovery": len(s.final_check_failures),
+            "sealed: tokens readable in the journal files": s.readable_tokens,
+            "sealed: journals left unsealed": s.unsealed_journals,
         }
 
     def passed(self) -> bool:
@@ -176,6 +193,24 @@ class Figures:
                 for o in self.time
             ],
             "cancellation": self._cancel_json(),
+            "sealed_kill_phase": self._sealed_json(),
+        }
+
+    def _sealed_json(self) -> dict[str, Any]:
+        s = self.sealed_kills or KillFigures()
+        return {
+            "random_kills": s.kills,
+            "aimed_kills": s.aimed_kills,
+            "crashes_injected": dict(s.crashes),
+            "authenticated_requests_ok": s.api_200,
+            "server_rotations": s.rotations,
+            "committed_refreshes": s.committed,
+            "grace_replays": s.grace_replays,
+            "sessions_lost_details": s.lost_details,
+            "exceptions_details": s.fatal_details[:20],
+            "final_check_failures": s.final_check_failures,
+            "readable_tokens": s.readable_tokens,
+            "seconds": round(s.seconds, 1),
         }
 
     def _cancel_json(self) -> dict[str, Any]:
@@ -242,6 +277,15 @@ class Figures:
             runs,
             f"{clean} clean SessionEnded(token_expired); must be all",
         )
+        s = self.sealed_kills or KillFigures()
+        row(
+            "random kills, sealed journals",
+            s.kills,
+            f"{s.aimed_kills} aimed; rotations / committed {s.rotations} / {s.committed}, "
+            f"{s.grace_replays} grace replays",
+        )
+        for name, value in self.sealed_axes().items():
+            row(name, value, "must be 0")
         net_ok = sum(o.ok for o in self.network if not o.outside_window)
         net_all = sum(1 for o in self.network if not o.outside_window)
         row("network fault scenarios passed", f"{net_ok}/{net_all}")
@@ -274,9 +318,10 @@ class Figures:
             + [f"{o.name}: {'; '.join(o.problems)}" for o in self.network if not o.ok]
             + [f"{o.name}: {'; '.join(o.problems + o.raw)}" for o in self.time if not o.ok]
             + [str(d) for d in c.details[:10]]
-            + [str(d) for d in k.lost_details]
-            + [str(d) for d in k.fatal_details[:5]]
+            + [str(d) for d in k.lost_details + s.lost_details]
+            + [str(d) for d in k.fatal_details[:5] + s.fatal_details[:5]]
             + list(k.final_check_failures)
+            + list(s.final_check_failures)
         )
         lines.append("")
         lines.append("PASSED" if not failures else "FAILED\n" + "\n".join(failures))

@@ -15,7 +15,8 @@ per event on stdout (the driver's only view into it) and never prints a token:
 
 Modes: ``loop`` (GET /api/me through ``tm.client_session()`` until killed or ``--duration``),
 ``refresh`` (one forced refresh), ``sign_out``, ``check`` (recover, one GET, report, exit).
-A crash point is armed by the driver through ``TOKENJOURNAL_CRASH_AT`` (exit code 137).
+A crash point is armed by the driver through ``TOKENJOURNAL_CRASH_AT`` (exit code 137); a
+sealed run passes its key in ``TOKENJOURNAL_TORTURE_SEAL_KEY``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any  # noqa: E402
 import aiohttp  # noqa: E402
 
 import tokenjournal as tj  # noqa: E402
+
+from .journals import seal_from_env  # noqa: E402
 
 EXIT_LOST = 3
 EXIT_FATAL = 4
@@ -164,7 +167,12 @@ async def main(argv: list[str] | None = None) -> int:
     ns = _parse(argv)
     emit("start", spawned=ns.spawned, t0=T0)
     tm = tj.TokenManager(
-        ns.url, journal=ns.journal, account=ns.account, grace_period=ns.grace, retry=WORKER_RETRY
+        ns.url,
+        journal=ns.journal,
+        account=ns.account,
+        grace_period=ns.grace,
+        retry=WORKER_RETRY,
+        seal=seal_from_env(),  # the sealed pass of phase 2
     )
 
     def on_event(event: tj.TokenEvent) -> None:

@@ -2,8 +2,9 @@
 
 One module per subcommand, each adding itself and its options with ``register(sub)`` and
 naming its ``handler``: ``demo`` (start here), ``serve`` (the reference server), ``status``
-(read a journal), ``conformance`` (probe any auth server), ``bench`` (when built in). Each one
-has its own ``--help`` with examples. Nothing any of them prints contains a token.
+(read a journal), ``reseal`` (seal a journal under one key), ``conformance`` (probe any auth
+server), ``bench`` (when built in). Each one has its own ``--help`` with examples. Nothing
+any of them prints contains a token.
 
 Nothing here is imported by the library: ``import tokenjournal`` never loads the command.
 """
@@ -35,12 +36,14 @@ examples:
                                                       check a server's rotation rules
   tokenjournal status --journal ~/.local/state/myapp/tokens.db
                                                       what a journal holds, read-only
+  tokenjournal reseal --journal tokens.db --key-file new.key --previous-key-file old.key
+                                                      seal every row under the new key
 
 Run `tokenjournal COMMAND --help` for the options of one command."""
 
 #: In the order ``--help`` lists them. Imported when the parser is built, not with this
 #: package, so that ``python -m tokenjournal.cli._demo_client`` starts without them.
-COMMANDS: Final = ("demo", "serve", "status", "conformance", "bench")
+COMMANDS: Final = ("demo", "serve", "status", "reseal", "conformance", "bench")
 
 
 def _not_built_in(sub: Subparsers, name: str) -> None:

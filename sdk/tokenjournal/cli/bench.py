@@ -26,6 +26,10 @@ absolute times:
   ``RequestsAuth``, and with ``httpx`` through ``HttpxAuth``, each against the same bare
   client with a fixed header (target ratio >= 0.95); and the sync manager's
   ``access_token()`` on a fresh token (no thread hop) next to a call that hops to its loop.
+* **sealing** - the same figures with the journal sealed (``seal=Seal(...)``) next to an
+  unsealed journal in the same run: a refresh's added time, ``access_token()`` calls per
+  second (the hot path reads memory: no journal call, target 0) and the RSS a sealed
+  manager's process adds over an unsealed one (``cryptography`` loaded).
 
 Rounds are interleaved (A B, then B A) so machine noise hits both sides; figures are medians
 of rounds timed with :func:`time.perf_counter` after a warm-up. Only count targets decide the
@@ -62,12 +66,21 @@ from yarl import URL
 
 from .._journal import Journal, MemoryJournal
 from .._manager import TokenManager
+from .._seal import Seal
 from ..server import ReferenceServer, ServerConfig
 from ..testing import FakeClock
 from ._args import Formatter, Subparsers
 from ._table import render_table
 
-SECTIONS: Final = ("hot", "overhead", "coalescing", "durability", "footprint", "blocking")
+SECTIONS: Final = (
+    "hot",
+    "overhead",
+    "coalescing",
+    "durability",
+    "footprint",
+    "blocking",
+    "sealing",
+)
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
 MIB: Final = 1024 * 1024
 #: Targets from the issue. Only the count targets (``enforced``) decide the exit status.
@@ -972,6 +985,13 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 )
 
 
+#: The same manager with its journal sealed (``cryptography`` loaded, AES-GCM per write).
+_SEALED_CHILD: Final = _SDK_CHILD.replace(
+    "tj.TokenManager(url, journal=path)",
+    "tj.TokenManager(url, journal=path, seal=tj.Seal(__import__('os').urandom(32)))",
+)
+
+
 async def _child_rss(script: str, *args: str) -> int:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, *args,
@@ -1022,6 +1042,68 @@ async def bench_footprint(s: Settings, journal_dir: Path, progress: Progress) ->
             "journal_bytes_many_accounts": many,
             "journal_bytes_per_account": (many - one) / (s.accounts - 1),
         }
+
+
+async def bench_sealing(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """A sealed journal next to an unsealed one, in the same run: refresh time, the hot
+    path (and its journal calls: none), and the RSS sealing adds to a manager's process."""
+    async with _server() as server:
+        sealed = TokenManager(
+            server.url, journal=journal_dir / "sealed.db", seal=Seal(os.urandom(32))
+        )
+        plain = TokenManager(server.url, journal=journal_dir / "unsealed.db")
+        async with sealed, plain:
+            await sealed.sign_in(**DEMO)
+            await plain.sign_in(**DEMO)
+            progress("sealing: warm-up")
+            await _refresh_many(sealed, 2)
+            await _refresh_many(plain, 2)
+            await _call_loop(sealed, min(s.hot_calls, 10_000))
+            await _call_loop(plain, min(s.hot_calls, 10_000))
+            probe = JournalProbe(sealed.journal)
+            touched = await audit_hot_path(sealed, probe, s.hot_calls)
+            hot_journal_calls = probe.total
+            refresh: dict[str, list[float]] = {"a": [], "b": []}
+            rates: dict[str, list[float]] = {"a": [], "b": []}
+            for r, order in interleaved(s.rounds):
+                progress(f"sealing: round {r + 1}/{s.rounds}")
+                gc.collect()
+                for side in order:
+                    tm = sealed if side == "a" else plain
+                    refresh[side].append(await _refresh_many(tm, s.refreshes) / s.refreshes)
+                    before = probe.total  # the refreshes' own journal calls are not counted
+                    rates[side].append(s.hot_calls / await _call_loop(tm, s.hot_calls))
+                    await asyncio.sleep(0)  # a refresh the calls started would show now
+                    hot_journal_calls += probe.total - before
+        base: list[int] = []
+        unsealed_rss: list[int] = []
+        sealed_rss: list[int] = []
+        for r in range(s.footprint_rounds):
+            progress(f"sealing: subprocess trio {r + 1}/{s.footprint_rounds}")
+            base.append(await _child_rss(_BASE_CHILD))
+            unsealed_rss.append(
+                await _child_rss(_SDK_CHILD, server.url, str(journal_dir / f"rss-plain-{r}.db"))
+            )
+            sealed_rss.append(
+                await _child_rss(_SEALED_CHILD, server.url, str(journal_dir / f"rss-sealed-{r}.db"))
+            )
+    sealed_s, plain_s = median(refresh["a"]), median(refresh["b"])
+    return {
+        "refreshes_per_side": s.refreshes * s.rounds,
+        "sealed_refresh_s": sealed_s,
+        "unsealed_refresh_s": plain_s,
+        "sealing_cost_s": sealed_s - plain_s,
+        "sealed_calls_per_s": median(rates["a"]),
+        "unsealed_calls_per_s": median(rates["b"]),
+        "hot_ratio": median(rates["a"]) / median(rates["b"]),
+        "sealed_hot_journal_calls": hot_journal_calls,
+        "sealed_audited_calls_touching_journal": touched,
+        "aiohttp_rss_bytes": median(base),
+        "unsealed_rss_bytes": median(unsealed_rss),
+        "sealed_rss_bytes": median(sealed_rss),
+        "sealing_rss_bytes": median(sealed_rss) - median(unsealed_rss),
+        "sealed_extra_rss_bytes": median(sealed_rss) - median(base),
+    }
 
 
 # --------------------------------------------------------------------------- run
@@ -1093,6 +1175,18 @@ def targets(sections: Result) -> list[Target]:
                 False,
             )
         )
+    seal = sections.get("sealing")
+    if seal:
+        calls = int(seal["sealed_hot_journal_calls"])
+        out.append(
+            Target(
+                "sealed hot path journal calls",
+                "0",
+                str(calls),
+                calls + int(seal["sealed_audited_calls_touching_journal"]) == 0,
+                True,
+            )
+        )
     foot = sections.get("footprint")
     if foot:
         mib = float(foot["extra_rss_mib"])
@@ -1131,6 +1225,7 @@ _RUNNERS: Final[dict[str, Callable[[Settings, Path, Progress], Awaitable[Result]
     "durability": bench_durability,
     "footprint": bench_footprint,
     "blocking": bench_blocking,
+    "sealing": bench_sealing,
 }
 
 
@@ -1316,6 +1411,34 @@ def render(report: Result) -> str:
         )
     if "blocking" in sec:
         rows += _blocking_rows(sec["blocking"], checks)
+    if "sealing" in sec:
+        z = sec["sealing"]
+        rows.append(
+            (
+                "sealing: refresh, sealed / unsealed journal",
+                f"{_ms(z['sealed_refresh_s'])} vs {_ms(z['unsealed_refresh_s'])} "
+                f"({z['sealing_cost_s'] * 1e6:+.0f} us)",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  access_token(), sealed / unsealed",
+                f"{_rate(z['sealed_calls_per_s'])} vs {_rate(z['unsealed_calls_per_s'])} "
+                f"({z['hot_ratio']:.2f}x); journal calls {z['sealed_hot_journal_calls']}",
+                *_verdict(checks, "sealed hot path journal calls"),
+            )
+        )
+        rows.append(
+            (
+                "  RSS, sealed manager over unsealed",
+                f"{_bytes(z['sealing_rss_bytes'])} ({_bytes(z['sealed_extra_rss_bytes'])} over "
+                "aiohttp alone)",
+                "",
+                "",
+            )
+        )
     m = report["machine"]
     load = m["loadavg_at_start"]
     head = (

@@ -12,6 +12,11 @@ only build the requests and parse the answers) and reports, per behaviour, pass 
 * with ``--test-clock`` (a server exposing ``POST /_test/clock``), reuse after the window is
   rejected with ``token_expired`` / ``invalid_grant``.
 
+For OAuth 2.0 without ``--token-url`` the URL is read as an issuer first: its discovery
+document (OpenID Connect, else RFC 8414) names the token endpoint, and a row says what the
+server offers (browser, device and password sign-in). A document that names another issuer
+fails; a server without one is probed at ``URL/oauth/token``.
+
 Each probe signs in afresh, so one probe's revocation cannot spoil the next. Tokens are never
 printed; the table shows fingerprints and error codes only. The server is not trusted: every
 piece of its text is escaped, cut short and scrubbed of every token the run sent or received
@@ -34,6 +39,8 @@ from typing import Any, Final, Literal, TextIO
 import aiohttp
 from yarl import URL
 
+from .._discovery import read_metadata
+from .._errors import NetworkError, ProtocolError
 from .._numbers import epoch_or_iso, epoch_seconds
 from .._protocols import (
     AuthProtocol,
@@ -41,6 +48,7 @@ from .._protocols import (
     HttpRequest,
     ManaProtocol,
     OAuth2Protocol,
+    ServerMetadata,
     _load_json_object,
 )
 from .._terminal import printable
@@ -493,10 +501,17 @@ async def run_conformance(options: ConformanceOptions) -> ConformanceReport:
     Every detail is made printable at the end, when every token of the run is known: a
     server may echo in an error code a token it hands out only later.
     """
+    found: Check | None = None
+    if options.protocol == "oauth2" and options.token_url is None:
+        options, found = await _discover(options)
     async with aiohttp.ClientSession() as http:
         probe = Probe(options, http)
         run = _Run(probe)
-        if await run.rotation_and_replay():
+        if found is not None:
+            run.add(found)
+        # A document that speaks for another server: nothing of it is probed.
+        refused = found is not None and found.required and not found.passed
+        if not refused and await run.rotation_and_replay():
             await run.concurrent()
             await run.two_generations()
             await run.after_window()  # last: it moves the server's clock
@@ -505,6 +520,44 @@ async def run_conformance(options: ConformanceOptions) -> ConformanceReport:
         for c in run.checks
     )
     return ConformanceReport(options.url, options.protocol, run.replay_style, checks)
+
+
+async def _discover(options: ConformanceOptions) -> tuple[ConformanceOptions, Check]:
+    """Read ``options.url`` as an issuer: the token endpoint, and a row on what it offers."""
+    title = "discovery document"
+    try:
+        metadata = await read_metadata(
+            options.url, max_age=0.0, request_timeout=options.timeout, allow_insecure_http=True
+        )
+    except ProtocolError as exc:
+        if "issuer_mismatch" in str(exc):
+            detail = "the document names another issuer; nothing of it is used"
+            return options, Check("discovery", title, True, "fail", detail)
+        detail = f"none usable ({exc}); probing URL/oauth/token"
+        return options, Check("discovery", title, False, "info", detail)
+    except (NetworkError, ValueError) as exc:
+        return options, Check("discovery", title, False, "info", f"none ({exc})")
+    return replace(options, token_url=metadata.token_endpoint), Check(
+        "discovery", title, False, "info", _offers(metadata)
+    )
+
+
+def _offers(metadata: ServerMetadata) -> str:
+    """Which sign-ins the document says the server allows."""
+    grants = set(metadata.grant_types_supported)
+    browser = metadata.authorization_endpoint is not None and (
+        not grants or "authorization_code" in grants
+    )
+    pkce = "S256" in metadata.code_challenge_methods_supported
+    device = metadata.device_authorization_endpoint is not None
+    offers = [
+        f"browser{' (PKCE S256)' if pkce else ' (no S256 listed)'}" if browser else None,
+        "device" if device else None,
+        "password" if "password" in grants else None,
+    ]
+    said = ", ".join(o for o in offers if o) or "no sign-in listed"
+    revocation = "yes" if metadata.revocation_endpoint else "no"
+    return f"token endpoint {metadata.token_endpoint}; sign-in: {said}; revocation: {revocation}"
 
 
 _MARK: Final = {"pass": "PASS", "fail": "FAIL", "skip": "skip", "info": "note"}
@@ -590,6 +643,8 @@ EPILOG: Final = """\
 examples:
   tokenjournal conformance http://127.0.0.1:8787 --test-clock
   tokenjournal conformance http://127.0.0.1:8787 --protocol oauth2 --test-clock
+  tokenjournal conformance https://sso.example.com/realms/acme --protocol oauth2 \
+      --client-id myapp --username me --password-env MY_PASSWORD   # endpoints by discovery
   tokenjournal conformance https://auth.example.com --email me@example.com \\
       --password-env MY_PASSWORD
   tokenjournal conformance https://idp.example.com --protocol oauth2 \\
@@ -646,7 +701,9 @@ def register(sub: Subparsers) -> None:
         help="read the client secret from this environment variable",
     )
     conf.add_argument(
-        "--token-url", metavar="URL", help="OAuth token endpoint (default URL/oauth/token)"
+        "--token-url",
+        metavar="URL",
+        help="OAuth token endpoint (default: from URL's discovery document, else URL/oauth/token)",
     )
     conf.add_argument(
         "--test-clock",

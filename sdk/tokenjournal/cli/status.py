@@ -73,6 +73,8 @@ class AccountStatus:
     ended_at: float | None
     intent: IntentStatus | None
     lease: LeaseStatus | None
+    #: The key id that sealed the row (its fingerprints were kept at write, keyed), or None.
+    sealed_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +85,14 @@ class JournalStatus:
     device_id: str
     read_at: float
     accounts: tuple[AccountStatus, ...]
+    #: The key id the journal was last sealed with; None: plain (file mode 0600 only).
+    sealed_by: str | None = None
 
 
 def _account_status(record: AccountRecord, now: float) -> AccountStatus:
     tokens = record.tokens
-    if tokens is not None:
+    sealed = record.sealed
+    if tokens is not None or (sealed is not None and sealed.signed_in):
         state = "signed_in"
     elif record.ended_code is not None and record.ended_code != "signed_out":
         state = "ended"
@@ -111,17 +116,26 @@ def _account_status(record: AccountRecord, now: float) -> AccountStatus:
             lz.expires_at <= now,
             pid_alive(lz.pid) if local else None,
         )
+    if sealed is not None:
+        # Read without the key: the keyed fingerprints the journal kept when it wrote them.
+        access_fp, refresh_fp = sealed.access_fingerprint, sealed.refresh_fingerprint
+        expires = sealed.expires_at
+    else:
+        access_fp = fingerprint(tokens.access_token if tokens else None)
+        refresh_fp = fingerprint(tokens.refresh_token if tokens else None)
+        expires = tokens.expires_at_epoch if tokens else None
     return AccountStatus(
         account=record.account,
         state=state,
         generation=record.generation,
-        access_fingerprint=fingerprint(tokens.access_token if tokens else None),
-        refresh_fingerprint=fingerprint(tokens.refresh_token if tokens else None),
-        access_expires_at=tokens.expires_at_epoch if tokens else None,
+        access_fingerprint=access_fp,
+        refresh_fingerprint=refresh_fp,
+        access_expires_at=expires,
         ended_code=record.ended_code if state == "ended" else None,
         ended_at=record.ended_at,
         intent=intent,
         lease=lease,
+        sealed_by=sealed.key_id if sealed is not None else None,
     )
 
 
@@ -144,6 +158,7 @@ async def read_journal(
     await journal.open()
     try:
         device_id = await journal.device_id()
+        sealed_by = await journal.sealed_by()
         records = [await journal.load(name) for name in await journal.accounts()]
     finally:
         await journal.close()
@@ -153,6 +168,7 @@ async def read_journal(
         device_id,
         moment,
         tuple(_account_status(r, moment) for r in records),
+        sealed_by,
     )
 
 
@@ -235,12 +251,19 @@ def _lease_line(a: AccountStatus, now: float) -> str:
     return f"{printable(lz.holder)} (pid {lz.pid}, {alive}), {until}"
 
 
+def _at_rest(key_id: str | None) -> str:
+    if key_id is None:
+        return "plain (file mode 0600 only)"
+    return f"sealed (key id {printable(key_id)})"
+
+
 def render_text(status: JournalStatus) -> str:
     """The human-readable report."""
     now = status.read_at
     lines = [
         f"journal   {printable(status.path, limit=4096)}",
         f"device    {printable(status.device_id)}",
+        f"at rest   {_at_rest(status.sealed_by)}",
         f"accounts  {len(status.accounts)}",
     ]
     for a in status.accounts:
@@ -250,6 +273,7 @@ def render_text(status: JournalStatus) -> str:
             f"  state       {_state_line(a, now)}",
             f"  access      {_access_line(a, now)}",
             f"  refresh     {a.refresh_fingerprint}",
+            f"  at rest     {_at_rest(a.sealed_by) if a.state == 'signed_in' else '-'}",
             f"  generation  {a.generation}",
             f"  intent      {_intent_line(a)}",
             f"  lease       {_lease_line(a, now)}",
@@ -295,7 +319,9 @@ DESCRIPTION: Final = """\
 Show what a journal holds, per account: signed in / ended by the server (with the code and
 the time) / signed out, the access token's expiry, a pending refresh intent (its kind, start,
 age and the refresh token's fingerprint), the refresh lease holder, the generation and the
-device id. Tokens are never shown, only 8-character fingerprints.
+device id, and whether the tokens are sealed at rest (and by which key id). Tokens are never
+shown, only 8-character fingerprints; a sealed journal is read without its key (its
+fingerprints are keyed hashes kept when the tokens were written).
 
 The journal is opened read-only and never modified. A missing, locked, corrupt or
 newer-schema journal prints one line to stderr and exits with status 1."""

@@ -1,10 +1,12 @@
-"""Routes of the reference server: Mana, OAuth 2.0 (RFC 6749, RFC 8628), API, test hooks."""
+"""Routes of the reference server: Mana, OAuth 2.0 (RFC 6749, RFC 8628; browser sign-in with
+PKCE, RFC 7636; revocation, RFC 7009; discovery, RFC 8414 and OpenID Connect), API, test hooks."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import html
 import json
@@ -18,11 +20,19 @@ from datetime import UTC, datetime
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Final, Literal, NoReturn
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 from aiohttp import hdrs, web
 
 from ._clock import ServerClock
+from ._codes import (
+    CODE_TTL,
+    AuthorizationCode,
+    CodeStore,
+    challenge_ok,
+    loopback_redirect,
+    pkce_matches,
+)
 from ._config import ServerConfig
 from ._faults import Fault, FaultScript
 from ._stats import Stats
@@ -87,6 +97,7 @@ class ServerState:
     stats: Stats = field(default_factory=Stats)
     faults: FaultScript = field(default_factory=FaultScript)
     locks: RotationLocks = field(default_factory=RotationLocks)
+    codes: CodeStore = field(default_factory=CodeStore)
     _store: TokenStore | None = None
     _minter: TokenMinter | None = None
     users: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -447,7 +458,14 @@ def oauth_body(pair: IssuedPair) -> dict[str, Any]:
     }
     if pair.scope:
         body["scope"] = pair.scope
+    if pair.id_token:
+        body["id_token"] = pair.id_token
     return body
+
+
+def issuer_of(request: web.Request) -> str:
+    """The server's issuer identifier: its origin as the client reached it."""
+    return str(request.url.origin())
 
 
 class OAuthDialect(Dialect):
@@ -500,8 +518,10 @@ async def refresh_flow(
     device_id: str | None,
     client_id: str | None,
     replay: Literal["same", "new"],
+    issuer: str | None = None,
 ) -> web.StreamResponse:
-    """The shared refresh: faults, per-token serialisation, the store, the answer."""
+    """The shared refresh: faults, per-token serialisation, the store, the answer. With
+    ``issuer`` a rotation brings a new ID token when the scope holds ``openid``."""
     state.stats.incr("refresh_requests")
     fault: Fault | None = state.faults.take()
     if fault is not None:
@@ -531,7 +551,7 @@ async def refresh_flow(
             replay=replay,
             grace=state.config.grace,
             refresh_ttl=state.config.refresh_ttl,
-            mint=state.minter.mint,
+            mint=functools.partial(state.minter.mint, issuer=issuer),
         )
         if result.outcome == "rotated":
             state.stats.incr("rotations")
@@ -689,12 +709,17 @@ def _check_scope(requested: str | None, granted: str | None) -> None:
 
 
 async def oauth_token(request: web.Request) -> web.StreamResponse:
-    """`POST /oauth/token`: password, refresh_token and device_code grants."""
+    """`POST /oauth/token`: password, refresh_token, device_code and authorization_code
+    grants. A scope with `openid` brings an ID token."""
     state = request.app[STATE]
     form = await read_form(request)
     grant_type = form_str(form, "grant_type")
     client_id = authenticate_client(request, form)
     now = state.clock.now()
+    issuer = issuer_of(request)
+    mint = functools.partial(state.minter.mint, issuer=issuer)
+    if grant_type == "authorization_code":
+        return code_grant(state, form, client_id, now, issuer)
     if grant_type == "password":
         username = form_str(form, "username")
         password = form_str(form, "password")
@@ -710,7 +735,7 @@ async def oauth_token(request: web.Request) -> web.StreamResponse:
             scope=form.get("scope"),
             now=now,
             refresh_ttl=state.config.refresh_ttl,
-            mint=state.minter.mint,
+            mint=mint,
         )
         state.stats.incr("signins")
         return web.json_response(oauth_body(pair))
@@ -727,6 +752,7 @@ async def oauth_token(request: web.Request) -> web.StreamResponse:
             device_id=None,
             client_id=client_id,
             replay=state.config.oauth_replay,
+            issuer=issuer,
         )
     if grant_type == DEVICE_GRANT:
         device_code = form_str(form, "device_code")
@@ -735,7 +761,7 @@ async def oauth_token(request: web.Request) -> web.StreamResponse:
             client_id=client_id,
             now=now,
             refresh_ttl=state.config.refresh_ttl,
-            mint=state.minter.mint,
+            mint=mint,
         )
         if poll.outcome == "issued":
             assert poll.pair is not None
@@ -784,6 +810,243 @@ async def oauth_device_authorization(request: web.Request) -> web.StreamResponse
     )
 
 
+def code_grant(
+    state: ServerState, form: dict[str, str], client_id: str, now: float, issuer: str
+) -> web.StreamResponse:
+    """The `authorization_code` grant (RFC 6749 4.1.3) with PKCE (RFC 7636 4.6).
+
+    The code is spent by this request whatever its outcome; it must have been issued to this
+    client for this redirect URI, and the verifier must hash to its challenge. Every
+    mismatch is the same `invalid_grant`, so a guesser learns nothing.
+    """
+    code = form_str(form, "code")
+    redirect_uri = form_str(form, "redirect_uri")
+    verifier = form_str(form, "code_verifier")
+    grant = state.codes.take(code, now)
+    if (
+        grant is None
+        or grant.client_id != client_id
+        or grant.redirect_uri != redirect_uri
+        or not pkce_matches(verifier, grant.code_challenge)
+    ):
+        raise OAuthError("invalid_grant", "the code is unknown, used, expired or not yours")
+    _, pair = state.store.create_family(
+        kind="oauth",
+        user_id=grant.user_id,
+        email=grant.email,
+        device_id=None,
+        client_id=client_id,
+        scope=grant.scope,
+        now=now,
+        refresh_ttl=state.config.refresh_ttl,
+        mint=functools.partial(state.minter.mint, issuer=issuer),
+    )
+    state.stats.incr("signins")
+    return web.json_response(oauth_body(pair))
+
+
+async def oauth_revoke(request: web.Request) -> web.StreamResponse:
+    """`POST /oauth/revoke` (RFC 7009): revoke the family of a refresh or access token.
+
+    200 with an empty body whatever the token (2.2: an unknown or dead token is as good as
+    revoked); only a failed client authentication or a missing `token` is an error.
+    """
+    state = request.app[STATE]
+    form = await read_form(request)
+    authenticate_client(request, form)
+    token = form_str(form, "token")
+    now = state.clock.now()
+    if not state.store.revoke_by_token(token, now, "revoked"):
+        claims = state.minter.verify(token, now)
+        if claims is not None:
+            state.store.revoke_family(claims.family_id, now, "revoked")
+    state.stats.incr("logouts")
+    return web.Response(status=200)
+
+
+def metadata_document(request: web.Request) -> dict[str, Any]:
+    """RFC 8414 section 2 / OpenID Connect Discovery section 3, for this server."""
+    issuer = issuer_of(request)
+    auth_methods = ["client_secret_basic", "client_secret_post", "none"]
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/oauth/authorize",
+        "token_endpoint": f"{issuer}/oauth/token",
+        "device_authorization_endpoint": f"{issuer}/oauth/device_authorization",
+        "revocation_endpoint": f"{issuer}/oauth/revoke",
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": [
+            "authorization_code",
+            "refresh_token",
+            "password",
+            DEVICE_GRANT,
+        ],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "revocation_endpoint_auth_methods_supported": auth_methods,
+        "scopes_supported": ["openid", "email", "offline_access"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["HS256"],
+        "authorization_response_iss_parameter_supported": True,
+    }
+
+
+async def well_known(request: web.Request) -> web.StreamResponse:
+    """`GET /.well-known/openid-configuration` and `/.well-known/oauth-authorization-server`."""
+    response = web.json_response(metadata_document(request))
+    response.headers["Cache-Control"] = "max-age=3600"
+    return response
+
+
+# ------------------------------------------------------------------------------ browser pages
+
+_STYLE: Final = """<style>body{font-family:sans-serif;max-width:28em;margin:3em auto}
+input{display:block;margin:.3em 0 1em;width:100%;font-size:1.1em}
+button{font-size:1.1em;margin-right:.5em}</style>"""
+
+_AUTHORIZE_PAGE: Final = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign in to {client}</title>
+{style}</head>
+<body><h1>Sign in</h1>
+<p><strong>{client}</strong> asks to use your account{scope}.</p>{message}
+<form method="post" action="/oauth/authorize">
+{hidden}
+<label>Email<input id="email" name="email" type="email" value="{email}" required></label>
+<label>Password<input id="password" name="password" type="password" autofocus></label>
+<button id="allow" name="action" value="allow">Allow</button>
+<button id="deny" name="action" value="deny" formnovalidate>Deny</button>
+</form></body></html>
+"""
+
+_ERROR_PAGE: Final = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign-in error</title>
+{style}</head><body><h1>Sign-in error</h1><p id="error">{message}</p></body></html>
+"""
+
+#: The request parameters the consent form carries back to the POST.
+_AUTHORIZE_FIELDS: Final = ("client_id", "redirect_uri", "state", "code_challenge", "scope")
+
+
+def _html(body: str, status: int = 200) -> web.Response:
+    response = web.Response(text=body, content_type="text/html", status=status)
+    # A login page must not be framed by another site (clickjacking) nor run foreign script.
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+    )
+    return response
+
+
+def _error_page(message: str, status: int = 400) -> web.Response:
+    return _html(_ERROR_PAGE.format(style=_STYLE, message=html.escape(message)), status)
+
+
+def _redirect(redirect_uri: str, params: dict[str, str]) -> web.Response:
+    joiner = "&" if "?" in redirect_uri else "?"
+    response = web.Response(status=302)
+    response.headers["Location"] = redirect_uri + joiner + urlencode(params)
+    return response
+
+
+def _authorize_page(
+    state: ServerState, fields: dict[str, str], message: str = "", status: int = 200
+) -> web.Response:
+    hidden = "\n".join(
+        f'<input type="hidden" name="{name}" value="{html.escape(fields[name])}">'
+        for name in _AUTHORIZE_FIELDS
+        if name in fields
+    )
+    scope = fields.get("scope")
+    email = next(iter(state.users.values()))[0] if state.config.test_mode and state.users else ""
+    body = _AUTHORIZE_PAGE.format(
+        style=_STYLE,
+        client=html.escape(fields["client_id"]),
+        scope=f" (scope: {html.escape(scope)})" if scope else "",
+        message=f'<p id="message"><strong>{html.escape(message)}</strong></p>' if message else "",
+        hidden=hidden,
+        email=html.escape(email),
+    )
+    return _html(body, status)
+
+
+def _authorize_fields(
+    state: ServerState, params: dict[str, str]
+) -> tuple[dict[str, str], web.Response | None]:
+    """The request's fields, or the answer that ends it: an error page when the client or
+    the redirect URI cannot be trusted (RFC 6749 4.1.2.1: never redirect then), else a
+    redirect carrying the error."""
+    fields = {
+        k: params[k]
+        for k in (*_AUTHORIZE_FIELDS, "response_type", "code_challenge_method", "prompt")
+        if params.get(k)
+    }
+    client_id = fields.get("client_id")
+    if client_id is None or client_id not in state.clients:
+        return fields, _error_page("Unknown client.")
+    redirect_uri = fields.get("redirect_uri")
+    if redirect_uri is None or not loopback_redirect(redirect_uri):
+        return fields, _error_page("The redirect URI must be http to a loopback address.")
+    echo = {"state": fields["state"]} if "state" in fields else {}
+    if params.get("response_type", "code") != "code":
+        error = {"error": "unsupported_response_type", **echo}
+        return fields, _redirect(redirect_uri, error)
+    challenge = fields.get("code_challenge", "")
+    if params.get("code_challenge_method", "S256") != "S256" or not challenge_ok(challenge):
+        error = {
+            "error": "invalid_request",
+            "error_description": "PKCE with S256 is required",
+            **echo,
+        }
+        return fields, _redirect(redirect_uri, error)
+    return fields, None
+
+
+async def authorize_page(request: web.Request) -> web.StreamResponse:
+    """`GET /oauth/authorize` (RFC 6749 4.1.1): the login and consent page."""
+    state = request.app[STATE]
+    fields, ended = _authorize_fields(state, dict(request.query))
+    if ended is not None:
+        return ended
+    if fields.get("prompt") == "none":  # no login session here: ask the app to prompt
+        echo = {"state": fields["state"]} if "state" in fields else {}
+        return _redirect(fields["redirect_uri"], {"error": "login_required", **echo})
+    return _authorize_page(state, fields)
+
+
+async def authorize_decision(request: web.Request) -> web.StreamResponse:
+    """`POST /oauth/authorize` (form): the person signs in and allows, or denies."""
+    state = request.app[STATE]
+    form = await request.post()
+    params = {k: v for k, v in form.items() if isinstance(v, str)}
+    fields, ended = _authorize_fields(state, params)
+    if ended is not None:
+        return ended
+    redirect_uri = fields["redirect_uri"]
+    echo = {"state": fields["state"]} if "state" in fields else {}
+    issuer = {"iss": issuer_of(request)}
+    if params.get("action") == "deny":
+        denied = {"error": "access_denied", "error_description": "The user denied access"}
+        return _redirect(redirect_uri, {**denied, **echo, **issuer})
+    if params.get("action") != "allow":
+        return _authorize_page(state, fields, "Choose Allow or Deny.", 400)
+    account = state.check_password(params.get("email", ""), params.get("password", ""))
+    if account is None:
+        return _authorize_page(state, fields, "Wrong email or password.", 401)
+    now = state.clock.now()
+    grant = AuthorizationCode(
+        client_id=fields["client_id"],
+        redirect_uri=redirect_uri,
+        code_challenge=fields["code_challenge"],
+        scope=fields.get("scope"),
+        user_id=account[0],
+        email=account[1],
+        expires_at=now + CODE_TTL,
+    )
+    code = state.codes.issue(grant, now)
+    return _redirect(redirect_uri, {"code": code, **echo, **issuer})
+
+
 # ------------------------------------------------------------------------------ device page
 
 _PAGE: Final = """<!doctype html>
@@ -792,12 +1055,12 @@ _PAGE: Final = """<!doctype html>
 input{{display:block;margin:.3em 0 1em;width:100%;font-size:1.1em}}</style></head>
 <body><h1>Sign in a device</h1>{message}
 <form method="post" action="/device">
-<label>Code shown on the device<input name="user_code" value="{user_code}"
+<label>Code shown on the device<input id="user_code" name="user_code" value="{user_code}"
  autocomplete="off" required></label>
-<label>Email<input name="email" type="email" value="demo@example.com" required></label>
-<label>Password<input name="password" type="password" required></label>
-<button name="action" value="approve">Approve</button>
-<button name="action" value="deny">Deny</button>
+<label>Email<input id="email" name="email" type="email" value="demo@example.com" required></label>
+<label>Password<input id="password" name="password" type="password" required></label>
+<button id="approve" name="action" value="approve">Approve</button>
+<button id="deny" name="action" value="deny">Deny</button>
 </form></body></html>
 """
 
@@ -964,6 +1227,11 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_post("/auth/validate", mana_validate)
     app.router.add_post("/oauth/token", oauth_token)
     app.router.add_post("/oauth/device_authorization", oauth_device_authorization)
+    app.router.add_post("/oauth/revoke", oauth_revoke)
+    app.router.add_get("/oauth/authorize", authorize_page)
+    app.router.add_post("/oauth/authorize", authorize_decision)
+    app.router.add_get("/.well-known/openid-configuration", well_known)
+    app.router.add_get("/.well-known/oauth-authorization-server", well_known)
     app.router.add_get("/api/me", api_me)
     app.router.add_get("/device", device_page)
     app.router.add_post("/device", device_decision)

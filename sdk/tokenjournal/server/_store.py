@@ -273,6 +273,11 @@ class TokenStore:
         )
         return cur.rowcount > 0
 
+    def revoke_family(self, family_id: str, now: float, reason: str) -> bool:
+        """Revoke the family `family_id`. False if unknown or already revoked."""
+        with self._tx() as db:
+            return self._revoke(db, family_id, now, reason)
+
     def family_active(self, family_id: str) -> bool:
         """True when the family exists and has not been revoked."""
         row = self._db.execute(

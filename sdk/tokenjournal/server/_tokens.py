@@ -53,6 +53,9 @@ class IssuedPair:
     refresh_token: str = field(repr=False)
     expires_in: float
     scope: str | None
+    #: The OpenID Connect ID token, minted when the scope holds ``openid`` and the route
+    #: knows its issuer (a grace replay repeats a stored pair and has none).
+    id_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +77,9 @@ class TokenMinter:
         self._secret = secret
         self._access_ttl = access_ttl
 
-    def mint(self, family: Family, now: float) -> IssuedPair:
-        """A fresh pair for `family`, issued at server time `now`."""
+    def mint(self, family: Family, now: float, issuer: str | None = None) -> IssuedPair:
+        """A fresh pair for `family`, issued at server time `now`; with `issuer`, and `openid`
+        in the family's scope, an ID token too (OpenID Connect Core 2)."""
         claims: dict[str, Any] = {
             "sub": family.user_id,
             "email": family.email,
@@ -91,12 +95,36 @@ class TokenMinter:
         if family.scope:
             claims["scope"] = family.scope
         access = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+        id_token = None
+        if issuer is not None and "openid" in (family.scope or "").split():
+            id_token = self.id_token(family, now, issuer)
         return IssuedPair(
             access_token=access,
             refresh_token=secrets.token_urlsafe(32),
             expires_in=self._access_ttl,
             scope=family.scope,
+            id_token=id_token,
         )
+
+    def id_token(self, family: Family, now: float, issuer: str) -> str:
+        """An ID token for `family`'s user, for its client, signed like the access tokens.
+
+        HS256 with the server's key: the reference server's clients are its own, and the
+        SDK keeps ID tokens for the app without verifying them (the server it got them from
+        is the one it trusts already).
+        """
+        claims: dict[str, Any] = {
+            "iss": issuer,
+            "sub": family.user_id,
+            "aud": family.client_id or "",
+            "iat": int(now),
+            "exp": int(now + self._access_ttl),
+            "auth_time": int(now),
+            "email": family.email,
+            "email_verified": True,
+            "jti": uuid.uuid4().hex,  # every ID token differs, even two in one second
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
     def verify(self, token: str, now: float) -> AccessClaims | None:
         """The claims of a correctly signed, unexpired (by the server clock) token, else None."""

@@ -1,0 +1,491 @@
+"""Invariant 15, sealed means unreadable: a journal opened with a Seal keeps no token or
+device code readable in ``tokens.db``, ``-wal`` or ``-shm`` at any point (the raw bytes are
+scanned, not SQL); a sealed row opens only where it was written; a wrong or missing key is a
+JournalError that leaves the files byte-for-byte as they were; sealing a plain journal and
+rotating keys survive a SIGKILL at each of their steps with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+import tokenjournal as tj
+from tokenjournal._faults import CRASH_POINTS, SEAL_POINTS
+from tokenjournal.cli import main
+from tokenjournal.cli.reseal import run_reseal
+from tokenjournal.server import ReferenceServer
+
+from .conftest import DEMO
+
+KEY = bytes(range(32))
+NEW_KEY = bytes(range(100, 132))
+ENV = "TJ_TEST_SEAL_KEY"
+DEVICE_CODE = "device-code-0123456789-secret"
+SUFFIXES = ("", "-wal", "-shm")
+
+
+def files(path: Path) -> dict[str, bytes]:
+    """Every file of the journal as raw bytes (absent ones left out)."""
+    out = {}
+    for suffix in SUFFIXES:
+        p = Path(f"{path}{suffix}")
+        if p.exists():
+            out[suffix or "db"] = p.read_bytes()
+    return out
+
+
+def digests(path: Path) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files(path).items()}
+
+
+def secrets_of(tokens: tj.TokenSet | None) -> set[str]:
+    if tokens is None:
+        return set()
+    return {t for t in (tokens.access_token, tokens.refresh_token) if t}
+
+
+def leaks(snapshot: dict[str, bytes], secrets: set[str]) -> list[str]:
+    """Which secret (or a 16-character piece of it) shows in which file."""
+    found = []
+    for secret in secrets:
+        pieces = {secret, secret[:16], secret[-16:]}
+        for name, data in snapshot.items():
+            if any(p.encode() in data for p in pieces):
+                found.append(f"{tj.fingerprint(secret)} in {name}")
+    return found
+
+
+async def load(path: Path, seal: tj.Seal | None) -> tj._journal.AccountRecord:
+    journal = tj.SQLiteJournal(path, seal=seal)
+    await journal.open()
+    try:
+        return await journal.load("default")
+    finally:
+        await journal.close()
+
+
+async def plain_journal(path: Path) -> tj.TokenSet:
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    pair = tj.TokenSet("plain-access-token-0123456789", "plain-refresh-token-0123456789")
+    await journal.store_tokens("default", pair, 1.0)
+    await journal.store_tokens(
+        "bob", tj.TokenSet("bob-access-0123456789abc", "bob-r-0123456789"), 1.0
+    )
+    await journal.save_device_code("carol", DEVICE_CODE, 1.0)
+    await journal.close()
+    return pair
+
+
+# ----------------------------------------------------------------------------- the scanner
+
+
+async def test_the_scanner_finds_tokens_in_a_plain_journal(journal_path: Path) -> None:
+    """Without a seal the tokens are in the file: the scan below is not blind."""
+    pair = await plain_journal(journal_path)
+    assert leaks(files(journal_path), secrets_of(pair) | {DEVICE_CODE})
+
+
+# ----------------------------------------------------------------------------- refresh, sign-out
+
+
+async def test_no_token_in_any_file_at_any_point_of_sign_in_refresh_and_sign_out(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    seal = tj.Seal(KEY)
+    seen: set[str] = set()
+    snapshots: list[dict[str, bytes]] = []
+    async with tj.TokenManager(server.url, journal_path, seal=seal) as tm:
+
+        def scan(event: tj.TokenEvent) -> None:
+            seen.update(secrets_of(tm.tokens))
+            snapshots.append(files(journal_path))
+
+        tm.subscribe(scan)
+        seen.update(secrets_of(await tm.sign_in(**DEMO)))
+        snapshots.append(files(journal_path))
+        for _ in range(3):
+            seen.update(secrets_of(await tm.refresh()))
+            snapshots.append(files(journal_path))
+        record = await tm.journal.load("default")
+        assert record.sealed is not None and record.sealed.key_id == seal.key_id
+        assert record.tokens == tm.tokens
+        await tm.sign_out()
+        snapshots.append(files(journal_path))
+    snapshots.append(files(journal_path))
+    assert len(seen) == 8 and len(snapshots) > 10
+    assert [leak for snap in snapshots for leak in leaks(snap, seen)] == []
+
+
+async def test_a_device_code_is_sealed_too(journal_path: Path) -> None:
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    await journal.save_device_code("default", DEVICE_CODE, 1.0)
+    assert leaks(files(journal_path), {DEVICE_CODE}) == []
+    record = await journal.load("default")
+    assert record.intent is not None and record.intent.payload == DEVICE_CODE
+    await journal.close()
+    assert leaks(files(journal_path), {DEVICE_CODE}) == []
+
+
+async def test_a_sign_out_keeps_the_sealed_pair_readable(journal_path: Path) -> None:
+    """Sealed values are bound to the generation, which begin_sign_out steps: the pair is
+    sealed anew for it (else the next start could not finish the sign-out)."""
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abcdef")
+    await journal.store_tokens("default", pair, 1.0)
+    signing_out = await journal.begin_sign_out("default", 2.0)
+    assert (await journal.load("default")).tokens == pair == signing_out.tokens
+    await journal.close()
+    assert (await load(journal_path, tj.Seal(KEY))).tokens == pair
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    import tokenjournal as tj
+
+    async def main() -> None:
+        seal = tj.Seal.from_env("TJ_TEST_SEAL_KEY")
+        async with tj.TokenManager(sys.argv[1], sys.argv[2], seal=seal) as tm:
+            if sys.argv[3] == "sign_out":
+                await tm.sign_out()
+            else:
+                await tm.refresh()
+
+    asyncio.run(main())
+    """
+)
+
+
+def child_env(point: str, key: bytes = KEY) -> dict[str, str]:
+    return {**os.environ, ENV: base64.b64encode(key).decode(), "TOKENJOURNAL_CRASH_AT": point}
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+async def test_no_token_in_any_file_after_a_crash_at_each_point(
+    server: ReferenceServer, journal_path: Path, point: str
+) -> None:
+    seal = tj.Seal(KEY)
+    async with tj.TokenManager(server.url, journal_path, seal=seal) as tm:
+        seen = secrets_of(await tm.sign_in(**DEMO))
+    mode = "sign_out" if point == "mid_sign_out" else "refresh"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, server.url, str(journal_path), mode, env=child_env(point)
+    )
+    assert await child.wait() == 137
+    left = files(journal_path)
+    # The pair the dead process received: a grace replay repeats it, a commit stored it.
+    async with tj.TokenManager(server.url, journal_path, seal=seal) as tm:
+        if point != "mid_sign_out":
+            seen |= secrets_of(await tm.refresh())
+        seen |= secrets_of(tm.tokens)
+    assert server.stats()["signins"] == 1
+    assert leaks(left, seen) == [] and leaks(files(journal_path), seen) == []
+
+
+# ----------------------------------------------------------------------------- rows stay put
+
+
+@pytest.mark.parametrize("column", ["access_token", "refresh_token"])
+async def test_a_sealed_value_copied_to_another_account_does_not_open(
+    journal_path: Path, column: str
+) -> None:
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    await journal.store_tokens(
+        "alice", tj.TokenSet("alice-a-0123456789", "alice-r-0123456789"), 1.0
+    )
+    await journal.store_tokens("bob", tj.TokenSet("bob-a-0123456789", "bob-r-0123456789"), 1.0)
+    await journal.close()
+    with sqlite3.connect(journal_path) as db:  # what someone with the file could do
+        db.execute(
+            f"UPDATE accounts SET {column} = (SELECT {column} FROM accounts WHERE account = "
+            "'alice') WHERE account = 'bob'"
+        )
+    db.close()
+    await journal.open()
+    with pytest.raises(tj.JournalError, match=f"accounts.{column} does not open") as err:
+        await journal.load("bob")
+    assert "alice" not in str(err.value) or "bob" in str(err.value)
+    assert (await journal.load("alice")).tokens is not None  # the others still open
+    await journal.close()
+
+
+async def test_a_sealed_value_from_an_older_generation_does_not_open(journal_path: Path) -> None:
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("old-a-0123456789", "old-r-0123456789"), 1.0)
+    with sqlite3.connect(journal_path) as db:
+        old = db.execute("SELECT refresh_token FROM accounts").fetchone()[0]
+    db.close()
+    await journal.store_tokens("default", tj.TokenSet("new-a-0123456789", "new-r-0123456789"), 2.0)
+    with sqlite3.connect(journal_path) as db:  # a backup's older token put back
+        db.execute("UPDATE accounts SET refresh_token = ?", (old,))
+    db.close()
+    with pytest.raises(tj.JournalError, match="refresh_token does not open"):
+        await journal.load("default")
+    await journal.close()
+
+
+# ----------------------------------------------------------------------------- wrong keys
+
+
+DIES_WITH_WAL = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import tokenjournal as tj
+
+    async def main() -> None:
+        journal = tj.SQLiteJournal(sys.argv[1], seal=tj.Seal.from_env("TJ_TEST_SEAL_KEY"))
+        await journal.open()
+        record = await journal.load("default")
+        holder = tj._journal.Holder.for_this_process()
+        await journal.begin_refresh("default", holder, record.generation, 1.0, 20.0)
+        os._exit(137)  # the intent is in the WAL, not yet checkpointed into the file
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("other", [None, tj.Seal(NEW_KEY)], ids=["no-seal", "another-key"])
+@pytest.mark.parametrize("wal", ["closed", "in-use", "left-by-a-crash"])
+async def test_a_wrong_or_missing_key_is_a_journal_error_and_changes_no_byte(
+    server: ReferenceServer, journal_path: Path, other: tj.Seal | None, wal: str
+) -> None:
+    seal = tj.Seal(KEY)
+    async with tj.TokenManager(server.url, journal_path, seal=seal) as tm:
+        pair = await tm.sign_in(**DEMO)
+    holder = tj.SQLiteJournal(journal_path, seal=seal)
+    if wal == "in-use":  # another process has it open, with frames in the WAL
+        await holder.open()
+        await holder.store_tokens("bob", tj.TokenSet("bob-a-0123456789", "bob-r-0123456789"), 1.0)
+    elif wal == "left-by-a-crash":  # the last connection to close would checkpoint it
+        done = subprocess.run(
+            [sys.executable, "-c", DIES_WITH_WAL, str(journal_path)], env=child_env(""), check=False
+        )
+        assert done.returncode == 137
+    before = digests(journal_path)
+    assert ("-wal" in before) == (wal != "closed")
+    if wal == "left-by-a-crash":
+        assert len(files(journal_path)["-wal"]) > 0
+    tm = tj.TokenManager(server.url, journal_path, seal=other)
+    with pytest.raises(tj.JournalError, match=f"key id {seal.key_id}") as err:
+        await tm.open()
+    assert "left untouched" in str(err.value)
+    assert digests(journal_path) == before
+    await holder.close()
+    record = await load(journal_path, seal)
+    assert record.tokens == pair  # never signed out
+    assert (record.intent is not None) == (wal == "left-by-a-crash")
+    assert server.stats()["refresh_requests"] == 0
+
+
+async def test_a_plain_process_cannot_write_after_another_sealed_the_journal(
+    journal_path: Path,
+) -> None:
+    plain = tj.SQLiteJournal(journal_path)
+    await plain.open()
+    await plain.store_tokens(
+        "default", tj.TokenSet("a-0123456789abcdef", "r-0123456789abcdef"), 1.0
+    )
+    sealing = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await sealing.open()  # seals in place
+    pair = tj.TokenSet("a2-0123456789abcdef", "r2-0123456789abcdef")
+    with pytest.raises(tj.JournalError, match=r"sealed .* by another process"):
+        await plain.store_tokens("default", pair, 2.0)
+    await plain.close()
+    await sealing.close()
+    assert leaks(files(journal_path), secrets_of(pair)) == []
+
+
+def test_a_seal_goes_with_a_path_not_a_journal_object(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="seal= goes with a journal path"):
+        tj.TokenManager("http://127.0.0.1:1", tj.MemoryJournal(), seal=tj.Seal(KEY))
+    tm = tj.TokenManager("http://127.0.0.1:1", tmp_path / "t.db", seal=tj.Seal(KEY))
+    assert isinstance(tm.journal, tj.SQLiteJournal) and tm.journal.seal is not None
+    assert "Seal(key_id=" in repr(tm.journal)
+
+
+# ----------------------------------------------------------------------------- migration
+
+
+async def test_a_plain_journal_is_sealed_in_place_and_the_plain_bytes_leave_every_file(
+    journal_path: Path,
+) -> None:
+    pair = await plain_journal(journal_path)
+    seal = tj.Seal(KEY)
+    journal = tj.SQLiteJournal(journal_path, seal=seal)
+    await journal.open()
+    commits = journal.durable_commits
+    assert commits == 1  # one transaction
+    assert leaks(files(journal_path), secrets_of(pair) | {DEVICE_CODE}) == []
+    assert (await journal.load("default")).tokens == pair
+    assert (await journal.load("carol")).intent.payload == DEVICE_CODE  # type: ignore[union-attr]
+    await journal.close()
+    assert leaks(files(journal_path), secrets_of(pair) | {DEVICE_CODE}) == []
+    with pytest.raises(tj.JournalError, match=seal.key_id):
+        await load(journal_path, None)
+
+
+SEALER = textwrap.dedent(
+    """
+    import asyncio, sys
+    import tokenjournal as tj
+
+    async def main() -> None:
+        journal = tj.SQLiteJournal(sys.argv[1], seal=tj.Seal.from_env("TJ_TEST_SEAL_KEY"))
+        await journal.open()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("point", SEAL_POINTS)
+async def test_sealing_in_place_survives_a_sigkill_at_each_step(
+    journal_path: Path, point: str
+) -> None:
+    pair = await plain_journal(journal_path)
+    done = subprocess.run(
+        [sys.executable, "-c", SEALER, str(journal_path)], env=child_env(point), check=False
+    )
+    assert done.returncode == 137
+    record = await load(journal_path, tj.Seal(KEY))  # the next open finishes the job
+    assert record.tokens == pair
+    assert leaks(files(journal_path), secrets_of(pair) | {DEVICE_CODE}) == []
+    assert (await load(journal_path, tj.Seal(KEY))).sealed is not None
+
+
+# ----------------------------------------------------------------------------- rotation
+
+
+async def test_rotation_reseals_rows_as_written_and_reseal_does_the_rest(
+    journal_path: Path,
+) -> None:
+    old, new = tj.Seal(KEY), tj.Seal(NEW_KEY, previous=[tj.Seal(KEY)])
+    journal = tj.SQLiteJournal(journal_path, seal=old)
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-0123456789abc"), 1.0)
+    bob = tj.TokenSet("bob-a-0123456789", "bob-r-0123456789")
+    await journal.store_tokens("bob", bob, 1.0)
+    await journal.close()
+
+    journal = tj.SQLiteJournal(journal_path, seal=new)
+    await journal.open()
+    assert (await journal.load("bob")).sealed.key_id == old.key_id  # type: ignore[union-attr]
+    pair = tj.TokenSet("a2-0123456789abcdef", "r2-0123456789abc")
+    await journal.store_tokens("default", pair, 2.0)  # written: under the new key
+    assert (await journal.load("default")).sealed.key_id == new.key_id  # type: ignore[union-attr]
+    await journal.close()
+    # bob's row still needs the old key
+    with pytest.raises(tj.JournalError, match=old.key_id):
+        await load(journal_path, tj.Seal(NEW_KEY))
+
+    journal = tj.SQLiteJournal(journal_path, seal=new)
+    await journal.open()
+    assert await journal.reseal() == 1
+    await journal.close()
+    only_new = tj.SQLiteJournal(journal_path, seal=tj.Seal(NEW_KEY))
+    await only_new.open()
+    assert (await only_new.load("bob")).tokens == bob
+    assert (await only_new.load("default")).tokens == pair
+    await only_new.close()
+    with pytest.raises(tj.JournalError, match=new.key_id):
+        await load(journal_path, old)
+
+
+def _reseal_ns(journal: Path, new: Path, old: Path) -> Namespace:
+    return Namespace(
+        journal=str(journal),
+        key_file=str(new),
+        key_env=None,
+        key_credential=None,
+        keyring=None,
+        previous_key_file=[str(old)],
+        previous_key_env=None,
+    )
+
+
+async def test_the_reseal_command_rotates_a_key_file(tmp_path: Path, journal_path: Path) -> None:
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    old = tj.Seal.from_key_file(old_key)
+    journal = tj.SQLiteJournal(journal_path, seal=old)
+    await journal.open()
+    pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abc")
+    await journal.store_tokens("default", pair, 1.0)
+    await journal.close()
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(
+        run_reseal, _reseal_ns(journal_path, new_key, old_key), out=out, err=err
+    )
+    new = tj.Seal.from_key_file(new_key)
+    assert code == 0 and err.getvalue() == ""
+    assert f"1 row(s) re-sealed; sealed (key id {new.key_id})" in out.getvalue()
+    assert (await load(journal_path, new)).tokens == pair
+    # Without the old key, the command refuses and names it.
+    err = io.StringIO()
+    ns = _reseal_ns(journal_path, tmp_path / "third.key", old_key)
+    ns.previous_key_file = None
+    assert await asyncio.to_thread(run_reseal, ns, out=io.StringIO(), err=err) == 1
+    assert new.key_id in err.getvalue() and err.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("point", SEAL_POINTS)
+async def test_reseal_survives_a_sigkill_at_each_step(
+    tmp_path: Path, journal_path: Path, point: str
+) -> None:
+    old_key, new_key = tmp_path / "old.key", tmp_path / "new.key"
+    old = tj.Seal.from_key_file(old_key)
+    journal = tj.SQLiteJournal(journal_path, seal=old)
+    await journal.open()
+    pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abc")
+    await journal.store_tokens("default", pair, 1.0)
+    await journal.save_device_code("carol", DEVICE_CODE, 1.0)
+    await journal.close()
+    argv = ["reseal", "--journal", str(journal_path), "--key-file", str(new_key)]
+    argv += ["--previous-key-file", str(old_key)]
+    code = "import sys; from tokenjournal.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=child_env(point), check=False, capture_output=True
+    )
+    assert done.returncode == 137, done.stderr
+    new = tj.Seal.from_key_file(new_key, previous=[old])
+    assert (await load(journal_path, new)).tokens == pair  # nothing lost
+    assert await asyncio.to_thread(main, argv) == 0  # and the command finishes the job
+    assert (await load(journal_path, tj.Seal.from_key_file(new_key))).tokens == pair
+    assert leaks(files(journal_path), secrets_of(pair) | {DEVICE_CODE}) == []
+
+
+# ----------------------------------------------------------------------------- status
+
+
+async def test_status_reads_a_sealed_journal_without_the_key(
+    journal_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seal = tj.Seal(KEY)
+    journal = tj.SQLiteJournal(journal_path, seal=seal)
+    await journal.open()
+    pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abc", received_at=None)
+    await journal.store_tokens("default", pair, 1.0)
+    await journal.close()
+    before = digests(journal_path)["db"]
+    assert await asyncio.to_thread(main, ["status", "--journal", str(journal_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"sealed (key id {seal.key_id})" in out and "signed in" in out
+    assert seal.fingerprint(pair.refresh_token) in out
+    assert pair.refresh_token not in out and pair.access_token not in out
+    assert digests(journal_path)["db"] == before
