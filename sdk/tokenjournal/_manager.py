@@ -96,11 +96,12 @@ RESCUE_MAX_GAP: Final = 30.0
 #: How long ``sign_out()`` keeps trying to tell the server before it signs out locally.
 SIGN_OUT_BUDGET: Final = 10.0
 #: After a refresh ran out of tries (the server or the network away), the next one waits a
-#: random share (full jitter) of min(OFFLINE_CAP, max(retry.max_delay, 2 x time offline)),
+#: random share (full jitter) of min(OFFLINE_FACTOR x retry.max_delay (300 s by default),
+#: max(retry.max_delay, 2 x time offline)),
 #: and callers meanwhile get the last error at once, without a request: one device notices a
 #: return within seconds of a short outage, and a fleet that lost its server for minutes comes
 #: back spread over minutes instead of in one wave (docs/architecture.md 1.6).
-OFFLINE_CAP: Final = 300.0
+OFFLINE_FACTOR: Final = 10.0
 #: A pair is refreshed at a random point in the last REFRESH_SPREAD of its life before the
 #: margin: devices that signed in together (or came back from an outage together) drift apart
 #: instead of refreshing in one wave for ever. Costs about half of it in extra refreshes.
@@ -704,7 +705,8 @@ class TokenManager:
         if isinstance(exc, TransientError):
             if self._offline_since is None:
                 self._offline_since = now
-            cap = min(OFFLINE_CAP, max(self.retry.max_delay, 2 * (now - self._offline_since)))
+            longest = OFFLINE_FACTOR * self.retry.max_delay
+            cap = min(longest, max(self.retry.max_delay, 2 * (now - self._offline_since)))
             self._quiet_until = now + random.random() * cap
             self._offline_error = exc
         else:
