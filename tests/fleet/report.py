@@ -9,7 +9,7 @@ from typing import Any
 
 #: Width of the rate windows, in simulated seconds.
 WINDOW = 10
-OK_STATES = frozenset({"valid", "refreshing"})
+OK_STATES = frozenset({"valid"})
 #: After recovery, this long is "the recovery" for the peak figure (simulated seconds).
 RECOVERY = 300.0
 
@@ -28,14 +28,15 @@ def _between(series: list[float], start: float, end: float) -> list[float]:
 
 
 def _recovered_after(device: dict[str, Any], end: float) -> float:
-    """Seconds after ``end`` from which the device stays usable (inf: never again)."""
+    """Seconds after ``end`` from which the device stays usable (inf: never again).
+    REFRESHING says nothing either way (a routine refresh, or a try while offline)."""
     ok = True
     for at, state in device["states"]:
-        if at <= end:
+        if at <= end and state != "refreshing":
             ok = state in OK_STATES
     since = end if ok else math.inf
     for at, state in device["states"]:
-        if at <= end:
+        if at <= end or state == "refreshing":
             continue
         if state in OK_STATES and not ok:
             ok, since = True, at
