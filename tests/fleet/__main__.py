@@ -28,7 +28,7 @@ def scenarios(ttl: float, grace: float, short: bool) -> list[Scenario]:
     tail = ttl + 300.0
     out = [
         Scenario(
-            "steady", "1 steady state, all signed in at once", (6 if not short else 3) * ttl,
+            "steady", "1 steady state, all signed in at once", (5 if not short else 3) * ttl,
             stagger=False,
         ),
         Scenario(
