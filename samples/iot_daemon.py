@@ -4,18 +4,23 @@ What it shows:
 - Sign in once, with credentials from TJ_EMAIL/TJ_PASSWORD or a TOML config file; every
   later start resumes from the journal, even after SIGKILL or a power cut (a refresh cut
   short is replayed into the server's grace window on the next start, by the SDK).
-- Push through ``tm.client_session()``: the bearer is attached, a 401 refreshes once.
-- SIGTERM/SIGINT: stop taking readings, give the in-flight push a moment, then leave
-  ``async with tm``, which lets an in-flight refresh commit or leaves it journaled.
-- Log state transitions with token fingerprints, never tokens.
-- While offline: keep the session and the unsent readings, back off exponentially (full
-  jitter), and send the backlog oldest first once the network is back.
+- Queue every reading in the durable outbox (``tm.outbox("readings")``): it is in the
+  journal before ``enqueue`` returns, so a SIGKILL or a power cut loses none, and it is
+  delivered in the background through the manager's middleware (the bearer attached, a 401
+  refreshes once), oldest first, with one ``Idempotency-Key`` for life: a retry after a lost
+  answer is not applied twice. A restart delivers what the last run left.
+- SIGTERM/SIGINT: stop taking readings, give the upload in flight a moment, then leave
+  ``async with tm``: what is not delivered stays queued for the next start.
+- Log state transitions with token fingerprints, never tokens (and never a reading's body).
+- While offline: keep the session and the queued readings (the oldest dropped past 10,000,
+  counted), back off exponentially up to ``--max-backoff``, deliver once the network is back.
 
 Run it:
     python samples/iot_daemon.py                      # self-started reference server, demo account
     python samples/iot_daemon.py --iterations 5 --interval 1
     TJ_EMAIL=me@example.com TJ_PASSWORD=... python samples/iot_daemon.py --auth-url https://auth.example
     python samples/iot_daemon.py --smoke              # self-checking scenario, exit 0 if it behaved
+                                                      # (it SIGKILLs a daemon mid-upload too)
 
 A config file (``--config daemon.toml``, keep it 0600) may set ``auth_url``, ``email``,
 ``password``, ``push_url`` and ``interval``; the command line and environment win over it.
@@ -27,19 +32,21 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import secrets
 import signal
+import sys
 import tomllib
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 from _common import (
     SMOKE_RETRY,
     Backend,
+    SmokeFailed,
     add_common_arguments,
     backend,
     check,
@@ -51,10 +58,10 @@ import tokenjournal as tj
 
 log = logging.getLogger("iot_daemon")
 
-#: After SIGTERM, how long the push in flight may take before it is cancelled (systemd's
-#: default stop timeout is 90 s; the SDK's own retries could take longer than that).
+#: After SIGTERM, how long the upload in flight may take; what is left stays in the journal
+#: for the next start (systemd's default stop timeout is 90 s).
 STOP_GRACE: Final = 2.0
-#: Unsent readings kept while offline; the oldest are dropped past this.
+#: Unsent readings kept while offline; the oldest are dropped past this (and counted).
 BACKLOG: Final = 10_000
 #: Exit codes a supervisor can act on.
 EXIT_SESSION_ENDED: Final = 3
@@ -63,153 +70,112 @@ Reading = dict[str, Any]
 Hook = Callable[[int], Awaitable[None]]
 
 
-class PushRefused(Exception):
-    """The endpoint answered with an error status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"the endpoint answered {status}")
-        self.status = status
-
-    @property
-    def transient(self) -> bool:
-        """5xx and 429 may pass; other refusals will not (the reading is dropped)."""
-        return self.status >= 500 or self.status == 429
-
-
 @dataclass
 class Counters:
     """What the daemon did (reported when it stops)."""
 
     taken: int = 0
-    pushed: int = 0
-    dropped: int = 0
-    offline_spells: int = 0
     events: list[tj.TokenEvent] = field(default_factory=list)
 
 
 class Daemon:
-    """Takes a reading every ``interval`` seconds and pushes the backlog, oldest first."""
+    """Takes a reading every ``interval`` seconds and queues it in the durable outbox.
+
+    The outbox (``tm.outbox("readings")``) does the rest: each reading is in the journal
+    before ``enqueue`` returns, so a SIGKILL or a power cut loses none; it is delivered in
+    the background, oldest first, through the manager's middleware, retried with backoff
+    while offline, with the same ``Idempotency-Key`` on every try, so a retry after a lost
+    answer is not applied twice. A restart delivers what an earlier run left.
+    """
 
     def __init__(
         self,
         tm: tj.TokenManager,
         push_url: str,
-        method: str,
         interval: float,
         max_backoff: float,
     ) -> None:
         self.tm = tm
         self.push_url = push_url
-        self.method = method
         self.interval = interval
-        # The SDK's own curve (exponential, full jitter, from `backoff`) paces the offline
-        # retries; only its delays are used here, not its attempt limits.
-        self.offline = tj.RetryPolicy(base_delay=interval, max_delay=max(interval, max_backoff))
-        self.backlog: deque[Reading] = deque(maxlen=BACKLOG)
+        self.outbox = tm.outbox(
+            "readings", max_items=BACKLOG, when_full="drop_oldest", max_backoff=max_backoff
+        )
+        self.run_id = secrets.token_hex(4)  # readings of this start: uid RUN-SEQ
         self.counters = Counters()
         self.stop = asyncio.Event()
         self.stopped_by: str | None = None
+        self.exit_code = 0
+        self._delivered = -1
 
-    def request_stop(self, why: str) -> None:
-        """Stop after the push in flight (signal handlers call this)."""
+    def request_stop(self, why: str, code: int = 0) -> None:
+        """Stop taking readings (signal handlers call this)."""
         if not self.stop.is_set():
             log.info("%s received: stopping", why)
             self.stopped_by = why
+            self.exit_code = code
             self.stop.set()
+
+    def on_event(self, event: tj.TokenEvent) -> None:
+        """A session the server ended cannot deliver: stop (the readings stay queued)."""
+        if event.kind is tj.EventKind.ENDED:
+            self.request_stop("session end", EXIT_SESSION_ENDED)
+        elif event.kind is tj.EventKind.OUTBOX_DROPPED:
+            log.warning("the outbox is full (%d readings): the oldest was dropped", BACKLOG)
 
     def take_reading(self, seq: int) -> Reading:
         """A stand-in sensor."""
         self.counters.taken += 1
-        return {"seq": seq, "sensor": "thermo-1", "celsius": round(random.gauss(21.0, 0.5), 2)}
+        return {
+            "uid": f"{self.run_id}-{seq}",
+            "seq": seq,
+            "sensor": "thermo-1",
+            "celsius": round(random.gauss(21.0, 0.5), 2),
+        }
 
     async def run(self, iterations: int | None, before: Hook | None = None) -> int:
-        """Loop until stopped (or ``iterations`` readings); returns the exit code."""
-        failures = 0
+        """Loop until stopped (or ``iterations`` readings, then deliver them); returns the
+        exit code."""
         seq = 0
-        async with self.tm.client_session() as http:
-            while not self.stop.is_set() and (iterations is None or seq < iterations):
-                seq += 1
-                if before is not None:
-                    await before(seq)
-                if len(self.backlog) == self.backlog.maxlen:
-                    self.counters.dropped += 1  # the deque drops the oldest on append
-                self.backlog.append(self.take_reading(seq))
-                task = asyncio.ensure_future(self.flush(http))
-                await self._finish_or_cancel(task)
-                if task.cancelled():
-                    break
-                try:
-                    task.result()
-                except (tj.SessionEnded, tj.NotSignedIn) as exc:
-                    log.error(
-                        "the session is over (%s): restart the daemon to sign in again", exc.code
-                    )
-                    return EXIT_SESSION_ENDED
-                except (
-                    tj.TokenJournalError,
-                    aiohttp.ClientError,
-                    TimeoutError,
-                    PushRefused,
-                ) as exc:
-                    failures += 1
-                    if failures == 1:
-                        self.counters.offline_spells += 1
-                    delay = self.offline.backoff_delay(failures)
-                    log.warning(
-                        "offline (%s); %d reading(s) kept; next try in %.2fs",
-                        _describe(exc),
-                        len(self.backlog),
-                        delay,
-                    )
-                else:
-                    if failures:
-                        log.info("back online after %d failed tries", failures)
-                    failures, delay = 0, self.interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
-        return 0
-
-    async def flush(self, http: aiohttp.ClientSession) -> None:
-        """Push the backlog oldest first; a reading leaves it only once the server took it."""
-        while self.backlog:
-            reading = self.backlog[0]
-            try:
-                await self.push(http, reading)
-            except PushRefused as exc:
-                if exc.transient:
-                    raise
-                log.error("reading %s refused for good (%s); dropped", reading["seq"], exc)
-                self.counters.dropped += 1
-            else:
-                self.counters.pushed += 1
-                log.info("pushed reading %s", reading["seq"])
-            self.backlog.popleft()
-
-    async def push(self, http: aiohttp.ClientSession, reading: Reading) -> None:
-        """One reading: POST as JSON, or GET with query parameters (the reference server's
-        protected endpoint is ``GET /api/me``, which stands in for an ingest endpoint)."""
-        if self.method == "POST":
-            request = http.post(self.push_url, json=reading)
+        while not self.stop.is_set() and (iterations is None or seq < iterations):
+            seq += 1
+            if before is not None:
+                await before(seq)
+            reading = self.take_reading(seq)
+            item = await self.outbox.enqueue("POST", self.push_url, json=reading)
+            log.info("queued reading %s (%s)", reading["uid"], item)  # durable from here
+            await self.report()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.interval)
+        if iterations is not None and not self.stop.is_set():
+            await self.deliver_all()
         else:
-            request = http.get(self.push_url, params={k: str(v) for k, v in reading.items()})
-        async with request as response:
-            if response.status >= 400:
-                raise PushRefused(response.status)
+            # Give the upload in flight a moment; whatever is left stays in the journal.
+            with contextlib.suppress(TimeoutError):
+                await self.outbox.drain(timeout=STOP_GRACE)
+        await self.report()
+        return self.exit_code
 
-    async def _finish_or_cancel(self, task: asyncio.Future[None]) -> None:
-        stopper: asyncio.Future[Any] = asyncio.ensure_future(self.stop.wait())
-        try:
-            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                await asyncio.wait({task}, timeout=STOP_GRACE)
-            if not task.done():
-                # Safe: the SDK shields its shared refresh from callers' cancellation, and
-                # closing the manager lets that refresh commit or leaves it journaled.
-                log.info("the push in flight is cancelled; its readings are not sent")
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        finally:
-            stopper.cancel()
+    async def deliver_all(self) -> None:
+        """Wait until the outbox is empty (or a stop), logging progress."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await self.outbox.drain(timeout=max(self.interval, 0.5))
+                return
+            await self.report()
+
+    async def report(self) -> tj.OutboxStats:
+        """Log the outbox's figures when the count of delivered readings moved."""
+        stats = await self.outbox.stats()
+        if stats.delivered != self._delivered:
+            self._delivered = stats.delivered
+            log.info(
+                "outbox: %d delivered, %d pending, %d dead",
+                stats.delivered,
+                stats.pending,
+                stats.dead,
+            )
+        return stats
 
 
 def _describe(exc: BaseException) -> str:
@@ -269,7 +235,7 @@ async def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose or args.smoke)
     load_config(args)
     async with backend(args, "iot_daemon") as be:
-        push_url = args.push_url or f"{be.url}/api/me"
+        push_url = args.push_url or f"{be.url}/api/readings"
         tm = tj.TokenManager(
             be.url,
             be.journal,
@@ -281,8 +247,9 @@ async def main(args: argparse.Namespace) -> int:
             user_agent="tokenjournal-iot-sample",
         )
         tm.subscribe(log_event)  # before opening: recovery emits its event on open
-        daemon = Daemon(tm, push_url, args.push_method, args.interval or 5.0, args.max_backoff)
+        daemon = Daemon(tm, push_url, args.interval or 5.0, args.max_backoff)
         tm.subscribe(daemon.counters.events.append)
+        tm.subscribe(daemon.on_event)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop, sig.name)
@@ -292,21 +259,22 @@ async def main(args: argparse.Namespace) -> int:
             if args.smoke:
                 return await smoke(daemon, be, args.iterations or 6)
             code = await daemon.run(args.iterations)
-        c = daemon.counters
+            stats = await daemon.report()
         log.info(
-            "stopped%s: %d reading(s) taken, %d pushed, %d unsent, %d dropped; session %s",
+            "stopped%s: %d reading(s) taken, %d delivered, %d unsent, %d dropped; session %s",
             f" by {daemon.stopped_by}" if daemon.stopped_by else "",
-            c.taken,
-            c.pushed,
-            len(daemon.backlog),
-            c.dropped,
+            daemon.counters.taken,
+            stats.delivered,
+            stats.pending,
+            stats.dropped,
             tm.state.value,
         )
         return code
 
 
 async def smoke(daemon: Daemon, be: Backend, iterations: int) -> int:
-    """Readings across an access-token expiry, a 503 outage and a dropped connection."""
+    """Readings across an access-token expiry, a 503 outage, a dropped rotation and a lost
+    answer; then a daemon process SIGKILLed mid-upload and restarted: every reading once."""
     server = be.reference()
     ttl = server.config.access_ttl
     tm = daemon.tm
@@ -328,34 +296,27 @@ async def smoke(daemon: Daemon, be: Backend, iterations: int) -> int:
         elif seq == 3:
             print(
                 "smoke: the token expires again while the server fails (503 x3, then a "
-                "connection dropped after the rotation)",
+                "connection dropped after the rotation); the next upload's answer is lost",
                 flush=True,
             )
             await server.advance(ttl + 1)
             server.set_faults(
                 [{"kind": "status", "status": 503, "count": 3}, {"kind": "drop_after_commit"}]
             )
+            server.set_api_faults([{"kind": "drop_after_commit"}])
 
     code = await daemon.run(iterations, before)
-    c = daemon.counters
-    check(code == 0, f"the daemon ran {iterations} iterations without the session ending")
-    check(c.pushed + len(daemon.backlog) == iterations, "no reading lost while offline")
-    # After an outage the SDK paces its next try (a fleet must not come back in one wave):
-    # the daemon's next turns push what it kept. Here, a few quick turns instead of waiting.
-    async with tm.client_session() as http:
-        for _ in range(100):
-            if not daemon.backlog:
-                break
-            try:
-                await daemon.flush(http)
-            except (tj.TransientError, aiohttp.ClientError, TimeoutError, PushRefused):
-                await asyncio.sleep(0.05)
     stats = server.stats()
+    outbox = await daemon.outbox.stats()
+    check(code == 0, f"the daemon ran {iterations} iterations without the session ending")
     check(
-        c.pushed == iterations and not daemon.backlog,
-        f"all {iterations} readings were pushed, the one taken while offline included",
+        outbox.delivered == iterations and outbox.pending == 0,
+        f"all {iterations} readings were delivered, those queued while offline included",
     )
-    check(c.offline_spells == 1, "the 503 outage was one offline spell, retried with backoff")
+    check(
+        stats["keys_seen_twice"] >= 1 and stats["items_applied"] == iterations,
+        "the upload whose answer was lost was retried with its key and applied once",
+    )
     check(
         stats["grace_replays"] == 1, "the dropped rotation was recovered by a grace-window replay"
     )
@@ -364,19 +325,58 @@ async def smoke(daemon: Daemon, be: Backend, iterations: int) -> int:
         "the server never revoked the session",
     )
     check(tm.state is tj.SessionState.VALID, "the session is valid at the end")
-    kinds = [e.kind for e in c.events]
+    kinds = [e.kind for e in daemon.counters.events]
     check(
         tj.EventKind.ENDED not in kinds and kinds.count(tj.EventKind.REFRESHED) == 2,
         "two refreshes committed, no session end",
     )
     leaked = [r for r in records if any(t in r for t in seen)]
     check(not leaked and len(records) > 0, f"no token in {len(records)} log records")
+    killed = await smoke_kill(be, server)
     print(
-        f"SMOKE OK: {c.pushed} readings pushed, {c.offline_spells} offline spell, "
-        f"{stats['rotations']} rotations, {stats['grace_replays']} grace replay, session kept",
+        f"SMOKE OK: {outbox.delivered} readings delivered, {stats['grace_replays']} grace "
+        f"replay, session kept; {killed} readings of a SIGKILLed daemon arrived once",
         flush=True,
     )
     return 0
+
+
+async def smoke_kill(be: Backend, server: Any) -> int:
+    """A daemon process (on this server, its own journal) is SIGKILLed while an upload is
+    in flight; a second start delivers the rest. Every reading it queued arrives once."""
+    state = be.state_dir / "killed"
+    base = server.stats()["items_applied"]
+    # The server holds each upload a while, so the kill lands mid-upload.
+    server.set_api_faults([{"kind": "delay_before", "seconds": 0.2, "count": 3}])
+    argv = [sys.executable, __file__, "--auth-url", be.url, "--state-dir", str(state)]
+    argv += ["--interval", "0.02", "-v"]
+    env = {**os.environ, "TJ_EMAIL": be.email, "TJ_PASSWORD": be.password}
+    first = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    queued: list[str] = []
+    assert first.stderr is not None
+    while len(queued) < 5 or server.stats()["faults_injected"] < 1:
+        line = (await asyncio.wait_for(first.stderr.readline(), 30)).decode()
+        if not line:
+            raise SmokeFailed("the daemon process exited before it queued 5 readings")
+        if "queued reading" in line:
+            queued.append(line.split("queued reading ")[1].split()[0])
+    first.kill()
+    await first.wait()
+    print(f"smoke: daemon SIGKILLed mid-upload with {len(queued)} readings queued", flush=True)
+    second = await asyncio.create_subprocess_exec(
+        *argv, "--iterations", "1", env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    check(await asyncio.wait_for(second.wait(), 60) == 0, "the restarted daemon delivered")
+    applied = [r["body"]["uid"] for r in server.readings()]
+    check(set(queued) <= set(applied), "every reading the killed daemon queued arrived")
+    check(
+        len(applied) == len(set(applied)) and server.stats()["items_applied_twice"] == 0,
+        f"each arrived once ({server.stats()['items_applied'] - base} applied)",
+    )
+    return len(queued)
 
 
 def _capture_logs() -> list[str]:
@@ -395,8 +395,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     add_common_arguments(parser)
     parser.add_argument("--config", type=Path, help="TOML file with auth_url, email, password, ...")
-    parser.add_argument("--push-url", help="protected endpoint (default: AUTH_URL/api/me)")
-    parser.add_argument("--push-method", choices=("GET", "POST"), default="GET")
+    parser.add_argument(
+        "--push-url", help="ingest endpoint, POSTed JSON (default: AUTH_URL/api/readings)"
+    )
     parser.add_argument("--interval", type=float, help="seconds between readings (default 5)")
     parser.add_argument(
         "--max-backoff",

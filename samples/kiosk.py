@@ -8,6 +8,9 @@ What it shows:
 - It resumes by itself on reconnect: every request tries again, the SDK paces the retries.
 - When the session has ended it tells the operator exactly what to do, and (on a terminal)
   asks for the kiosk account's credentials right there.
+- Every visit is logged to the back office through the durable outbox
+  (``tm.outbox("visits")``): queued in the journal at once, delivered when the network
+  allows, each once. The status line shows how many are still queued.
 
 The status comes from ``tm.subscribe`` (refresh failed / refreshed / ended) and from the
 requests the kiosk makes (a network error, or any answer at all).
@@ -73,9 +76,14 @@ class Kiosk:
         clock: tj.Clock,
         out: TextIO = sys.stdout,
         on_status: Callable[[Status], None] | None = None,
+        visits_url: str | None = None,
     ) -> None:
         self.tm = tm
         self.api_url = api_url
+        self.visits_url = visits_url
+        # Unordered: a visit log has no order to keep, and several uploads may share a trip.
+        self.outbox = tm.outbox("visits", ordered=False, max_items=1000, when_full="drop_oldest")
+        self.queued = 0  # visits not yet delivered (the outbox's depth, for the status line)
         self.clock = clock
         self.out = out
         self.on_status = on_status
@@ -132,12 +140,16 @@ class Kiosk:
                 if left > 0
                 else "cannot serve until the network is back"
             )
-            return f"[{self.status.value}] {detail}; reconnecting by itself · served {self.served}"
+            return (
+                f"[{self.status.value}] {detail}; reconnecting by itself · served {self.served}"
+                f" · {self.queued} visit(s) queued"
+            )
         tokens = self.tm.tokens
         pass_ = tj.fingerprint(tokens.access_token) if tokens is not None else "-"
         return (
             f"[{self.status.value}] served {self.served} · pass {pass_} "
             f"valid {_duration(self.valid_for())} · renewed {self.renewals}x"
+            f" · {self.queued} visit(s) queued"
         )
 
     def show(self) -> None:
@@ -168,8 +180,17 @@ class Kiosk:
             ok = False
         if ok:
             self.served += 1
-        self._update()
+        if self.visits_url is not None:
+            # Durable when enqueue returns; delivered in the background, once.
+            await self.outbox.enqueue("POST", self.visits_url, json={"served": ok})
+        await self.count_queued()
         return ok
+
+    async def count_queued(self) -> int:
+        """Read the outbox's depth and redraw the status line."""
+        self.queued = (await self.outbox.stats()).pending
+        self._update()
+        return self.queued
 
     def operator_message(self, be: Backend, prompt: bool) -> str:
         """Exactly what to do after the server ended the session."""
@@ -241,6 +262,7 @@ async def main(args: argparse.Namespace) -> int:
     async with backend(args, "kiosk") as be:
         clock = be.clock()
         api_url = f"{be.url}/api/me"
+        visits_url = f"{be.url}/api/readings"  # the reference server's ingest endpoint
         async with tj.TokenManager(
             be.url,
             be.journal,
@@ -254,7 +276,7 @@ async def main(args: argparse.Namespace) -> int:
             if tm.tokens is None and not await sign_in(tm, be.email, be.password):
                 return EXIT_SESSION_ENDED
             statuses: list[Status] = []
-            kiosk = Kiosk(tm, api_url, clock, on_status=statuses.append)
+            kiosk = Kiosk(tm, api_url, clock, on_status=statuses.append, visits_url=visits_url)
             kiosk.show()
             if args.smoke:
                 return await smoke(kiosk, be, statuses)
@@ -291,6 +313,11 @@ async def smoke(kiosk: Kiosk, be: Backend, statuses: list[Status]) -> int:
         )
         check(tm.tokens is not None, "the session is kept through the outage")
 
+        check(
+            kiosk.queued >= 1,
+            f"the visits made while offline wait in the outbox ({kiosk.status_line()})",
+        )
+
         print("smoke: the network is back (the first rotation's answer is lost)", flush=True)
         server.set_faults([{"kind": "drop_after_commit"}])
         # The SDK paces its next try after an outage (up to ten times the policy's longest
@@ -300,6 +327,11 @@ async def smoke(kiosk: Kiosk, be: Backend, statuses: list[Status]) -> int:
                 break
             await asyncio.sleep(0.1)
         check(kiosk.status is Status.ONLINE, "ONLINE again on reconnect, serving")
+        await kiosk.outbox.drain(timeout=SMOKE_WAIT)
+        check(
+            await kiosk.count_queued() == 0 and server.stats()["items_applied_twice"] == 0,
+            f"every queued visit was delivered once ({kiosk.status_line()})",
+        )
         check(
             server.stats()["grace_replays"] == 1,
             "the lost answer was recovered in the grace window",

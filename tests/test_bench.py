@@ -131,6 +131,21 @@ def test_sealing_compares_a_sealed_journal_with_an_unsealed_one(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outbox_section_counts_group_commits_and_no_item_applied_twice(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, report = run_json(capsys, tmp_path, "--only", "outbox", "--outbox-items", "40")
+    box = report["sections"]["outbox"]
+    assert status == 0 and report["ok"] is True
+    assert box["durable_commits_for_100_concurrent_enqueues"] <= 10
+    assert box["items_applied_twice"] == 0
+    assert box["journal_bytes_per_pending_item"] > 0
+    names = {t["name"]: t for t in report["targets"]}
+    assert names["commits for 100 concurrent enqueues"]["enforced"] is True
+    assert names["outbox delivery / plain POST loop"]["enforced"] is False  # timing
+    assert "outbox: durable enqueue, 100 callers / 1" in bench.render(report)
+
+
 async def test_probe_charges_a_background_refresh_to_the_call_that_started_it(
     server: ReferenceServer,
 ) -> None:

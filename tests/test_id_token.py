@@ -93,7 +93,7 @@ async def test_a_schema_1_journal_is_migrated_and_keeps_its_pair(journal_path: P
     finally:
         await journal.close()
     conn = sqlite3.connect(journal_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     columns = [row[1] for row in conn.execute("PRAGMA table_info(accounts)")]
     conn.close()
     assert "id_token" in columns

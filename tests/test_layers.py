@@ -39,7 +39,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"sync"},  # the blocking manager
         {""},  # ``tokenjournal/__init__.py``: the public surface
         {"_manager", "_middleware", "_device", "_discovery", "_browser"},
-        {"_journal", "_doorbell", "_transport", "_retry", "_events", "_faults"},
+        # _outbox: its SQL is the journal's, the manager is seen through OutboxHost
+        {"_journal", "_outbox", "_doorbell", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
         {"_tokens", "_numbers", "_terminal", "_urls", "_errors", "_clock", "_seal"},
     )

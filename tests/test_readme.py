@@ -113,3 +113,26 @@ def test_not_using_asyncio_snippets_run_as_written(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stdout + out.stderr
             assert out.stdout.count("demo@example.com") == 3, out.stdout
         assert server.stats()["signins"] == 1  # the second run used the journal
+
+
+def outbox_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    found = [b for b in blocks if 'tm.outbox("readings")' in b]
+    assert found, "the README has no outbox example"
+    return found[0]
+
+
+async def test_outbox_example_delivers_once(server: ReferenceServer, tmp_path: Path) -> None:
+    """The README's outbox example, as written, against the reference server's API."""
+    import tokenjournal as tj
+
+    path = str(tmp_path / "tokens.db")
+    async with tj.TokenManager(server.url, journal=path) as tm:
+        await tm.sign_in(email="demo@example.com", password="demo")
+    body = "\n".join("    " + line for line in outbox_snippet().splitlines())
+    scope: dict[str, object] = {"tj": tj, "AUTH": server.url, "API": server.url + "/api"}
+    scope["path"] = path
+    exec(f"async def example():\n{body}\n    return item_id, stats, dead", scope)
+    item_id, stats, dead = await scope["example"]()  # type: ignore[operator]
+    assert (stats.pending, stats.delivered, dead) == (0, 1, [])
+    assert [r["key"] for r in server.readings()] == [item_id]

@@ -74,10 +74,14 @@ def test_iot_daemon_smoke_keeps_the_session_through_expiry_outage_and_drop(
     assert_lines(
         result,
         0,
-        "offline (server_error); 1 reading(s) kept",  # the 503s outlasted the SDK's retries
-        "ok: all 6 readings were pushed, the one taken while offline included",
+        "outbox readings failed (server_error)",  # the 503s outlasted the refresh's retries
+        "ok: all 6 readings were delivered, those queued while offline included",
+        "ok: the upload whose answer was lost was retried with its key and applied once",
         "ok: the dropped rotation was recovered by a grace-window replay",
         "ok: no token in",
+        "smoke: daemon SIGKILLed mid-upload with",
+        "ok: every reading the killed daemon queued arrived",
+        "ok: each arrived once",
         "SMOKE OK:",
     )
 
@@ -100,7 +104,7 @@ async def test_iot_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     seen: list[str] = []
     try:
         async with asyncio.timeout(HUNG):
-            while "pushed reading 2" not in "".join(seen):
+            while "outbox: 2 delivered" not in "".join(seen):
                 line = (await proc.stdout.readline()).decode()
                 assert line, "the daemon exited early:\n" + "".join(seen)
                 seen.append(line)
@@ -133,7 +137,8 @@ def test_iot_daemon_resumes_a_refresh_cut_short_by_a_crash(tmp_path: Path) -> No
         0,
         "session recovering: replaying a refresh cut short by a crash",
         "session refreshed",
-        "stopped: 2 reading(s) taken, 2 pushed, 0 unsent",
+        "2 reading(s) taken,",
+        "delivered, 0 unsent",
         "session valid",
     )
     assert "session signed_in" not in resumed.stdout  # resumed, not signed in again
@@ -150,6 +155,8 @@ def test_kiosk_smoke_goes_online_offline_online_then_session_ended(tmp_path: Pat
         0,
         "[OFFLINE] serving with the current pass for",
         "[OFFLINE] cannot serve until the network is back",
+        "visit(s) queued",  # the outbox's depth on the status line
+        "ok: every queued visit was delivered once",
         "renewed 1x",  # the status line shows the refresh happen ("watch it refresh")
         "[SESSION ENDED] not serving: an operator must sign in again",
         "SESSION ENDED: the auth server ended this kiosk's session (token_expired).",

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import tokenjournal as tj
-from tokenjournal._faults import CRASH_POINTS, SEAL_POINTS
+from tokenjournal._faults import SEAL_POINTS, SESSION_POINTS
 from tokenjournal.cli import main
 from tokenjournal.cli.reseal import run_reseal
 from tokenjournal.server import ReferenceServer
@@ -174,7 +175,7 @@ def child_env(point: str, key: bytes = KEY) -> dict[str, str]:
     return {**os.environ, ENV: base64.b64encode(key).decode(), "TOKENJOURNAL_CRASH_AT": point}
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
+@pytest.mark.parametrize("point", SESSION_POINTS)
 async def test_no_token_in_any_file_after_a_crash_at_each_point(
     server: ReferenceServer, journal_path: Path, point: str
 ) -> None:
@@ -489,3 +490,78 @@ async def test_status_reads_a_sealed_journal_without_the_key(
     assert seal.fingerprint(pair.refresh_token) in out
     assert pair.refresh_token not in out and pair.access_token not in out
     assert digests(journal_path)["db"] == before
+
+
+# ----------------------------------------------------------------------------- the outbox
+
+BODY_SECRET = "reading-body-secret-0123456789"
+HEADER_SECRET = "header-secret-value-0123456789"
+
+
+async def test_outbox_bodies_and_headers_are_sealed_and_still_delivered(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    """An item's body and headers are secrets too (a reading, an API key): sealed in every
+    file, opened again for delivery, and the server gets them as enqueued."""
+    api = server.url + "/api/readings"
+    async with tj.TokenManager(
+        server.url, journal_path, seal=tj.Seal(KEY), allowed_origins=[server.url]
+    ) as tm:
+        await tm.sign_in(**DEMO)
+        outbox = tm.outbox("readings")
+        await outbox.enqueue(
+            "POST", api, json={"note": BODY_SECRET}, headers={"X-Api-Key": HEADER_SECRET}
+        )
+        assert leaks(files(journal_path), {BODY_SECRET, HEADER_SECRET}) == []
+        await outbox.drain(timeout=30)
+    assert leaks(files(journal_path), {BODY_SECRET, HEADER_SECRET}) == []
+    applied = server.readings()
+    assert len(applied) == 1 and BODY_SECRET in json.dumps(applied[0])
+
+
+async def test_a_sealed_body_copied_to_another_item_does_not_open(journal_path: Path) -> None:
+    from tokenjournal._journal import Holder
+    from tokenjournal._outbox import OutboxLimits, build_item
+
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    for n in range(2):
+        item = build_item("POST", "https://api.example/r", json={"n": n}, now=1.0)
+        await journal.outbox_add("default", "readings", item, OutboxLimits())
+    await journal.close()
+    with sqlite3.connect(journal_path) as db:
+        first = db.execute("SELECT body FROM outbox ORDER BY seq LIMIT 1").fetchone()[0]
+        db.execute("UPDATE outbox SET body = ? WHERE seq = (SELECT max(seq) FROM outbox)", (first,))
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    try:
+        with pytest.raises(tj.JournalError, match=r"outbox\.body"):
+            await journal.outbox_claim(
+                "default", "readings", Holder.for_this_process(), 2.0, 30.0, 10, False
+            )
+    finally:
+        await journal.close()
+
+
+async def test_a_plain_outbox_is_sealed_in_place_when_a_seal_first_opens_it(
+    journal_path: Path,
+) -> None:
+    from tokenjournal._journal import Holder
+    from tokenjournal._outbox import OutboxLimits, build_item
+
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    item = build_item("POST", "https://api.example/r", json={"s": BODY_SECRET}, now=1.0)
+    await journal.outbox_add("default", "readings", item, OutboxLimits())
+    await journal.close()
+    assert leaks(files(journal_path), {BODY_SECRET})  # plain: the scan sees it
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    try:
+        assert leaks(files(journal_path), {BODY_SECRET}) == []
+        (claimed,) = await journal.outbox_claim(
+            "default", "readings", Holder.for_this_process(), 2.0, 30.0, 10, False
+        )
+        assert claimed.body == item.body and claimed.id == item.id
+    finally:
+        await journal.close()

@@ -185,6 +185,10 @@ async def test_stats_endpoint_and_reset() -> None:
             "faults_injected",
             "logouts",
             "device_authorizations",
+            "items_applied",
+            "keys_seen_twice",
+            "items_applied_twice",
+            "items_refused",
         }
         assert stats["signins"] == 1
         reset = await post(s, "/_test/stats/reset")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tokenjournal as tj
-from tokenjournal._journal import Holder
+from tokenjournal._journal import SCHEMA_VERSION, Holder
 from tokenjournal.cli import main
 
 NOW = 1_800_000_000.0
@@ -178,13 +178,13 @@ def test_newer_schema_is_one_line_and_untouched(
     journal_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     conn = sqlite3.connect(journal_file)
-    conn.execute("PRAGMA user_version = 99")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     before = digest(journal_file)
     code, out, err = status(capsys, "--journal", str(journal_file))
     _one_line_failure(code, out, err)
-    assert "newer" in err and "schema 99" in err
+    assert "newer" in err and f"schema {SCHEMA_VERSION + 1}" in err
     assert digest(journal_file) == before
 
 

@@ -2,7 +2,8 @@
 
 ``test_short_run`` runs ``python -m tests.torture --short --json`` (named crash points,
 random SIGKILLs under network chaos, every network fault scenario, a short list of time
-scenarios, cancellation workers and fork rounds; about a minute on an idle machine) and
+scenarios, cancellation workers and fork rounds, the outbox's crash points and kills; about
+a minute and a half on an idle machine) and
 asserts every must-be-zero figure. The long run behind the README's table is
 ``python -m tests.torture --kills 1000``.
 """
@@ -29,7 +30,8 @@ from tests.torture.crashes import crash_round
 from tests.torture.procs import ROOT
 from tests.torture.proxy import FaultProxy
 from tests.torture.timephase import NoIatMinter
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import OUTBOX_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 from tokenjournal._journal import Holder, Stale
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
@@ -87,6 +89,15 @@ def test_short_run_loses_no_session() -> None:
     assert cancel["fork_refresh_requests"] and all(
         n == 1 for n in cancel["fork_refresh_requests"]
     ), (command, cancel["details"])
+    # Phase 6, the durable outbox (issue 13): every delivery crash point was hit and
+    # recovered, the kills happened, readings went through, none lost or applied twice.
+    outbox = figures["outbox"]
+    for point in OUTBOX_POINTS:
+        assert outbox["crashes_injected"].get(point, 0) >= 1, (command, point, outbox)
+    assert outbox["crash_failures"] == [], (command, outbox)
+    assert outbox["kills"] >= 20 and outbox["enqueued"] > 0, (command, outbox)
+    assert outbox["delivered"] + outbox["dead_letters"] >= outbox["enqueued"], (command, outbox)
+    assert (outbox["lost"], outbox["applied_twice"]) == (0, 0), (command, outbox)
 
 
 # ----------------------------------------------------------------------------- regressions

@@ -2,7 +2,8 @@
 
 Tokens live in a crash-safe SQLite journal; concurrent callers share one refresh; transient
 failures are retried with backoff; a refresh interrupted by a crash is replayed into the
-server's grace window on the next start. Start with :class:`TokenManager`.
+server's grace window on the next start. API calls made offline wait in a durable outbox
+(``tm.outbox(name)``) and arrive once. Start with :class:`TokenManager`.
 """
 
 from . import _discovery  # noqa: F401  (installs the I/O behind OAuth2Protocol.discover)
@@ -11,6 +12,7 @@ from ._errors import (
     JournalError,
     NetworkError,
     NotSignedIn,
+    OutboxFull,
     ProtocolError,
     RateLimited,
     ServerError,
@@ -23,6 +25,7 @@ from ._events import EventKind, SessionState, TokenEvent
 from ._journal import Journal, MemoryJournal, SQLiteJournal
 from ._manager import TokenManager
 from ._middleware import TokenMiddleware
+from ._outbox import DeadLetter, Outbox, OutboxStats
 from ._protocols import (
     AuthProtocol,
     DeviceCode,
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthProtocol",
     "Clock",
+    "DeadLetter",
     "DeviceCode",
     "DeviceInfo",
     "EventKind",
@@ -54,6 +58,9 @@ __all__ = [
     "NetworkError",
     "NotSignedIn",
     "OAuth2Protocol",
+    "Outbox",
+    "OutboxFull",
+    "OutboxStats",
     "ProtocolError",
     "RateLimited",
     "RetryPolicy",

@@ -9,7 +9,8 @@
     │   └── RateLimited      429 (.retry_after)
     ├── SignInFailed         the server refused a sign-in (.code says why)
     ├── ProtocolError        the server said something the protocol does not allow
-    └── JournalError         storage: locked, full, read-only, corrupt, newer schema
+    ├── JournalError         storage: locked, full, read-only, corrupt, newer schema
+    └── OutboxFull           an outbox at max_items/max_bytes refused one more item
 
 Messages never contain a token; at most a fingerprint. Each class's ``code`` is listed in
 docs/architecture.md section 4. ``SessionEnded``, ``SignInFailed`` and ``ProtocolError`` also
@@ -137,3 +138,10 @@ class JournalError(TokenJournalError):
     corrupt, or written by a newer version of tokenjournal."""
 
     code: str = "journal_error"
+
+
+class OutboxFull(TokenJournalError):
+    """An outbox with ``when_full="reject"`` is at its ``max_items`` or ``max_bytes``: the
+    item was not stored. Nothing already in the outbox changed."""
+
+    code: str = "outbox_full"

@@ -36,6 +36,8 @@ class EventKind(enum.Enum):
     REFRESH_FAILED = "refresh_failed"  # transient; tokens kept, the next call tries again
     ENDED = "ended"  # the server ended the session (``code`` says why)
     SIGNED_OUT = "signed_out"
+    OUTBOX_DROPPED = "outbox_dropped"  # a full outbox dropped its oldest item(s) (``code``: name)
+    OUTBOX_DEAD = "outbox_dead"  # the server refused an outbox item for good (``code``: name)
 
 
 @dataclass(frozen=True, slots=True)

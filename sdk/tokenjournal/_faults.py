@@ -19,7 +19,16 @@ CRASH_POINTS: Final = (
     "after_response",  # the new pair arrived, not yet committed
     "after_commit",  # committed, waiters not yet woken
     "mid_sign_out",  # sign-out journaled, server not yet told
+    # The outbox's delivery of one item (docs/architecture.md section 8); "after_send"
+    # above fires for an outbox request too.
+    "before_send",  # the item is leased, its request not sent
+    "after_answer",  # the server answered; nothing journaled yet
+    "before_settle",  # the answer is read as final (2xx or dead); the settle not committed
 )
+#: The points of a refresh and of a sign-out (the torture's phase 1 walks these).
+SESSION_POINTS: Final = CRASH_POINTS[:6]
+#: The points of an outbox delivery ("after_send" is shared with the refresh).
+OUTBOX_POINTS: Final = ("before_send", "after_send", "after_answer", "before_settle")
 #: Points of the journal's sealing (docs/architecture.md section 7), apart from the refresh's.
 SEAL_POINTS: Final = (
     "seal_before_commit",  # every row sealed (or re-sealed) in the transaction, not committed

@@ -16,11 +16,14 @@ itself is section 5):
 * the lease row makes one process the refresher per account across processes (invariant 4);
 * with a :class:`~tokenjournal.Seal`, every column listed in :data:`SECRET_TABLES` is sealed
   on write and opened on read (invariant 15, docs/architecture.md section 7).
+* an outbox item is committed before ``enqueue`` returns, and one per-item lease keeps it in
+  flight in at most one process (invariant 14; the engine is :mod:`tokenjournal._outbox`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -32,7 +35,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,11 +45,12 @@ import aiosqlite
 
 from ._errors import JournalError
 from ._faults import crash_point
+from ._outbox import DeadLetter, OutboxItem, OutboxLimits, OutboxStats, Settle
 from ._protocols import MAX_LIFETIME
 from ._seal import Seal, Unopenable, is_sealed, key_id_of
 from ._tokens import TokenSet, fingerprint, to_datetime
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
@@ -276,6 +280,75 @@ class Journal(Protocol):
         """The kept discovery document of ``issuer`` and when it was read, or ``None``."""
         ...
 
+    # -- the outbox (docs/architecture.md section 8) ------------------------------------
+
+    async def outbox_add(
+        self, account: str, outbox: str, item: OutboxItem, limits: OutboxLimits
+    ) -> int | None:
+        """Store ``item`` durably (concurrent calls may share one commit). Returns how many
+        oldest items ``drop_oldest`` dropped to make room, or ``None`` when the outbox is full
+        and ``limits.when_full`` is ``reject`` (nothing was stored)."""
+        ...
+
+    async def outbox_claim(
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        limit: int,
+        ordered: bool,
+    ) -> list[OutboxItem]:
+        """Lease up to ``limit`` pending items nobody live holds (a dead holder's are taken
+        over) and count a try on each. ``ordered``: only the head of the line, stopping at
+        the first item another holder has."""
+        ...
+
+    async def outbox_renew(
+        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+    ) -> set[str]:
+        """Extend every lease ``holder`` has in this outbox; returns the ids still held."""
+        ...
+
+    async def outbox_release(
+        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+    ) -> None:
+        """Give up ``holder``'s leases on ``ids`` (``None``: all of them): back in line."""
+        ...
+
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """In one durable transaction, per item: delivered, delete it and count it; dead,
+        keep it as a dead letter. Whether each was settled by this call (``False``: already
+        settled, e.g. by another process that took it over)."""
+        ...
+
+    async def outbox_waiting(self, account: str, outbox: str, upto: int | None) -> tuple[int, int]:
+        """``(pending items with seq <= upto, upto)``; ``upto=None`` means every item now."""
+        ...
+
+    async def outbox_stats(self, account: str, outbox: str, now: float) -> OutboxStats:
+        """The outbox's figures."""
+        ...
+
+    async def outbox_dead(self, account: str, outbox: str) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        ...
+
+    async def outbox_retry_dead(self, account: str, outbox: str) -> int:
+        """Put every dead letter back in line; returns how many."""
+        ...
+
+    async def outbox_clear(self, account: str, outbox: str) -> int:
+        """Delete every item and the counters of the outbox; returns how many items."""
+        ...
+
+    async def outbox_summary(self, now: float) -> list[OutboxStats]:
+        """The figures of every outbox in the journal (every account)."""
+        ...
+
 
 # --------------------------------------------------------------------------- memory
 
@@ -291,6 +364,9 @@ class MemoryJournal:
         self._metadata: dict[str, tuple[str, float]] = {}
         self._device_id = str(uuid.uuid4())
         self._commits = 0
+        self._items: dict[str, _MemItem] = {}
+        self._outbox_counts: dict[tuple[str, str], list[int]] = {}  # [delivered, dropped]
+        self._seq = 0
 
     def __repr__(self) -> str:
         return f"MemoryJournal(accounts={len(self._records)})"
@@ -414,6 +490,201 @@ class MemoryJournal:
         """The kept discovery document and when it was read."""
         return self._metadata.get(issuer)
 
+    # -- the outbox ----------------------------------------------------------------------
+
+    def _line(self, account: str, outbox: str) -> list[_MemItem]:
+        return sorted(
+            (m for m in self._items.values() if m.key == (account, outbox)),
+            key=lambda m: m.item.seq,
+        )
+
+    def _counts(self, account: str, outbox: str) -> list[int]:
+        return self._outbox_counts.setdefault((account, outbox), [0, 0])
+
+    async def outbox_add(
+        self, account: str, outbox: str, item: OutboxItem, limits: OutboxLimits
+    ) -> int | None:
+        """Store the item (see :meth:`Journal.outbox_add`)."""
+        line = [m for m in self._line(account, outbox) if not m.dead]
+        dropped = _make_room([(m.item.seq, m.item.size) for m in line], item.size, limits)
+        if dropped is None:
+            return None
+        for seq in dropped:
+            del self._items[next(m.item.id for m in line if m.item.seq == seq)]
+        self._seq += 1
+        self._items[item.id] = _MemItem((account, outbox), replace(item, seq=self._seq))
+        self._counts(account, outbox)[1] += len(dropped)
+        self._commits += 1
+        return len(dropped)
+
+    async def outbox_claim(
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        limit: int,
+        ordered: bool,
+    ) -> list[OutboxItem]:
+        """Lease items (see :meth:`Journal.outbox_claim`)."""
+        taken: list[OutboxItem] = []
+        for m in self._line(account, outbox):
+            if m.dead:
+                continue
+            if len(taken) >= limit:
+                break
+            if _leased(m.lease, holder, now):
+                if ordered:
+                    break
+                continue
+            m.lease = Lease(holder.id, holder.pid, holder.host, now + lease_ttl)
+            m.item = replace(m.item, attempts=m.item.attempts + 1)
+            taken.append(m.item)
+        if taken:
+            self._commits += 1
+        return taken
+
+    async def outbox_renew(
+        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+    ) -> set[str]:
+        """Extend our leases."""
+        kept: set[str] = set()
+        for m in self._line(account, outbox):
+            if m.lease is not None and m.lease.holder == holder.id and not m.dead:
+                m.lease = replace(m.lease, expires_at=now + lease_ttl)
+                kept.add(m.item.id)
+        return kept
+
+    async def outbox_release(
+        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+    ) -> None:
+        """Give up our leases."""
+        for m in self._line(account, outbox):
+            mine = m.lease is not None and m.lease.holder == holder.id
+            if mine and (ids is None or m.item.id in ids):
+                m.lease = None
+
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """Delete (delivered) or dead-letter the items."""
+        self._commits += 1
+        return [self._settle(account, outbox, settle) for settle in settles]
+
+    def _settle(self, account: str, outbox: str, settle: Settle) -> bool:
+        m = self._items.get(settle.item_id)
+        if m is None or m.dead:
+            return False
+        if settle.dead:
+            m.dead, m.lease = True, None
+            m.status, m.reason = settle.status, settle.reason
+            m.item = replace(m.item, attempts=max(m.item.attempts, settle.attempts))
+        else:
+            del self._items[settle.item_id]
+            self._counts(account, outbox)[0] += 1
+        return True
+
+    async def outbox_waiting(self, account: str, outbox: str, upto: int | None) -> tuple[int, int]:
+        """Pending items up to a place in line."""
+        line = [m.item.seq for m in self._line(account, outbox) if not m.dead]
+        if upto is None:
+            upto = max(line, default=0)
+        return sum(1 for seq in line if seq <= upto), upto
+
+    async def outbox_stats(self, account: str, outbox: str, now: float) -> OutboxStats:
+        """The figures."""
+        line = self._line(account, outbox)
+        pending = [m for m in line if not m.dead]
+        delivered, dropped = self._outbox_counts.get((account, outbox), [0, 0])
+        oldest = min((m.item.created_at for m in pending), default=None)
+        return OutboxStats(
+            account,
+            outbox,
+            len(pending),
+            sum(1 for m in pending if m.lease is not None and m.lease.expires_at > now),
+            delivered,
+            len(line) - len(pending),
+            dropped,
+            None if oldest is None else max(0.0, now - oldest),
+        )
+
+    async def outbox_dead(self, account: str, outbox: str) -> list[DeadLetter]:
+        """The dead letters."""
+        return [
+            DeadLetter(
+                m.item.id,
+                m.status,
+                m.reason,
+                m.item.method,
+                m.item.url,
+                m.item.attempts,
+                m.item.created_at,
+            )
+            for m in self._line(account, outbox)
+            if m.dead
+        ]
+
+    async def outbox_retry_dead(self, account: str, outbox: str) -> int:
+        """Dead letters back in line."""
+        count = 0
+        for m in self._line(account, outbox):
+            if m.dead:
+                m.dead, m.status, m.reason, count = False, 0, "", count + 1
+        return count
+
+    async def outbox_clear(self, account: str, outbox: str) -> int:
+        """Forget the outbox."""
+        line = self._line(account, outbox)
+        for m in line:
+            del self._items[m.item.id]
+        self._outbox_counts.pop((account, outbox), None)
+        return len(line)
+
+    async def outbox_summary(self, now: float) -> list[OutboxStats]:
+        """Every outbox's figures."""
+        keys = {m.key for m in self._items.values()} | set(self._outbox_counts)
+        return [await self.outbox_stats(a, o, now) for a, o in sorted(keys)]
+
+
+@dataclass(slots=True)
+class _MemItem:
+    """An item in a MemoryJournal, with its lease and dead-letter fields."""
+
+    key: tuple[str, str]
+    item: OutboxItem
+    lease: Lease | None = None
+    dead: bool = False
+    status: int = 0
+    reason: str = ""
+
+
+def _leased(lease: Lease | None, holder: Holder, now: float) -> bool:
+    """Whether an item's lease keeps it from ``holder`` now: another live holder's, or our
+    own that has not expired (an item of ours is in flight here; an expired one of ours
+    was left by a task that could not release it)."""
+    if lease is None:
+        return False
+    if lease.holder == holder.id:
+        return lease.expires_at > now
+    return lease_is_live(lease, holder, now)
+
+
+def _make_room(line: list[tuple[int, int]], size: int, limits: OutboxLimits) -> list[int] | None:
+    """The seqs of the oldest pending items to drop so one more of ``size`` bytes fits
+    (``line``: ``(seq, size)`` oldest first), or ``None`` if it is full and may not drop."""
+    count, total = len(line), sum(s for _, s in line)
+    dropped: list[int] = []
+    while (limits.max_items is not None and count + 1 > limits.max_items) or (
+        limits.max_bytes is not None and total + size > limits.max_bytes
+    ):
+        if limits.when_full != "drop_oldest" or len(dropped) == len(line):
+            return None
+        seq, gone = line[len(dropped)]
+        dropped.append(seq)
+        count, total = count - 1, total - gone
+    return dropped
+
 
 def _signing_out(rec: AccountRecord) -> bool:
     """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
@@ -490,13 +761,6 @@ SEALING_SCHEMA: Final = 2
 #: Schema 3: the OpenID Connect ID token kept with the pair (NULL for a pair without one).
 _ID_TOKEN: Final = ("ALTER TABLE accounts ADD COLUMN id_token TEXT",)
 
-#: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
-    0: _SCHEMA,
-    SEALING_SCHEMA - 1: _SEALING,
-    SEALING_SCHEMA: _ID_TOKEN,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class SecretTable:
@@ -529,6 +793,9 @@ SECRET_TABLES: Final = (
         ("access_fp", "refresh_fp", None),
     ),
     SecretTable("intents", "account", "generation", ("payload",), (None,)),
+    # An item is bound to its own id (the Idempotency-Key) and place in line: a body copied
+    # to another item does not open. The body is kept as base64 text when sealed.
+    SecretTable("outbox", "id", "seq", ("body", "headers"), (None, None)),
 )
 
 
@@ -546,6 +813,35 @@ META_SEALED_BY: Final = "sealed_by"
 
 #: ``meta`` keys of kept discovery documents: this prefix and the issuer.
 _METADATA_KEY: Final = "discovery "
+#: Schema 4: the durable outbox (invariant 14). ``seq`` is the place in line (never reused),
+#: ``id`` the Idempotency-Key; a delivered item is deleted (and counted in
+#: ``outbox_counts``), a refused one stays with ``dead = 1``; ``holder``/``pid``/``host``/
+#: ``lease_expires`` are the per-item lease, as in ``leases`` for the refresh.
+_OUTBOX_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        account TEXT NOT NULL, name TEXT NOT NULL,
+        method TEXT NOT NULL, url TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+        size INTEGER NOT NULL, created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        dead INTEGER NOT NULL DEFAULT 0, status INTEGER, reason TEXT,
+        holder TEXT, pid INTEGER, host TEXT, lease_expires REAL,
+        sealed_by TEXT)""",
+    "CREATE INDEX IF NOT EXISTS outbox_line ON outbox (account, name, dead, seq)",
+    """CREATE TABLE IF NOT EXISTS outbox_counts (
+        account TEXT NOT NULL, name TEXT NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0, dropped INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, name))""",
+)
+
+#: Forward migrations: MIGRATIONS[v] takes a journal from schema v to v + 1.
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    0: _SCHEMA,
+    SEALING_SCHEMA - 1: _SEALING,
+    SEALING_SCHEMA: _ID_TOKEN,
+    SEALING_SCHEMA + 1: _OUTBOX_SCHEMA,
+}
 
 _LOAD_SQL: Final = """
 SELECT a.access_token, a.refresh_token, a.expires_at, a.received_at, a.token_type, a.scope,
@@ -651,6 +947,12 @@ class SQLiteJournal:
         self._life = asyncio.Lock()
         self._commits = 0
         self._device_id: str | None = None
+        # Group commit: writes that arrive while a commit is being synced wait here and
+        # share the next transaction (see _batched).
+        self._batch: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        self._batch_lock = threading.Lock()
+        self._batch_queued = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         sealed = f", seal={self.seal!r}" if self.seal is not None else ""
@@ -759,6 +1061,60 @@ class SQLiteJournal:
         if tx.scrub:
             self._scrub(conn)
         return result
+
+    async def _batched(self, body: Callable[[_Tx], _T]) -> _T:
+        """Run ``body`` in the next group commit: one BEGIN IMMEDIATE ... COMMIT for every
+        write that arrived while the previous one was being synced (aiosqlite runs one job
+        at a time, so a queue forms exactly while the disk is busy). Durable on return, like
+        :meth:`_transaction`. ``body`` must not raise for an expected outcome (return it):
+        an exception rolls back the whole group. A caller cancelled before its group starts
+        is left out; one cancelled later may still see its write committed.
+        """
+        if self.read_only:
+            raise JournalError(f"journal {self.path} was opened read-only")
+        self._conn()
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        with self._batch_lock:
+            self._batch.append((body, future))
+            start, self._batch_queued = not self._batch_queued, True
+        if start:
+            task = asyncio.ensure_future(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        taken: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        included: list[asyncio.Future[Any]] = []
+
+        def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[Any]:
+            with self._batch_lock:  # whatever queued until now, and nothing after
+                taken.extend(self._batch)
+                self._batch.clear()
+                self._batch_queued = False
+            bodies = []
+            for body, future in taken:
+                if not future.cancelled():
+                    bodies.append(body)
+                    included.append(future)
+            if not bodies:
+                return []
+            return self._in_transaction(conn, lambda tx: [b(tx) for b in bodies], abandoned)
+
+        try:
+            results = await self._run(job)
+        except BaseException as exc:
+            for _, future in taken:
+                if not future.done():
+                    future.set_exception(
+                        exc if isinstance(exc, Exception) else JournalError("journal closed")
+                    )
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for future, result in zip(included, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     def _scrub(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the file and truncate it to zero bytes.
@@ -914,6 +1270,8 @@ class SQLiteJournal:
                 if sealed_by is not None and not everything:
                     continue  # an older key's row: re-sealed when it is next written
                 r = _Row(str(owner))
+                if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
+                    values = [_b64(v) if isinstance(v, bytes) else v for v in values]
                 plain = [
                     _opened(r, seal if sealed_by is not None else None, t.table, c, generation, v)
                     for c, v in zip(t.columns, values, strict=True)
@@ -1051,6 +1409,8 @@ class SQLiteJournal:
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
         async with self._life:
+            if self._flushes:  # writes already accepted are committed (or fail) first
+                await asyncio.gather(*self._flushes, return_exceptions=True)
             db, self._db = self._db, None
             if db is not None:
                 await self._close_quietly(db)
@@ -1348,6 +1708,344 @@ class SQLiteJournal:
         if not isinstance(document, str) or not isinstance(fetched_at, int | float):
             return None
         return document, float(fetched_at)
+
+    # -- the outbox (docs/architecture.md section 8) ------------------------------------
+
+    async def outbox_add(
+        self, account: str, outbox: str, item: OutboxItem, limits: OutboxLimits
+    ) -> int | None:
+        """Store the item in the next group commit (see :meth:`Journal.outbox_add`)."""
+        headers = json.dumps(item.headers)
+        seal = self.seal
+
+        def body(tx: _Tx) -> int | None:
+            dropped: list[int] = []
+            if limits.max_items is not None or limits.max_bytes is not None:
+                line = tx.execute(
+                    "SELECT seq, size FROM outbox WHERE account = ? AND name = ? AND dead = 0 "
+                    "ORDER BY seq",
+                    (account, outbox),
+                ).fetchall()
+                room = _make_room([(int(r[0]), int(r[1])) for r in line], item.size, limits)
+                if room is None:
+                    return None
+                dropped = room
+                for seq in dropped:
+                    tx.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            # The place in line is taken here, not left to AUTOINCREMENT: a sealed body is
+            # bound to it before the row exists.
+            seq = int(
+                tx.execute(
+                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'),"
+                    " 0), coalesce((SELECT max(seq) FROM outbox), 0)) + 1"
+                ).fetchone()[0]
+            )
+            stored_headers: str | None = headers
+            stored_body: str | bytes | None = item.body
+            if seal is not None:
+                stored_headers = _sealed(seal, "outbox", "headers", item.id, seq, headers)
+                stored_body = _sealed(seal, "outbox", "body", item.id, seq, _b64(item.body))
+            tx.execute(
+                "INSERT INTO outbox (seq, id, account, name, method, url, headers, body, size, "
+                "created_at, sealed_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    seq,
+                    item.id,
+                    account,
+                    outbox,
+                    item.method,
+                    item.url,
+                    stored_headers,
+                    stored_body,
+                    item.size,
+                    item.created_at,
+                    seal.key_id if seal is not None else None,
+                ),
+            )
+            if dropped:  # the counters' row is made by the first drop or delivery
+                tx.execute(
+                    "INSERT INTO outbox_counts (account, name, dropped) VALUES (?, ?, ?) "
+                    "ON CONFLICT(account, name) DO UPDATE SET dropped = dropped + excluded.dropped",
+                    (account, outbox, len(dropped)),
+                )
+            return len(dropped)
+
+        return await self._batched(body)
+
+    async def outbox_claim(
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        limit: int,
+        ordered: bool,
+    ) -> list[OutboxItem]:
+        """Lease items in one durable transaction (see :meth:`Journal.outbox_claim`)."""
+
+        def body(tx: _Tx) -> list[OutboxItem]:
+            rows = tx.execute(
+                "SELECT seq, id, method, url, headers, body, created_at, attempts, holder, pid, "
+                "host, lease_expires, sealed_by FROM outbox "
+                "WHERE account = ? AND name = ? AND dead = 0 ORDER BY seq LIMIT ?",
+                (account, outbox, limit * 4 + 16 if not ordered else limit),
+            ).fetchall()
+            taken: list[OutboxItem] = []
+            for row in rows:
+                if len(taken) >= limit:
+                    break
+                lease = None
+                if row["holder"] is not None:
+                    lease = Lease(
+                        str(row["holder"]),
+                        int(row["pid"] or 0),
+                        str(row["host"]),
+                        float(row["lease_expires"] or 0.0),
+                    )
+                if _leased(lease, holder, now):
+                    if ordered:
+                        break  # the head is in flight elsewhere: FIFO waits for it
+                    continue
+                taken.append(_item(row, self.seal, attempts_delta=1))
+            if taken:
+                tx.conn.executemany(
+                    "UPDATE outbox SET holder = ?, pid = ?, host = ?, lease_expires = ?, "
+                    "attempts = attempts + 1 WHERE seq = ?",
+                    [(holder.id, holder.pid, holder.host, now + lease_ttl, i.seq) for i in taken],
+                )
+            return taken
+
+        return await self._transaction(body)
+
+    async def outbox_renew(
+        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+    ) -> set[str]:
+        """Extend our leases; the ids still ours."""
+
+        def body(tx: _Tx) -> set[str]:
+            tx.execute(
+                "UPDATE outbox SET lease_expires = ? "
+                "WHERE account = ? AND name = ? AND holder = ? AND dead = 0",
+                (now + lease_ttl, account, outbox, holder.id),
+            )
+            rows = tx.execute(
+                "SELECT id FROM outbox WHERE account = ? AND name = ? AND holder = ? AND dead = 0",
+                (account, outbox, holder.id),
+            ).fetchall()
+            return {str(r[0]) for r in rows}
+
+        return await self._transaction(body)
+
+    async def outbox_release(
+        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+    ) -> None:
+        """Give up our leases (all of them with ``ids=None``)."""
+        clear = (
+            "UPDATE outbox SET holder = NULL, pid = NULL, host = NULL, lease_expires = NULL "
+            "WHERE account = ? AND name = ? AND holder = ?"
+        )
+
+        def body(tx: _Tx) -> None:
+            if ids is None:
+                tx.execute(clear, (account, outbox, holder.id))
+            else:
+                tx.conn.executemany(
+                    clear + " AND id = ?", [(account, outbox, holder.id, i) for i in ids]
+                )
+
+        if ids == []:
+            return
+        await self._transaction(body)
+
+    async def outbox_settle(
+        self, account: str, outbox: str, settles: Sequence[Settle]
+    ) -> list[bool]:
+        """Delete and count (delivered) or keep as dead letters, in the next group commit."""
+        settles = list(settles)
+
+        def body(tx: _Tx) -> list[bool]:
+            # A handful of statements per group, not two per item: the group's commit runs
+            # on the worker thread while the event loop sends the next items.
+            ids = list(dict.fromkeys(settle.item_id for settle in settles))
+            pending: set[str] = set()  # the rest: settled already, elsewhere
+            for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+                chunk = tuple(ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = tx.execute(
+                    f"SELECT id FROM outbox WHERE dead = 0 AND id IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+                pending.update(str(r[0]) for r in rows)
+            first: dict[str, Settle] = {}  # one verdict per id
+            for settle in settles:
+                first.setdefault(settle.item_id, settle)
+            done = [s for s in first.values() if not s.dead and s.item_id in pending]
+            dead = [s for s in first.values() if s.dead and s.item_id in pending]
+            tx.conn.executemany("DELETE FROM outbox WHERE id = ?", [(s.item_id,) for s in done])
+            tx.conn.executemany(
+                "UPDATE outbox SET dead = 1, status = ?, reason = ?, "
+                "attempts = max(attempts, ?), holder = NULL, pid = NULL, host = NULL, "
+                "lease_expires = NULL WHERE id = ?",
+                [(s.status, s.reason, s.attempts, s.item_id) for s in dead],
+            )
+            if done:
+                tx.execute(
+                    "INSERT INTO outbox_counts (account, name, delivered) VALUES (?, ?, ?) "
+                    "ON CONFLICT(account, name) DO UPDATE SET "
+                    "delivered = delivered + excluded.delivered",
+                    (account, outbox, len(done)),
+                )
+            # An id twice in one group (never from one deliverer) counts once.
+            seen: set[str] = set()
+            result = []
+            for settle in settles:
+                result.append(settle.item_id in pending and settle.item_id not in seen)
+                seen.add(settle.item_id)
+            return result
+
+        return await self._batched(body)
+
+    async def outbox_waiting(self, account: str, outbox: str, upto: int | None) -> tuple[int, int]:
+        """Pending items up to a place in line."""
+        if upto is None:
+            rows = await self._read(
+                "SELECT count(*), coalesce(max(seq), 0) FROM outbox "
+                "WHERE account = ? AND name = ? AND dead = 0",
+                (account, outbox),
+            )
+            return int(rows[0][0]), int(rows[0][1])
+        rows = await self._read(
+            "SELECT count(*) FROM outbox WHERE account = ? AND name = ? AND dead = 0 AND seq <= ?",
+            (account, outbox, upto),
+        )
+        return int(rows[0][0]), upto
+
+    async def outbox_stats(self, account: str, outbox: str, now: float) -> OutboxStats:
+        """The figures, read in one statement."""
+        rows = await self._read(
+            _STATS_SQL + " WHERE k.account = ? AND k.name = ?", (now, now, account, outbox)
+        )
+        if not rows:
+            return OutboxStats(account, outbox, 0, 0, 0, 0)
+        return _stats(rows[0])
+
+    async def outbox_dead(self, account: str, outbox: str) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+        rows = await self._read(
+            "SELECT id, status, reason, method, url, attempts, created_at FROM outbox "
+            "WHERE account = ? AND name = ? AND dead = 1 ORDER BY seq",
+            (account, outbox),
+        )
+        return [
+            DeadLetter(
+                str(r[0]),
+                int(r[1] or 0),
+                str(r[2] or ""),
+                str(r[3]),
+                str(r[4]),
+                int(r[5]),
+                float(r[6]),
+            )
+            for r in rows
+        ]
+
+    async def outbox_retry_dead(self, account: str, outbox: str) -> int:
+        """Dead letters back in line, same id."""
+
+        def body(tx: _Tx) -> int:
+            cursor = tx.execute(
+                "UPDATE outbox SET dead = 0, status = NULL, reason = NULL "
+                "WHERE account = ? AND name = ? AND dead = 1",
+                (account, outbox),
+            )
+            return cursor.rowcount
+
+        return await self._transaction(body)
+
+    async def outbox_clear(self, account: str, outbox: str) -> int:
+        """Delete every item and the counters."""
+
+        def body(tx: _Tx) -> int:
+            cursor = tx.execute(
+                "DELETE FROM outbox WHERE account = ? AND name = ?", (account, outbox)
+            )
+            tx.execute(
+                "DELETE FROM outbox_counts WHERE account = ? AND name = ?", (account, outbox)
+            )
+            return cursor.rowcount
+
+        return await self._transaction(body)
+
+    async def outbox_summary(self, now: float) -> list[OutboxStats]:
+        """Every outbox's figures (none in a schema-1 journal opened read-only)."""
+        tables = await self._read(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'outbox_counts'"
+        )
+        if not int(tables[0][0]):
+            return []
+        rows = await self._read(_STATS_SQL + " ORDER BY k.account, k.name", (now, now))
+        return [_stats(r) for r in rows]
+
+
+#: One outbox's figures; the keys are every (account, name) with items or counters.
+_STATS_SQL: Final = """
+SELECT k.account, k.name,
+       (SELECT count(*) FROM outbox o WHERE o.account = k.account AND o.name = k.name
+            AND o.dead = 0),
+       (SELECT count(*) FROM outbox o WHERE o.account = k.account AND o.name = k.name
+            AND o.dead = 0 AND o.holder IS NOT NULL AND o.lease_expires > ?),
+       coalesce((SELECT delivered FROM outbox_counts c WHERE c.account = k.account
+            AND c.name = k.name), 0),
+       (SELECT count(*) FROM outbox o WHERE o.account = k.account AND o.name = k.name
+            AND o.dead = 1),
+       coalesce((SELECT dropped FROM outbox_counts c WHERE c.account = k.account
+            AND c.name = k.name), 0),
+       ? - (SELECT min(created_at) FROM outbox o WHERE o.account = k.account
+            AND o.name = k.name AND o.dead = 0)
+FROM (SELECT account, name FROM outbox_counts
+      UNION SELECT account, name FROM outbox) k"""
+
+
+def _stats(row: Any) -> OutboxStats:
+    age = row[7]
+    return OutboxStats(
+        str(row[0]),
+        str(row[1]),
+        int(row[2]),
+        int(row[3]),
+        int(row[4]),
+        int(row[5]),
+        int(row[6]),
+        None if age is None else max(0.0, float(age)),
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _item(row: Any, seal: Seal | None, attempts_delta: int = 0) -> OutboxItem:
+    """An item from an ``outbox`` row, opened with ``seal`` when it is sealed."""
+    raw_headers, body = row["headers"], row["body"]
+    if row["sealed_by"] is not None:
+        r, seq = _Row(str(row["id"])), int(row["seq"])
+        raw_headers = _opened(r, seal, "outbox", "headers", seq, raw_headers)
+        opened = _opened(r, seal, "outbox", "body", seq, body)
+        if seal is None or raw_headers is None or opened is None:
+            raise r.bad("outbox.body", "is sealed and this journal has no key to open it")
+        body = base64.b64decode(opened)
+    headers = json.loads(raw_headers)
+    return OutboxItem(
+        str(row["id"]),
+        str(row["method"]),
+        str(row["url"]),
+        tuple((str(k), str(v)) for k, v in headers),
+        bytes(body),
+        float(row["created_at"]),
+        int(row["seq"]),
+        int(row["attempts"]) + attempts_delta,
+    )
 
 
 #: What a datetime can hold, with a day to spare at each end (years 1 and 9999).

@@ -59,6 +59,7 @@ from ._journal import (
     lease_is_live,
 )
 from ._middleware import TokenMiddleware
+from ._outbox import MAX_BACKOFF, Outbox, OutboxLimits, WhenFull
 from ._protocols import (
     Answer,
     AuthProtocol,
@@ -257,6 +258,9 @@ class TokenManager:
         self._one_try = dataclasses.replace(self.retry, max_attempts=1)
         self._intent_anchor = (math.nan, 0.0)  # (intent started_at, its monotonic instant)
         self.refresh_requests = 0  # refresh requests this manager sent (a figure for tests/bench)
+        self._outboxes: dict[str, Outbox] = {}
+        self._outbox_host = _OutboxHost(self)
+        self._outbox_session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return (
@@ -298,6 +302,8 @@ class TokenManager:
             self._closing = asyncio.Event()
             self._open = True
             self._resume(record)
+            for outbox in self._outboxes.values():
+                outbox.start()  # the first try now (docs/architecture.md section 8)
 
     def _resume(self, record: AccountRecord) -> None:
         """Take the journal's pair and finish what an earlier run left pending."""
@@ -348,6 +354,9 @@ class TokenManager:
             if self._http is not None:
                 await self._http.close()
                 self._http = None
+            if self._outbox_session is not None:
+                await self._outbox_session.close()
+                self._outbox_session = None
             await self.journal.close()
             self._hub.end_streams()
 
@@ -375,6 +384,61 @@ class TokenManager:
     def events(self) -> AsyncIterator[TokenEvent]:
         """Every event from now on, as an async iterator."""
         return self._hub.stream()
+
+    def outbox(
+        self,
+        name: str,
+        *,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+        when_full: WhenFull = "reject",
+        ordered: bool = True,
+        concurrency: int = 4,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> Outbox:
+        """The durable outbox ``name`` of this account (docs/architecture.md section 8).
+
+        One object per name per manager; the items live in the journal, so the same name
+        finds them again after a restart and in every process on the journal. Delivery runs
+        in the background while the manager is open, through its middleware.
+        ``max_items``/``max_bytes`` bound the pending items; a full outbox raises
+        :class:`~tokenjournal.OutboxFull` (``when_full="reject"``) or drops its oldest
+        (``"drop_oldest"``, counted and evented). ``ordered=True`` sends item n + 1 only after
+        item n settled; ``ordered=False`` keeps up to ``concurrency`` in flight. Backoff
+        between tries grows to ``max_backoff`` seconds. Asking again for a name returns the
+        same outbox; asking with other options is an error.
+        """
+        if not isinstance(name, str) or not name or not name.isprintable() or len(name) > 64:
+            raise ValueError("an outbox name is 1-64 printable characters")
+        for label, limit in (("max_items", max_items), ("max_bytes", max_bytes)):
+            if limit is not None and (isinstance(limit, bool) or limit < 1):
+                raise ValueError(f"{label} must be a positive integer or None")
+        if when_full not in ("reject", "drop_oldest"):
+            raise ValueError('when_full must be "reject" or "drop_oldest"')
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if not max_backoff > 0:
+            raise ValueError("max_backoff must be > 0")
+        limits = OutboxLimits(max_items, max_bytes, when_full)
+        existing = self._outboxes.get(name)
+        if existing is not None:
+            options = (existing.limits, existing.ordered, existing.max_backoff)
+            concurrency_differs = not ordered and existing.concurrency != concurrency
+            if options != (limits, ordered, max_backoff) or concurrency_differs:
+                raise ValueError(f"outbox {name!r} already exists here with other options")
+            return existing
+        outbox = Outbox(
+            self._outbox_host,
+            name,
+            limits=limits,
+            ordered=ordered,
+            concurrency=concurrency,
+            max_backoff=max_backoff,
+        )
+        self._outboxes[name] = outbox
+        if self._open:
+            outbox.start()
+        return outbox
 
     def client_session(self, **kwargs: Any) -> aiohttp.ClientSession:
         """An ``aiohttp.ClientSession`` with this manager's middleware installed."""
@@ -1127,3 +1191,65 @@ class TokenManager:
         if self._http is None:
             raise RuntimeError("the TokenManager is closed")
         return await send(self._http, request, self.retry.attempt_timeout)
+
+
+class _OutboxHost:
+    """The manager as an outbox sees it (:class:`tokenjournal._outbox.OutboxHost`)."""
+
+    __slots__ = ("_tm",)
+
+    def __init__(self, tm: TokenManager) -> None:
+        self._tm = tm
+
+    @property
+    def account(self) -> str:
+        return self._tm.account
+
+    @property
+    def journal(self) -> Journal:
+        return self._tm.journal
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self._tm.retry
+
+    @property
+    def lease_ttl(self) -> float:
+        return self._tm.lease_ttl
+
+    @property
+    def is_open(self) -> bool:
+        return self._tm._open
+
+    @property
+    def clock(self) -> Clock:
+        return self._tm._clock
+
+    @property
+    def holder(self) -> Holder:
+        return self._tm._holder
+
+    def bearer_allowed(self, url: str) -> bool:
+        return self._tm.middleware.allows(URL(url))
+
+    def outbox_http(self) -> aiohttp.ClientSession:
+        tm = self._tm
+        if tm._outbox_session is None or tm._outbox_session.closed:
+            if not tm._open:
+                raise RuntimeError("the TokenManager is closed")
+            tm._outbox_session = aiohttp.ClientSession(
+                middlewares=(tm.middleware,), trace_configs=tm._trace_configs()
+            )
+        return tm._outbox_session
+
+    def emit_event(self, kind: EventKind, code: str | None) -> None:
+        self._tm._emit(kind, code)
+
+    def subscribe(self, callback: Callback) -> Callable[[], None]:
+        return self._tm.subscribe(callback)
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        return self._tm._spawn(coro)
+
+    async def closing(self) -> None:
+        await self._tm._closing.wait()

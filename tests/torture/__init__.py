@@ -1,6 +1,6 @@
 """The torture harness: prove "no session lost" with figures (issue 4).
 
-``python -m tests.torture --kills 1000`` (from the repository root) runs five phases
+``python -m tests.torture --kills 1000`` (from the repository root) runs six phases
 against the reference server and prints a table; ``--json`` prints the figures as JSON;
 the exit code is 1 when a must-be-zero figure is not zero.
 
@@ -15,6 +15,8 @@ the exit code is 1 when a must-be-zero figure is not zero.
    device clocks, idle gaps after a lost answer with no caller.
 5. Cancellation and lifecycle (:mod:`.cancel`, workers :mod:`.cancelworker`): random
    ``wait_for`` timeouts around every public coroutine, dropped managers, forks.
+6. The durable outbox (:mod:`.outbox`, workers :mod:`.outboxworker`): delivery crash
+   points, random SIGKILLs of enqueuing and delivering workers under network faults.
 
 The worker program is :mod:`.worker`, the driver :mod:`.driver`, the table :mod:`.table`.
 Nothing is imported here: every worker start imports this package, and a restart should

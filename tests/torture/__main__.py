@@ -17,6 +17,7 @@ from pathlib import Path
 from .cancel import CancelOptions
 from .driver import RunOptions, run
 from .kills import KillOptions
+from .outbox import OutboxOptions
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +39,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--short",
         action="store_true",
         help="the CI form: 30 kills (10 sealed), one round of crash points and network faults, "
-        "a short list of time scenarios, 4 cancellation workers and 2 fork rounds",
+        "a short list of time scenarios, 4 cancellation workers and 2 fork rounds, one "
+        "round of outbox crash points and 20 outbox kills",
     )
     p.add_argument(
         "--crash-rounds",
@@ -109,6 +111,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.3,
         help="share of phase-5 workers that drop their manager without close()",
     )
+    p.add_argument(
+        "--outbox-kills",
+        type=int,
+        default=None,
+        help="random SIGKILLs of outbox workers in phase 6 (default 300; short 20; 0 skips "
+        "the kills)",
+    )
+    p.add_argument(
+        "--outbox-rounds",
+        type=int,
+        default=None,
+        help="rounds over the outbox's delivery crash points in phase 6 (default 2; short 1)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument(
@@ -172,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             forks=_pick(ns.forks, ns.short, 2, 10),
             children=ns.fork_children,
             drop_share=ns.drop,
+            seed=seed,
+        ),
+        outbox=OutboxOptions(
+            kills=_pick(ns.outbox_kills, ns.short, 20, 300),
+            crash_rounds=_pick(ns.outbox_rounds, ns.short, 1, 2),
             seed=seed,
         ),
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 from tokenjournal.server import ReferenceServer
 
 from . import journals

@@ -11,13 +11,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 from tokenjournal.server import ReferenceServer, ServerConfig
 
 from . import network, timephase
 from .cancel import CancelOptions, CancelPhase
 from .crashes import crash_round
 from .kills import KillOptions, KillPhase
+from .outbox import OutboxOptions, OutboxPhase
 from .table import Figures
 
 
@@ -36,11 +37,13 @@ class RunOptions:
     time_rounds: int = 1
     time_short: bool = False
     cancel: CancelOptions | None = None
+    outbox: OutboxOptions | None = None
 
 
 async def run(options: RunOptions) -> Figures:
     """Phase 1 (named crash points) beside phase 3 (network faults), then phase 2 (kills),
-    then phase 4 (time) beside phase 5 (cancellation and lifecycle)."""
+    then phase 4 (time) beside phase 5 (cancellation and lifecycle), then phase 6 (the
+    outbox)."""
     # The SDK logs every transient failure and every ended session at INFO/WARNING; in a run
     # that provokes thousands of them on purpose, the table is the output.
     logging.getLogger("tokenjournal").setLevel(logging.CRITICAL)
@@ -86,6 +89,8 @@ async def run(options: RunOptions) -> Figures:
 
             # Phase 4 runs in this process on virtual time, phase 5 mostly in workers.
             await asyncio.gather(time_phase(), cancel_phase())
+            if options.outbox is not None:
+                figures.outbox = await OutboxPhase(options.outbox, workdir, stderr).run()
     finally:
         if not options.keep and options.workdir is None:
             with contextlib.suppress(OSError):

@@ -7,12 +7,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenjournal._faults import CRASH_POINTS
+from tokenjournal._faults import SESSION_POINTS as CRASH_POINTS
 
 from .cancel import CancelFigures
 from .crashes import CrashOutcome
 from .kills import KillFigures, quantiles
 from .network import NetOutcome
+from .outbox import OutboxFigures
 from .timephase import TimeOutcome
 
 
@@ -30,6 +31,7 @@ class Figures:
     network: list[NetOutcome] = field(default_factory=list)
     time: list[TimeOutcome] = field(default_factory=list)
     cancel: CancelFigures | None = None
+    outbox: OutboxFigures | None = None
 
     # ------------------------------------------------------------------ derived figures
 
@@ -89,6 +91,7 @@ class Figures:
             "journals not clean after the final recovery": len(k.final_check_failures),
             **self.sealed_axes(),
             **self.new_axes(),
+            **(self.outbox or OutboxFigures()).must_be_zero(),
         }
 
     def sealed_axes(self) -> dict[str, int]:
@@ -194,6 +197,7 @@ class Figures:
             ],
             "cancellation": self._cancel_json(),
             "sealed_kill_phase": self._sealed_json(),
+            "outbox": self._outbox_json(),
         }
 
     def _sealed_json(self) -> dict[str, Any]:
@@ -211,6 +215,30 @@ class Figures:
             "final_check_failures": s.final_check_failures,
             "readable_tokens": s.readable_tokens,
             "seconds": round(s.seconds, 1),
+        }
+
+    def _outbox_json(self) -> dict[str, Any]:
+        o = self.outbox or OutboxFigures()
+        return {
+            "crash_rounds": o.crash_rounds,
+            "crashes_injected": o.crashes,
+            "crash_failures": o.crash_failures,
+            "kills": o.kills,
+            "worker_starts": o.starts,
+            "enqueued": o.enqueued,
+            "delivered": o.delivered,
+            "lost": o.lost,
+            "lost_uids": o.lost_uids,
+            "applied_twice": o.applied_twice,
+            "keys_seen_twice": o.keys_seen_twice,
+            "dead_letters": o.dead,
+            "refused_by_server": o.refused,
+            "pending_after_final_drain": o.pending_after_drain,
+            "api_faults_injected": o.api_faults,
+            "proxy_faults_injected": o.proxy_faults,
+            "failed_workers": o.fatal,
+            "failed_details": o.fatal_details[:10],
+            "seconds": round(o.seconds, 1),
         }
 
     def _cancel_json(self) -> dict[str, Any]:
@@ -290,6 +318,7 @@ class Figures:
         net_all = sum(1 for o in self.network if not o.outside_window)
         row("network fault scenarios passed", f"{net_ok}/{net_all}")
         self._render_new_axes(row)
+        self._render_outbox(row)
         sdk_med, sdk_p99 = quantiles(k.recovery_sdk)
         rs_med, rs_p99 = quantiles(k.recovery_restart)
         row(
@@ -322,6 +351,11 @@ class Figures:
             + [str(d) for d in k.fatal_details[:5] + s.fatal_details[:5]]
             + list(k.final_check_failures)
             + list(s.final_check_failures)
+            + (
+                self.outbox.crash_failures + [str(d) for d in self.outbox.fatal_details[:5]]
+                if self.outbox
+                else []
+            )
         )
         lines.append("")
         lines.append("PASSED" if not failures else "FAILED\n" + "\n".join(failures))
@@ -360,6 +394,33 @@ class Figures:
         )
         for name, value in self.new_axes().items():
             row(name, value, "must be 0")
+
+    def _render_outbox(self, row: Any) -> None:
+        """Phase 6: the durable outbox."""
+        o = self.outbox
+        if o is None:
+            return
+        for point in sorted(o.crashes):
+            row(f"outbox: crashes injected at {point}", o.crashes[point])
+        row(
+            "outbox: crash rounds recovered",
+            f"{o.crash_rounds - len({f.split(':')[0] for f in o.crash_failures})}/{o.crash_rounds}",
+        )
+        row(
+            "outbox: random kills (SIGKILL)",
+            o.kills,
+            f"{o.starts} starts; faults: API {o.api_faults}, proxy {o.proxy_faults}",
+        )
+        row("outbox: readings enqueued (acknowledged)", o.enqueued)
+        row("outbox: readings delivered", o.delivered, f"keys seen twice {o.keys_seen_twice}")
+        row("outbox: readings lost", o.lost, "must be 0")
+        row("outbox: readings applied twice", o.applied_twice, "must be 0")
+        row(
+            "outbox: dead letters",
+            o.dead,
+            f"the server refused {o.refused}; dead letters it did not refuse must be 0",
+        )
+        row("outbox: items left after the final drain", o.pending_after_drain, "must be 0")
 
     def dumps(self) -> str:
         """``as_json`` as text."""

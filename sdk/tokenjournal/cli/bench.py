@@ -30,6 +30,11 @@ absolute times:
   unsealed journal in the same run: a refresh's added time, ``access_token()`` calls per
   second (the hot path reads memory: no journal call, target 0) and the RSS a sealed
   manager's process adds over an unsealed one (``cryptography`` loaded).
+* **outbox** - durable ``enqueue`` throughput with 1 caller and with 100 concurrent callers
+  on the same disk (group commit: target >= 10x; the durable commits 100 concurrent
+  enqueues take are a count target, <= 10), delivery of queued items against a plain
+  ``aiohttp`` POST loop to the same endpoint with the same bodies and a fixed bearer
+  (target >= 0.9x), and the journal's bytes per pending item.
 
 Rounds are interleaved (A B, then B A) so machine noise hits both sides; figures are medians
 of rounds timed with :func:`time.perf_counter` after a warm-up. Only count targets decide the
@@ -80,6 +85,7 @@ SECTIONS: Final = (
     "footprint",
     "blocking",
     "sealing",
+    "outbox",
 )
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
 MIB: Final = 1024 * 1024
@@ -88,6 +94,9 @@ TARGET_OVERHEAD_RATIO: Final = 0.95
 TARGET_RSS_MIB: Final = 5.0
 #: Client CPU the middleware may add per request over a bare bearer middleware, in us.
 TARGET_MIDDLEWARE_US: Final = 2.0
+TARGET_GROUP_COMMIT: Final = 10.0  # 100 concurrent enqueue callers / 1 caller, throughput
+TARGET_DELIVERY_RATIO: Final = 0.9  # outbox delivery / plain POST loop, throughput
+OUTBOX_CALLERS: Final = 100
 #: Every async method of the Journal protocol: what the probe wraps and counts.
 JOURNAL_METHODS: Final = tuple(
     name for name, member in vars(Journal).items() if inspect.iscoroutinefunction(member)
@@ -114,6 +123,7 @@ class Settings:
     footprint_rounds: int = 3
     accounts: int = 50
     blocking_rounds: int = 15
+    outbox_items: int = 500
     journal_dir: str | None = None
     strace: bool = True
     sections: tuple[str, ...] = SECTIONS
@@ -179,6 +189,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="interleaved rounds of the blocking-client figures",
     )
     parser.add_argument(
+        "--outbox-items",
+        type=_at_least_two,
+        default=d.outbox_items,
+        help="items per side per round in the outbox section",
+    )
+    parser.add_argument(
         "--no-strace", action="store_true", help="do not count real fsyncs with strace"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -216,6 +232,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         footprint_rounds=ns.footprint_rounds,
         accounts=ns.accounts,
         blocking_rounds=ns.blocking_rounds,
+        outbox_items=ns.outbox_items,
         journal_dir=ns.journal_dir,
         strace=not ns.no_strace,
         sections=tuple(s for s in SECTIONS if s in sections),
@@ -1106,6 +1123,158 @@ async def bench_sealing(s: Settings, journal_dir: Path, progress: Progress) -> R
     }
 
 
+# --------------------------------------------------------------------------- outbox
+
+
+def _reading(n: int) -> dict[str, Any]:
+    """A typical small IoT reading (~80 bytes of JSON)."""
+    return {"uid": uuid.uuid4().hex, "seq": n, "sensor": "thermo-1", "celsius": 21.5}
+
+
+async def _enqueue_rate(tm: TokenManager, name: str, items: int, callers: int) -> tuple[float, int]:
+    """Seconds for ``items`` durable enqueues made by ``callers`` concurrent callers, and the
+    durable commits they took."""
+    outbox = tm.outbox(name)
+    url = tm.auth_url + "/api/readings"
+    commits = tm.journal.durable_commits
+    per = [items // callers + (1 if k < items % callers else 0) for k in range(callers)]
+
+    async def caller(count: int) -> None:
+        for n in range(count):
+            await outbox.enqueue("POST", url, json=_reading(n))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in per if c))
+    return time.perf_counter() - started, tm.journal.durable_commits - commits
+
+
+async def _plain_posts(server: ReferenceServer, token: str, bodies: list[Any]) -> float:
+    """The baseline: one plain aiohttp session POSTing the bodies in order, each with a
+    fixed bearer and its own Idempotency-Key."""
+    url = server.url + "/api/readings"
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer " + token}) as http:
+        started = time.perf_counter()
+        for body in bodies:
+            key = uuid.uuid4().hex
+            async with http.post(url, json=body, headers={"Idempotency-Key": key}) as resp:
+                await resp.read()
+                if resp.status != 201:
+                    raise RuntimeError(f"the baseline POST answered {resp.status}")
+        return time.perf_counter() - started
+
+
+async def _outbox_delivery(
+    server: ReferenceServer, journal: Path, bodies: list[Any], name: str, ordered: bool
+) -> float:
+    """Seconds from naming the outbox (delivery starts) until every queued item is
+    delivered; the items are queued beforehand, straight into the journal."""
+    from .._outbox import OutboxLimits, build_item
+
+    store = TokenManager(server.url, journal=journal)
+    async with store:
+        for body in bodies:
+            item = build_item("POST", server.url + "/api/readings", json=body, now=time.time())
+            await store.journal.outbox_add("default", name, item, OutboxLimits())
+    tm = TokenManager(server.url, journal=journal)
+    async with tm:
+        await tm.access_token()  # a fresh token in memory, as in the baseline
+        started = time.perf_counter()
+        outbox = tm.outbox(name, ordered=ordered)
+        await outbox.drain(timeout=600)
+        took = time.perf_counter() - started
+        stats = await outbox.stats()
+        if stats.delivered != len(bodies) or stats.dead:
+            raise RuntimeError(f"outbox delivery incomplete: {stats}")
+        return took
+
+
+async def bench_outbox(s: Settings, journal_dir: Path, progress: Progress) -> Result:
+    """Durable enqueue with 1 and 100 callers; delivery vs a plain POST loop; bytes/item."""
+    n = s.outbox_items
+    async with _server() as server:
+        progress("outbox: enqueue throughput, 1 caller vs 100")
+        # Nobody is signed in on this journal: delivery waits, enqueue alone is measured.
+        tm = TokenManager(server.url, journal=journal_dir / "outbox-enqueue.db")
+        single: list[float] = []
+        many: list[float] = []
+        commits_many: list[int] = []
+        async with tm:
+            await _enqueue_rate(tm, "warm", 20, 1)
+            for r, order in interleaved(s.rounds):
+                progress(f"outbox: enqueue round {r + 1}/{s.rounds}")
+                for side in order:
+                    if side == "a":
+                        single.append((await _enqueue_rate(tm, f"one{r}", n, 1))[0])
+                    else:
+                        took, commits = await _enqueue_rate(
+                            tm, f"many{r}", n, min(OUTBOX_CALLERS, n)
+                        )
+                        many.append(took)
+                        commits_many.append(commits)
+            progress("outbox: commits taken by 100 concurrent enqueues")
+            _, group_commits = await _enqueue_rate(tm, "group", OUTBOX_CALLERS, OUTBOX_CALLERS)
+        async with TokenManager(server.url, journal=journal_dir / "outbox-token.db") as signed:
+            await signed.sign_in(**DEMO)
+            token = await signed.access_token()
+        await _plain_posts(server, token, [_reading(k) for k in range(20)])  # warm-up
+        plain: list[float] = []
+        ordered: list[float] = []
+        unordered: list[float] = []
+        for r, order in interleaved(s.rounds):
+            progress(f"outbox: delivery round {r + 1}/{s.rounds}")
+            for side in order:
+                # Fresh readings for each side: the server counts a uid applied twice.
+                if side == "a":
+                    journal = journal_dir / f"outbox-deliver-{r}.db"
+                    shutil.copy(journal_dir / "outbox-token.db", journal)
+                    bodies = [_reading(k) for k in range(n)]
+                    ordered.append(await _outbox_delivery(server, journal, bodies, "o", True))
+                    bodies = [_reading(k) for k in range(n)]
+                    unordered.append(await _outbox_delivery(server, journal, bodies, "u", False))
+                else:
+                    plain.append(await _plain_posts(server, token, [_reading(k) for k in range(n)]))
+        progress("outbox: journal bytes per pending item")
+        empty, full = await _outbox_sizes(server.url, journal_dir, n)
+        applied_twice = server.stats()["items_applied_twice"]
+    one_s, many_s = median(single), median(many)
+    plain_s, ordered_s = median(plain), median(ordered)
+    # Paired per round: a round's two sides ran back to back under the same noise.
+    delivery = [p / o for p, o in zip(plain, ordered, strict=True)]
+    return {
+        "items_per_round": n,
+        "rounds": s.rounds,
+        "enqueue_1_caller_per_s": n / one_s,
+        "enqueue_100_callers_per_s": n / many_s,
+        "group_commit_ratio": median([a / b for a, b in zip(single, many, strict=True)]),
+        "durable_commits_per_enqueue_100_callers": median(commits_many) / n,
+        "durable_commits_for_100_concurrent_enqueues": group_commits,
+        "plain_posts_per_s": n / plain_s,
+        "outbox_ordered_per_s": n / ordered_s,
+        "outbox_unordered_per_s": n / median(unordered),
+        "delivery_ratio": median(delivery),
+        "rounds_delivery_ratio": delivery,
+        "delivery_extra_s_per_item": (ordered_s - plain_s) / n,
+        "journal_bytes_per_pending_item": (full - empty) / n,
+        "items_applied_twice": applied_twice,
+    }
+
+
+async def _outbox_sizes(url: str, folder: Path, items: int) -> tuple[int, int]:
+    """The journal file's bytes signed in with no item, and with ``items`` pending ones
+    (measured after close, when SQLite has folded the WAL back into the file)."""
+    from .._outbox import OutboxLimits, build_item
+
+    path = folder / "outbox-size.db"
+    async with TokenManager(url, journal=path) as tm:
+        await tm.sign_in(**DEMO)
+    empty = _file_size(path)
+    async with TokenManager(url, journal=path) as tm:
+        for n in range(items):
+            item = build_item("POST", url + "/api/readings", json=_reading(n), now=time.time())
+            await tm.journal.outbox_add("default", "readings", item, OutboxLimits())
+    return empty, _file_size(path)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -1196,6 +1365,44 @@ def targets(sections: Result) -> list[Target]:
                 False,
             )
         )  # fmt: skip
+    box = sections.get("outbox")
+    if box:
+        commits = int(box["durable_commits_for_100_concurrent_enqueues"])
+        out.append(
+            Target(
+                "commits for 100 concurrent enqueues",
+                f"<= {OUTBOX_CALLERS // 10}",
+                str(commits),
+                commits <= OUTBOX_CALLERS // 10,
+                True,
+            )
+        )
+        out.append(
+            Target(
+                "outbox items applied twice", "0", str(box["items_applied_twice"]),
+                box["items_applied_twice"] == 0, True,
+            )
+        )  # fmt: skip
+        group = float(box["group_commit_ratio"])
+        out.append(
+            Target(
+                "enqueue throughput 100 callers / 1",
+                f">= {TARGET_GROUP_COMMIT:g}x",
+                f"{group:.1f}x",
+                group >= TARGET_GROUP_COMMIT,
+                False,
+            )
+        )
+        ratio = float(box["delivery_ratio"])
+        out.append(
+            Target(
+                "outbox delivery / plain POST loop",
+                f">= {TARGET_DELIVERY_RATIO}",
+                f"{ratio:.3f}",
+                ratio >= TARGET_DELIVERY_RATIO,
+                False,
+            )
+        )
     return out
 
 
@@ -1226,6 +1433,7 @@ _RUNNERS: Final[dict[str, Callable[[Settings, Path, Progress], Awaitable[Result]
     "footprint": bench_footprint,
     "blocking": bench_blocking,
     "sealing": bench_sealing,
+    "outbox": bench_outbox,
 }
 
 
@@ -1439,6 +1647,48 @@ def render(report: Result) -> str:
                 "",
             )
         )
+    if "outbox" in sec:
+        b = sec["outbox"]
+        rows.append(
+            (
+                "outbox: durable enqueue, 100 callers / 1",
+                f"{b['group_commit_ratio']:.1f}x ({_rate(b['enqueue_100_callers_per_s'])} vs "
+                f"{_rate(b['enqueue_1_caller_per_s'])})",
+                *_verdict(checks, "enqueue throughput 100 callers / 1"),
+            )
+        )
+        rows.append(
+            (
+                "  durable commits for 100 concurrent enqueues",
+                str(b["durable_commits_for_100_concurrent_enqueues"]),
+                *_verdict(checks, "commits for 100 concurrent enqueues"),
+            )
+        )
+        rows.append(
+            (
+                "outbox: delivery / plain POST loop",
+                f"{b['delivery_ratio']:.3f} (rounds {min(b['rounds_delivery_ratio']):.2f}-"
+                f"{max(b['rounds_delivery_ratio']):.2f}; {_rate(b['outbox_ordered_per_s'])} "
+                f"ordered vs {_rate(b['plain_posts_per_s'])}; unordered "
+                f"{_rate(b['outbox_unordered_per_s'])})",
+                *_verdict(checks, "outbox delivery / plain POST loop"),
+            )
+        )
+        rows.append(
+            (
+                "  journal bytes per pending item",
+                f"{b['journal_bytes_per_pending_item']:.0f} B (~80-byte JSON body)",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  items applied twice",
+                str(b["items_applied_twice"]),
+                *_verdict(checks, "outbox items applied twice"),
+            )
+        )
     m = report["machine"]
     load = m["loadavg_at_start"]
     head = (
@@ -1510,9 +1760,10 @@ def run_bench(ns: argparse.Namespace) -> int:
 DESCRIPTION: Final = """\
 Measure what tokenjournal costs on this device against a loopback reference server: hot
 path, request overhead, coalescing, durability, footprint, blocking clients (the sync
-manager, RequestsAuth, HttpxAuth). Each figure stands next to a baseline measured in the
-same run. Only the count targets (one refresh for many callers at
-expiry, no journal call on the hot path) decide the exit status: 0 when all are met, 1 when
+manager, RequestsAuth, HttpxAuth), sealing, outbox. Each figure stands next to a baseline
+measured in the same run. Only the count targets (one refresh for many callers at expiry, no
+journal call on the hot path, group commit, no outbox item applied twice) decide the exit
+status: 0 when all are met, 1 when
 one is missed, 2 for bad arguments. The defaults finish in under two minutes on two cores."""
 
 EPILOG: Final = """\

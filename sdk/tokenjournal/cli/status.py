@@ -27,6 +27,7 @@ from typing import Any, Final, TextIO
 from .._errors import JournalError, TokenJournalError
 from .._journal import AccountRecord, SQLiteJournal, pid_alive
 from .._numbers import MAX_EPOCH
+from .._outbox import OutboxStats
 from .._terminal import printable
 from .._tokens import fingerprint
 from ._args import Formatter, Subparsers, positive
@@ -87,6 +88,9 @@ class JournalStatus:
     accounts: tuple[AccountStatus, ...]
     #: The key id the journal was last sealed with; None: plain (file mode 0600 only).
     sealed_by: str | None = None
+    #: Every durable outbox (per account): pending (in flight among them), dead letters,
+    #: delivered and dropped so far, the oldest pending item's age.
+    outboxes: tuple[OutboxStats, ...] = ()
 
 
 def _account_status(record: AccountRecord, now: float) -> AccountStatus:
@@ -160,15 +164,17 @@ async def read_journal(
         device_id = await journal.device_id()
         sealed_by = await journal.sealed_by()
         records = [await journal.load(name) for name in await journal.accounts()]
+        moment = time.time() if now is None else now
+        outboxes = await journal.outbox_summary(moment)
     finally:
         await journal.close()
-    moment = time.time() if now is None else now
     return JournalStatus(
         str(shown),
         device_id,
         moment,
         tuple(_account_status(r, moment) for r in records),
         sealed_by,
+        tuple(outboxes),
     )
 
 
@@ -257,6 +263,15 @@ def _at_rest(key_id: str | None) -> str:
     return f"sealed (key id {printable(key_id)})"
 
 
+def _outbox_line(o: OutboxStats) -> str:
+    oldest = "-" if o.oldest_age is None else f"{span(o.oldest_age)} ago"
+    return (
+        f"  {printable(o.account)}/{printable(o.name)}: {o.pending} pending "
+        f"({o.in_flight} in flight), {o.dead} dead, {o.delivered} delivered, "
+        f"{o.dropped} dropped, oldest {oldest}"
+    )
+
+
 def render_text(status: JournalStatus) -> str:
     """The human-readable report."""
     now = status.read_at
@@ -278,6 +293,9 @@ def render_text(status: JournalStatus) -> str:
             f"  intent      {_intent_line(a)}",
             f"  lease       {_lease_line(a, now)}",
         ]
+    if status.outboxes:
+        lines += ["", f"outboxes  {len(status.outboxes)}"]
+        lines += [_outbox_line(o) for o in status.outboxes]
     return "\n".join(lines)
 
 
@@ -319,9 +337,11 @@ DESCRIPTION: Final = """\
 Show what a journal holds, per account: signed in / ended by the server (with the code and
 the time) / signed out, the access token's expiry, a pending refresh intent (its kind, start,
 age and the refresh token's fingerprint), the refresh lease holder, the generation and the
-device id, and whether the tokens are sealed at rest (and by which key id). Tokens are never
-shown, only 8-character fingerprints; a sealed journal is read without its key (its
-fingerprints are keyed hashes kept when the tokens were written).
+device id, and whether the tokens are sealed at rest (and by which key id); per durable
+outbox: items pending (and in flight), dead letters, delivered, dropped, the oldest pending
+item's age. Tokens are never shown, only 8-character fingerprints (a sealed journal is read
+without its key: its fingerprints are keyed hashes kept when the tokens were written); outbox
+bodies never.
 
 The journal is opened read-only and never modified. A missing, locked, corrupt or
 newer-schema journal prints one line to stderr and exits with status 1."""

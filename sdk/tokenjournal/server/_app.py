@@ -102,6 +102,13 @@ class ServerState:
     _minter: TokenMinter | None = None
     users: dict[str, tuple[str, str]] = field(default_factory=dict)
     clients: dict[str, str | None] = field(default_factory=dict)
+    #: POST /api/readings: the first answer per (user, Idempotency-Key), the readings
+    #: applied (in order), and the `uid`s seen, to count one reading applied twice.
+    answers: dict[tuple[str, str], tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    readings: list[dict[str, Any]] = field(default_factory=list)
+    uids: set[str] = field(default_factory=set)
+    #: Scripted faults for the API (`/_test/api_faults`), apart from the refresh's.
+    api_faults: FaultScript = field(default_factory=FaultScript)
 
     def __post_init__(self) -> None:
         self.users = {email.lower(): (email, pw) for email, pw in self.config.effective_users}
@@ -1123,6 +1130,97 @@ async def api_me(request: web.Request) -> web.StreamResponse:
     return web.json_response({"id": claims.user_id, "email": claims.email})
 
 
+def _bearer_claims(request: web.Request) -> Any:
+    state = request.app[STATE]
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    claims = None
+    if scheme.lower() == "bearer" and token.strip():
+        claims = state.minter.verify(token.strip(), state.clock.now())
+    if claims is None or not state.store.family_active(claims.family_id):
+        return None
+    return claims
+
+
+def _unauthorized(state: ServerState) -> web.Response:
+    state.stats.incr("api_401")
+    return web.json_response(
+        {"message": "JWT expired"},
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
+
+
+#: An Idempotency-Key is a short printable token (the SDK sends a UUID4 in hex).
+_MAX_KEY: Final = 255
+
+
+async def api_readings(request: web.Request) -> web.StreamResponse:
+    """`POST /api/readings {..., "uid"?}`: apply one reading, honouring `Idempotency-Key`.
+
+    The same key (per user) gets the first answer again and is not applied again
+    (draft-ietf-httpapi-idempotency-key-header); a body that is not a JSON object is a 400;
+    `GET` lists what was applied. Faults from `/_test/api_faults` apply to the POST:
+    `status` answers without applying, `drop_after_commit` applies and drops the answer,
+    `delay_before` waits first.
+    """
+    state = request.app[STATE]
+    claims = _bearer_claims(request)
+    if claims is None:
+        return _unauthorized(state)
+    state.stats.incr("api_200")
+    if request.method == "GET":
+        mine = [r for r in state.readings if r["user"] == claims.user_id]
+        return web.json_response({"count": len(mine), "readings": [r["body"] for r in mine]})
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= _MAX_KEY and key.isascii() and key.isprintable()):
+        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    data = await read_json(request)  # a 400 for anything but a JSON object
+    fault = state.api_faults.take()
+    if fault is not None:
+        state.stats.incr("faults_injected")
+        if fault.kind == "delay_before":
+            await asyncio.sleep(fault.seconds)
+        elif fault.kind == "status":
+            if fault.status < 500 and fault.status not in (401, 408, 409, 425, 429):
+                state.stats.incr("items_refused")
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else None
+            return mana_error(fault.status, _code_for(fault.status), "fault", headers)
+    if key is not None and (claims.user_id, key) in state.answers:
+        state.stats.incr("keys_seen_twice")
+        status, answer = state.answers[(claims.user_id, key)]
+        return web.json_response(answer, status=status, headers={"Idempotent-Replayed": "true"})
+    uid = data.get("uid")
+    if isinstance(uid, str):
+        if uid in state.uids:
+            state.stats.incr("items_applied_twice")
+        state.uids.add(uid)
+    state.readings.append({"user": claims.user_id, "key": key, "body": data})
+    state.stats.incr("items_applied")
+    answer = {"applied": len(state.readings), "key": key}
+    if key is not None:
+        state.answers[(claims.user_id, key)] = (201, answer)
+    if fault is not None and fault.kind == "drop_after_commit":
+        return _drop(request)
+    return web.json_response(answer, status=201)
+
+
+async def hook_api_faults(request: web.Request) -> web.StreamResponse:
+    """`POST /_test/api_faults {"faults": [...]}` scripts the API's faults; DELETE clears."""
+    state = request.app[STATE]
+    if request.method == "DELETE":
+        state.api_faults.clear()
+    else:
+        data = await read_json(request)
+        specs = data.get("faults")
+        if not isinstance(specs, list):
+            raise BadRequest("faults must be a list")
+        try:
+            state.api_faults.replace(specs)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    return web.json_response({"pending": state.api_faults.pending()})
+
+
 # ------------------------------------------------------------------------------ test mode
 
 
@@ -1233,6 +1331,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
     app.router.add_get("/.well-known/openid-configuration", well_known)
     app.router.add_get("/.well-known/oauth-authorization-server", well_known)
     app.router.add_get("/api/me", api_me)
+    app.router.add_post("/api/readings", api_readings)
+    app.router.add_get("/api/readings", api_readings)
     app.router.add_get("/device", device_page)
     app.router.add_post("/device", device_decision)
     if config.test_mode:
@@ -1240,6 +1340,8 @@ def create_app(config: ServerConfig | None = None) -> web.Application:
         app.router.add_route("POST", "/_test/clock", hook_clock)
         app.router.add_route("POST", "/_test/faults", hook_faults)
         app.router.add_route("DELETE", "/_test/faults", hook_faults)
+        app.router.add_route("POST", "/_test/api_faults", hook_api_faults)
+        app.router.add_route("DELETE", "/_test/api_faults", hook_api_faults)
         app.router.add_get("/_test/stats", hook_stats)
         app.router.add_post("/_test/stats/reset", hook_stats_reset)
         app.router.add_post("/_test/device", hook_device)

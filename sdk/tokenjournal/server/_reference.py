@@ -108,6 +108,14 @@ class ReferenceServer:
         """Replace the fault script (validated; `ValueError` if malformed)."""
         self.state.faults.replace(faults)
 
+    def set_api_faults(self, faults: list[dict[str, Any]]) -> None:
+        """Replace the fault script of `POST /api/readings` (see `/_test/api_faults`)."""
+        self.state.api_faults.replace(faults)
+
+    def readings(self) -> list[dict[str, Any]]:
+        """Every reading `POST /api/readings` applied, in order (user, key, body)."""
+        return list(self.state.readings)
+
     def device_action(self, user_code: str, action: str, email: str | None = None) -> None:
         """Approve or deny a pending device authorization (RFC 8628).
 

@@ -16,6 +16,15 @@ COUNTERS: Final[tuple[str, ...]] = (
     "faults_injected",
     "logouts",
     "device_authorizations",
+    # POST /api/readings (the outbox's proof): items applied, requests whose
+    # Idempotency-Key was seen before (answered from the first answer, not applied again),
+    # and readings applied twice (one `uid` applied under two keys: must stay 0).
+    "items_applied",
+    "keys_seen_twice",
+    "items_applied_twice",
+    # Scripted refusals (a 4xx fault other than 401/408/409/425/429): what may become a
+    # dead letter, so a torture run can tell a dead letter the server asked for.
+    "items_refused",
 )
 
 
