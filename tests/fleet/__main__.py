@@ -62,7 +62,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--devices", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=2, help="device processes (one per core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="device processes (default: one per 2,500 devices, at least 2: each device holds "
+        "three open files, its journal, -wal and -shm)",
+    )
     p.add_argument("--speed", type=float, default=20.0, help="simulated seconds per second")
     p.add_argument("--ttl", type=float, default=900.0, help="access token life (simulated)")
     p.add_argument("--only", default="", help="comma-separated scenario names")
@@ -77,6 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ns = p.parse_args(argv)
     if ns.short:
         ns.devices, ns.speed, ns.ttl = min(ns.devices, 200), max(ns.speed, 100.0), 300.0
+    if ns.workers is None:
+        ns.workers = max(2, -(-ns.devices // 2500))
     return ns
 
 
