@@ -66,8 +66,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=None,
-        help="device processes (default: one per 2,500 devices, at least 2: each device holds "
-        "three open files, its journal, -wal and -shm)",
+        help="device processes (default: one per 1,250 devices, at least 2: each device holds "
+        "its journal, -wal and -shm open, and a socket or two while it refreshes)",
     )
     p.add_argument("--speed", type=float, default=20.0, help="simulated seconds per second")
     p.add_argument("--ttl", type=float, default=900.0, help="access token life (simulated)")
@@ -84,7 +84,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if ns.short:
         ns.devices, ns.speed, ns.ttl = min(ns.devices, 200), max(ns.speed, 100.0), 300.0
     if ns.workers is None:
-        ns.workers = max(2, -(-ns.devices // 2500))
+        ns.workers = max(2, -(-ns.devices // 1250))
     return ns
 
 
