@@ -87,8 +87,15 @@ def say(message: dict[str, Any]) -> None:
 
 async def _open(device: Device, resume: bool) -> None:
     await device.open()
-    if not resume and device.state is not tj.SessionState.VALID:
-        await device.sign_in(**DEMO)
+    for attempt in range(5):  # thousands signing in at once can overrun the server's backlog
+        if resume or device.state is tj.SessionState.VALID:
+            return
+        try:
+            await device.sign_in(**DEMO)
+        except tj.TransientError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(1.0 + attempt)
 
 
 async def app(
