@@ -18,10 +18,17 @@ from pathlib import Path
 from .report import figures, plot, table
 from .run import Event, Scenario, Settings, run_scenario
 
+#: Simulated seconds a capacity-limited server holds each refresh it admits (scenario 3).
+SERVICE = 2.0
 
-def scenarios(ttl: float, grace: float, short: bool) -> list[Scenario]:
+
+def scenarios(ttl: float, grace: float, short: bool, devices: int) -> list[Scenario]:
     """The issue's four scenarios on a common timeline: the first rotation of a common
-    start happens by ``ttl``, so trouble starts at ``1.5 ttl``, in steady state."""
+    start happens by ``ttl``, so trouble starts at ``1.5 ttl``, in steady state. The
+    capacity-limited server admits twice the refreshes the fleet keeps in flight in steady
+    state (each held ``SERVICE`` seconds): enough for every day, not for a recovery."""
+    steady_rate = devices / (0.83 * ttl)  # refreshes a second, with the spread
+    capacity = max(1, round(2 * steady_rate * SERVICE))
     t0 = 1.5 * ttl
     brief = grace * 0.8  # an outage the grace window covers
     long = grace * 2  # one it does not
@@ -41,8 +48,8 @@ def scenarios(ttl: float, grace: float, short: bool) -> list[Scenario]:
         ),
         Scenario(
             "overload", f"3 outage {brief:.0f} s, then capacity-limited", t0 + brief + tail,
-            (Event(t0, "down"), Event(t0 + brief, "overload", capacity=8)),
-            outage=(t0, t0 + brief), service=0.5,
+            (Event(t0, "down"), Event(t0 + brief, "overload", capacity=capacity)),
+            outage=(t0, t0 + brief), service=SERVICE,
         ),
         Scenario(
             "skew_kill", "4 10% skewed ±1 day, 10% killed mid-refresh", 3 * ttl,
@@ -92,14 +99,24 @@ async def main(ns: argparse.Namespace) -> int:
     # The server's own log would fill the screen: every connection killed by an outage
     # is an error to it. The figures say what happened.
     logging.getLogger("tokenjournal.server").setLevel(logging.CRITICAL)
+
     def progress(message: str) -> None:
         print(f"fleet [{time.monotonic() - began:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     began = time.monotonic()
-    s = Settings(ns.devices, ns.workers, ns.speed, ttl=ns.ttl, progress=progress)
+    # Time scales with the token's life: a 5-minute token (--short) gets a third of the
+    # default policy's longest delay, so the offline pacing keeps its proportion to it.
+    s = Settings(
+        ns.devices,
+        ns.workers,
+        ns.speed,
+        ttl=ns.ttl,
+        max_delay=30.0 * min(1.0, ns.ttl / 900.0),
+        progress=progress,
+    )
     chosen = [x for x in ns.only.split(",") if x]
     raws, rows = [], []
-    for sc in scenarios(s.ttl, s.grace, ns.short):
+    for sc in scenarios(s.ttl, s.grace, ns.short, s.devices):
         if chosen and sc.name not in chosen:
             continue
         progress(f"{sc.name}: {sc.title}, {sc.until / 60:.0f} simulated minutes")
