@@ -117,7 +117,9 @@ async def test_outage_past_the_window_ends_in_one_clean_session_ended(
         tries_in_window = len(net.sent) - 2  # sign-in and the lost answer
         assert 0 < tries_in_window <= 36  # a few dozen at the most
         assert tm.state is tj.SessionState.OFFLINE
-        clock.advance(120)  # the network is back at 400 s; the app calls again
+        # The network is back at 400 s; the app calls again once the offline pause is over
+        # (the last rescue try failed: the next comes within 10 x max_delay).
+        clock.advance(_manager.OFFLINE_FACTOR * tm.retry.max_delay)
         with pytest.raises(tj.SessionEnded) as ended:
             await tm.access_token()
         assert ended.value.code == "token_expired"

@@ -261,6 +261,11 @@ async def test_unreachable_server_goes_offline_keeps_tokens_and_resumes(
             await tm.access_token()
         assert tm.state is tj.SessionState.OFFLINE and tm.tokens == signed
         assert (await tm.journal.load("default")).intent is not None  # kept for the next try
+        asked = server.stats()["refresh_requests"]
+        with pytest.raises(tj.ServerError):  # at once: the offline pause (no request)
+            await tm.access_token()
+        assert server.stats()["refresh_requests"] == asked
+        clock.advance(10 * tm.retry.max_delay)  # past the pause
         token = await tm.access_token()  # the next call resumes
         assert tm.state is tj.SessionState.VALID and token != signed.access_token
 

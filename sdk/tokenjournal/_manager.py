@@ -13,12 +13,14 @@ here by number in section 2.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import logging
 import math
 import os
 import platform
+import random
 import webbrowser
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
@@ -94,6 +96,17 @@ RESCUE_SHARE: Final = 0.1
 RESCUE_MAX_GAP: Final = 30.0
 #: How long ``sign_out()`` keeps trying to tell the server before it signs out locally.
 SIGN_OUT_BUDGET: Final = 10.0
+#: After a refresh ran out of tries (the server or the network away), the next one waits a
+#: random share (full jitter) of min(OFFLINE_FACTOR x retry.max_delay (300 s by default),
+#: max(retry.max_delay, 2 x time offline)),
+#: and callers meanwhile get the last error at once, without a request: one device notices a
+#: return within seconds of a short outage, and a fleet that lost its server for minutes comes
+#: back spread over minutes instead of in one wave (docs/architecture.md 1.6).
+OFFLINE_FACTOR: Final = 10.0
+#: A pair is refreshed at a random point in the last REFRESH_SPREAD of its life before the
+#: margin: devices that signed in together (or came back from an outage together) drift apart
+#: instead of refreshing in one wave for ever. Costs about half of it in extra refreshes.
+REFRESH_SPREAD: Final = 0.2
 #: A pair just received is not refreshed again for staleness within the smaller of this and
 #: half its measured life (invariant 12): a device clock that runs ahead, or a server that
 #: hands out short-lived tokens, cannot turn every call into a rotation. A 401 still can.
@@ -114,6 +127,11 @@ class _Claim:
     generation: int
     deadline: float
     proven_at: float
+    #: The intent was pending before this claim: its token may already be spent.
+    carried: bool = False
+    #: A try of this claim may have reached the server (an answer, or a failure after the
+    #: connection was made): until a commit, the token may be spent.
+    reached: bool = False
 
 
 def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
@@ -233,6 +251,11 @@ class TokenManager:
         self._lifecycle = asyncio.Lock()  # open() and close() one at a time
         self._closing = asyncio.Event()  # wakes every pause of ours when close() starts
         self._quiet_until = 0.0  # monotonic; no proactive refresh before this (after a failure)
+        self._offline_since: float | None = None  # monotonic start of a run of failed refreshes
+        self._offline_error: TransientError | None = None  # what the last one of them raised
+        self._in_doubt = False  # the pending intent's token may have reached the server
+        self._own_intent: float | None = None  # started_at of the last intent we claimed
+        self._one_try = dataclasses.replace(self.retry, max_attempts=1)
         self._intent_anchor = (math.nan, 0.0)  # (intent started_at, its monotonic instant)
         self.refresh_requests = 0  # refresh requests this manager sent (a figure for tests/bench)
         self._outboxes: dict[str, Outbox] = {}
@@ -430,9 +453,12 @@ class TokenManager:
             if now < self._refresh_at:
                 return tokens.access_token
             if now < self._expires_at:
-                # Inside the margin: answer now, refresh behind the caller's back.
+                # Inside the margin: answer now, refresh behind the caller's back, one try at
+                # a time: nobody waits on it, so a failure just waits for a later call (a
+                # fleet whose server is away must not send bursts of retries for tokens
+                # that still work).
                 if now >= self._quiet_until:
-                    self._start_refresh(None, force=False)
+                    self._start_refresh(None, force=False, policy=self._one_try)
                 return tokens.access_token
         return (await self._join(None, force=False)).access_token
 
@@ -591,6 +617,9 @@ class TokenManager:
             now = self._clock.monotonic()
             self._expires_at = now + (expires - self._clock.time())
             self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
+            life = tokens.lifetime
+            if life and life > 0:
+                self._refresh_at -= random.random() * REFRESH_SPREAD * life
             if fresh:
                 life = tokens.lifetime
                 floor = now + (min(FRESH_FLOOR, life / 2) if life and life > 0 else FRESH_FLOOR)
@@ -625,6 +654,8 @@ class TokenManager:
         self._use(tokens)
         if tokens is not None:
             self._ended_code = None
+            if newer:  # another process's commit: the server is there
+                self._back_online()
             self._set_state(SessionState.VALID)
             if announce and newer:
                 self._emit(EventKind.ADOPTED)
@@ -641,7 +672,7 @@ class TokenManager:
         generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
         self._use(tokens, fresh=fresh)
         self._generation, self._ended_code = generation, None
-        self._quiet_until = 0.0
+        self._back_online()
         self._set_state(SessionState.VALID)
         self._emit(EventKind.SIGNED_IN)
         log.info("signed in account %s (token %s)", self.account, fingerprint(tokens.access_token))
@@ -721,7 +752,9 @@ class TokenManager:
         self, keyed_on: str | None, *, force: bool, policy: RetryPolicy | None = None
     ) -> asyncio.Task[TokenSet]:
         if self._task is None or self._task.done():
-            flow = self._refresh_flow(keyed_on, force, policy or self.retry)
+            # Inside a run of failures, one try per refresh: the pacing is between them.
+            policy = policy or (self.retry if self._offline_since is None else self._one_try)
+            flow = self._refresh_flow(keyed_on, force, policy)
             self._task = asyncio.ensure_future(flow)
             self._task.add_done_callback(self._refresh_done)
         return self._task
@@ -731,12 +764,30 @@ class TokenManager:
         # reported as "exception never retrieved"; joiners get it through the shield.
         if task.cancelled() or task.exception() is None:
             return
-        self._quiet_until = self._clock.monotonic() + self.retry.max_delay
+        exc = task.exception()
+        now = self._clock.monotonic()
+        if isinstance(exc, TransientError):
+            if self._offline_since is None:
+                self._offline_since = now
+            longest = OFFLINE_FACTOR * self.retry.max_delay
+            cap = min(longest, max(self.retry.max_delay, 2 * (now - self._offline_since)))
+            self._quiet_until = now + random.random() * cap
+            self._offline_error = exc
+        else:
+            self._quiet_until = now + self.retry.max_delay
         # A journal that failed (disk full at the commit, after the server rotated) leaves the
-        # intent pending just like the network does: the window is used either way.
-        pending = isinstance(task.exception(), TransientError | ProtocolError | JournalError)
-        if pending and self._open:
+        # intent pending just like the network does: the window is used either way. An
+        # intent whose token cannot have reached the server (every try refused before
+        # connecting) risks nothing: it waits for the next refresh like any other.
+        pending = isinstance(exc, TransientError | ProtocolError | JournalError)
+        if pending and self._in_doubt and self._open:
             self._start_rescue()
+
+    def _back_online(self) -> None:
+        """A pair was committed or adopted: the server is there, the run of failures over."""
+        self._quiet_until = 0.0
+        self._offline_since = self._offline_error = None
+        self._in_doubt = False
 
     async def _join(self, keyed_on: str | None, *, force: bool) -> TokenSet:
         self._require_open()
@@ -746,6 +797,15 @@ class TokenManager:
             self._adopt(await self.journal.load(self.account))
             if self._tokens is None and self._ended_code is not None:
                 raise SessionEnded(self._ended_code)
+        error, idle = self._offline_error, self._task is None or self._task.done()
+        if error is not None and idle and (keyed_on is not None or not force):
+            wait = self._quiet_until - self._clock.monotonic()
+            if wait > 0:
+                # Offline pacing: the last refresh ran out of tries moments ago; another now
+                # would be one more request from every device of a fleet at once.
+                again = copy.copy(error)
+                again.add_note(f"tokenjournal: the next try comes in {wait:.0f} s or later")
+                raise again
         # The shield is invariant 7: a caller's cancellation or timeout never reaches the
         # shared refresh that every other caller is waiting on.
         return await asyncio.shield(self._start_refresh(keyed_on, force=force))
@@ -845,6 +905,7 @@ class TokenManager:
                         policy=policy,
                         grace_deadline=claim.deadline,
                         before_send=functools.partial(self._prove_lease, claim),
+                        arrived=functools.partial(setattr, claim, "reached", True),
                         secrets=claim.tokens.secrets,
                         what="refresh",
                     )
@@ -859,11 +920,13 @@ class TokenManager:
                 except BaseException:
                     # Budget spent, cancelled, the journal failed: the intent stays for the
                     # next try, and the lease goes now so no other process waits it out.
+                    self._in_doubt = claim.carried or claim.reached
                     try:
                         await asyncio.shield(self._release())
                     finally:
                         self._bell.ring()  # after the release, so waiters find it free
                     raise
+                self._in_doubt = True  # an answer came: until the commit, the token is spent
                 try:
                     return await self._settle(claim, answer)
                 finally:
@@ -945,7 +1008,12 @@ class TokenManager:
             if began.intent.started_at == now:  # ours, just written: anchor it exactly
                 self._intent_anchor = (now, taken_at)
             deadline = self._anchor(began.intent.started_at) + self.grace_period
-            return _Claim(tokens, self._generation, deadline, taken_at)
+            # An intent kept from an earlier try may have a spent token: certainly if another
+            # run wrote it; if we did, when one of our tries may have reached the server.
+            started = began.intent.started_at
+            carried = started != now and (started != self._own_intent or self._in_doubt)
+            self._own_intent = started
+            return _Claim(tokens, self._generation, deadline, taken_at, carried=carried)
 
     async def _await_other(self, generation: int, lease: Lease) -> AccountRecord:
         """Another process holds the lease: wait for its bell (its commit, release or death
@@ -1033,7 +1101,7 @@ class TokenManager:
         _faults.crash_point("after_commit")
         self._use(answer, fresh=True)
         self._generation = committed
-        self._quiet_until = 0.0
+        self._back_online()
         self._set_state(SessionState.VALID)
         self._emit(EventKind.REFRESHED)
         log.info("refreshed account %s (token %s)", self.account, fingerprint(answer.access_token))
@@ -1055,6 +1123,7 @@ class TokenManager:
         policy: RetryPolicy | None = None,
         grace_deadline: float | None = None,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        arrived: Callable[[], object] | None = None,
         secrets: Iterable[str] = (),
         what: str = "auth call",
     ) -> _A | Failure:
@@ -1064,11 +1133,12 @@ class TokenManager:
         Returns what ``parse`` made of the answer, or a non-retryable :class:`Failure`;
         raises a :class:`TransientError` (or :class:`ProtocolError` for malformed answers)
         when the budget runs out or the manager closes. ``grace_deadline`` is monotonic.
-        A ``parse`` that raises on what the server sent (a third-party protocol, or a case
-        ours missed) has met a malformed answer, retried like any other; so is a pair whose
-        tokens no header can carry. A failure's code and message are the server's words:
-        they are made printable and stripped of ``secrets`` before they reach an exception,
-        a log line, an event or the journal.
+        ``arrived`` is called whenever a try may have reached the server (an answer, or a
+        failure after the connection was made). A ``parse`` that raises on what the server
+        sent (a third-party protocol, or a case ours missed) has met a malformed answer,
+        retried like any other; so is a pair whose tokens no header can carry. A failure's
+        code and message are the server's words: they are made printable and stripped of
+        ``secrets`` before they reach an exception, a log line, an event or the journal.
         """
         loop = attempts(
             policy or self.retry,
@@ -1083,8 +1153,12 @@ class TokenManager:
             try:
                 status, headers, body = await self._send(build())
             except NetworkFailure as exc:
+                if arrived is not None and not exc.unsent:
+                    arrived()
                 attempt.failed(None, str(exc))
                 continue
+            if arrived is not None:
+                arrived()
             try:
                 answer = parse(status, headers, body)
             except Exception as exc:

@@ -13,7 +13,13 @@ Raw = tuple[int, Mapping[str, str], bytes]
 
 class NetworkFailure(Exception):
     """An exchange got no answer (connect/read error or timeout). Carries no token: its text
-    is the name of what failed."""
+    is the name of what failed. ``unsent``: the connection was never made (refused,
+    unreachable, no DNS), so the request cannot have reached the server; any other failure
+    may have come after the server read it."""
+
+    def __init__(self, what: str, *, unsent: bool = False) -> None:
+        super().__init__(what)
+        self.unsent = unsent
 
 
 async def send(http: aiohttp.ClientSession, request: HttpRequest, limit: float) -> Raw:
@@ -23,6 +29,8 @@ async def send(http: aiohttp.ClientSession, request: HttpRequest, limit: float) 
     seconds. No answer at all is a :class:`NetworkFailure`."""
     try:
         return await _exchange(http, request, limit)
+    except aiohttp.ClientConnectorError as exc:  # no connection: nothing went out
+        raise NetworkFailure(type(exc).__name__, unsent=True) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise NetworkFailure(type(exc).__name__) from None
 

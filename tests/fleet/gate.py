@@ -60,20 +60,44 @@ class Gate:
 
 
 class GatedServer(ReferenceServer):
-    """The reference server on the fleet's clock, behind the gate."""
+    """The reference server on the fleet's clock, behind the gate. ``down()`` is a crash as
+    clients see it: every open connection dies (a request in flight may or may not have been
+    read) and new ones are refused; ``up()`` listens again on the same port."""
 
     def __init__(self, config: ServerConfig, gate: Gate) -> None:
         super().__init__(config)
         self.gate = gate
+        self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
         app = create_app(self.config)
         app.middlewares.append(self.gate.middleware)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-        await site.start()
-        address: Any = runner.addresses[0]
         self._app, self._runner = app, runner
+        await self._listen(0)
+        address: Any = runner.addresses[0]
         self.url = f"http://127.0.0.1:{int(address[1])}"
         self.state.clock = FleetServerClock(self.gate.line)
+
+    async def _listen(self, port: int) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=4096)
+        await self._site.start()
+
+    async def down(self) -> None:
+        """Refuse new connections and kill the open ones."""
+        self.gate.mode = "down"
+        if self._site is not None and self._site._server is not None:
+            self._site._server.close()  # the listening socket: connects are refused
+            self._site = None
+        assert self._runner is not None and self._runner.server is not None
+        for connection in list(self._runner.server.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    async def up(self, mode: str = "up") -> None:
+        """Listen again (on the same port), in ``mode`` (up or overload)."""
+        if self._site is None:
+            await self._listen(self.port)
+        self.gate.mode = mode

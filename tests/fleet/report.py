@@ -9,7 +9,7 @@ from typing import Any
 
 #: Width of the rate windows, in simulated seconds.
 WINDOW = 10
-OK_STATES = frozenset({"valid", "refreshing"})
+OK_STATES = frozenset({"valid"})
 #: After recovery, this long is "the recovery" for the peak figure (simulated seconds).
 RECOVERY = 300.0
 
@@ -28,22 +28,21 @@ def _between(series: list[float], start: float, end: float) -> list[float]:
 
 
 def _recovered_after(device: dict[str, Any], end: float) -> float:
-    """Seconds after ``end`` from which the device stays usable (inf: never again)."""
-    states: list[tuple[float, str]] = device["states"]
-    ok_at_end = True
-    for at, state in states:
-        if at <= end:
-            ok_at_end = state in OK_STATES
-    last_ok, bad_later = (end if ok_at_end else math.inf), False
-    for at, state in states:
-        if at <= end:
+    """Seconds after ``end`` from which the device stays usable (inf: never again).
+    REFRESHING says nothing either way (a routine refresh, or a try while offline)."""
+    ok = True
+    for at, state in device["states"]:
+        if at <= end and state != "refreshing":
+            ok = state in OK_STATES
+    since = end if ok else math.inf
+    for at, state in device["states"]:
+        if at <= end or state == "refreshing":
             continue
-        if state in OK_STATES:
-            if not ok_at_end or bad_later:
-                last_ok = at
-        else:
-            bad_later, last_ok = True, math.inf
-    return last_ok - end
+        if state in OK_STATES and not ok:
+            ok, since = True, at
+        elif state not in OK_STATES and ok:
+            ok, since = False, math.inf
+    return since - end
 
 
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
@@ -52,8 +51,11 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
     n, ttl, until = len(devices), raw["ttl"], raw["until"]
     every = rates(raw)
     outage = raw["outage"]
-    steady_end = outage[0] if outage else until
-    steady = _between(every, ttl, steady_end)  # after the first rotation of a common start
+    # Steady state: before the trouble; without trouble, the last two token lives (a common
+    # start's wave has had the run's length to spread).
+    start, steady_end = (ttl, outage[0]) if outage else (max(ttl, until - 2 * ttl), until)
+    steady = _between(every, start, steady_end)
+    first = _between(every, ttl, 2 * ttl)
     steady_mean = statistics.fmean(steady) if steady else float("nan")
     out: dict[str, Any] = {
         "scenario": raw["scenario"],
@@ -62,6 +64,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         "ideal_rate": n / ttl,
         "steady_rate": steady_mean,
         "steady_peak_ratio": max(steady) / steady_mean if steady and steady_mean else math.nan,
+        "first_life_peak_ratio": max(first) / steady_mean if first and steady_mean else math.nan,
         "requests": sum(c for _, _, c in raw["buckets"]),
         "refused": sum(c for _, o, c in raw["buckets"] if o == "refused"),
         "dropped": sum(c for _, o, c in raw["buckets"] if o == "dropped"),

@@ -44,6 +44,7 @@ class Scenario:
     kill_share: float = 0.0  # devices in the worker that is killed mid-refresh
     outage: tuple[float, float] | None = None  # the window the figures call "down"
     service: float = 0.0  # simulated seconds an admitted refresh holds its slot
+    stagger: bool = True  # devices boot at random times (False: all sign in at once)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Settings:
     grace: float = 300.0
     use_every: float = 30.0
     retry_after: int = 5
+    max_delay: float = 30.0  # the devices' RetryPolicy.max_delay (offline pacing: 10x it)
     journal_root: str = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     progress: Callable[[str], None] = field(default=lambda message: None)
 
@@ -110,6 +112,8 @@ async def run_scenario(s: Settings, sc: Scenario) -> dict[str, Any]:
                 "--url", server.url, "--dir", str(folder), "--speed", str(s.speed),
                 "--until", str(sc.until), "--use-every", str(s.use_every),
                 "--skew-share", str(sc.skew_share), "--grace", str(s.grace),
+                "--stagger", str(s.ttl * 0.8 if sc.stagger else 0.0),
+                "--max-delay", str(s.max_delay),
             ]  # fmt: skip
             victims = round(s.devices * sc.kill_share)
             slices = _slices(s.devices - victims, s.workers)
@@ -132,7 +136,7 @@ async def run_scenario(s: Settings, sc: Scenario) -> dict[str, Any]:
                 w.send({"go": line.start})
             victim = workers[-1] if victims else None
             restarts = 0
-            timeline = asyncio.ensure_future(_play(sc, line, gate, victim, s))
+            timeline = asyncio.ensure_future(_play(sc, server, victim, s))
             results: list[dict[str, Any]] = []
             following = {asyncio.ensure_future(_follow(w)) for w in workers}
             while following:
@@ -190,15 +194,14 @@ def _slices(count: int, workers: int) -> list[tuple[int, int]]:
     return out
 
 
-async def _play(
-    sc: Scenario, line: Timeline, gate: Gate, victim: Worker | None, s: Settings
-) -> None:
+async def _play(sc: Scenario, server: GatedServer, victim: Worker | None, s: Settings) -> None:
+    gate, line = server.gate, server.gate.line
     for event in sorted(sc.events, key=lambda e: e.at):
         await asyncio.sleep(line.real_delay(event.at))
         if event.mode is not None:
-            gate.mode = event.mode
             if event.capacity is not None:
                 gate.capacity = event.capacity
+            await (server.down() if event.mode == "down" else server.up(event.mode))
             s.progress(f"{sc.name}: t={event.at:.0f}s server {event.mode}")
         if event.kill_slice and victim is not None:
             victim.send({"arm": "after_response"})

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 import tokenjournal as tj
 from tokenjournal import _faults
 from tokenjournal._protocols import HttpRequest
@@ -43,6 +45,15 @@ class Device(tj.TokenManager):
         self.states: list[tuple[float, str]] = []
         self.subscribe(self._on_event)
 
+    async def open(self) -> None:
+        await super().open()
+        # Time runs fast here but aiohttp's keep-alive runs on real time: without this, a
+        # connection idle for a simulated quarter of an hour would still be pooled, which
+        # it never is in life (15 s). A refresh opens its own connection, as it would.
+        if self._http is not None:
+            await self._http.close()
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
     def _on_event(self, event: tj.TokenEvent) -> None:
         if event.kind is tj.EventKind.STATE:
             self.states.append((round(self.line.now(), 3), event.state.value))
@@ -63,8 +74,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-every", type=float, default=30.0, help="simulated seconds")
     p.add_argument("--skew-share", type=float, default=0.0, help="devices a day off")
     p.add_argument("--grace", type=float, default=300.0)
+    p.add_argument("--max-delay", type=float, default=30.0, help="the retry policy's")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="open existing journals, no sign-in")
+    p.add_argument("--stagger", type=float, default=0.0, help="spread the first refresh")
     return p.parse_args(argv)
 
 
@@ -75,12 +88,27 @@ def say(message: dict[str, Any]) -> None:
 
 async def _open(device: Device, resume: bool) -> None:
     await device.open()
-    if not resume and device.state is not tj.SessionState.VALID:
-        await device.sign_in(**DEMO)
+    for attempt in range(5):  # thousands signing in at once can overrun the server's backlog
+        if resume or device.state is tj.SessionState.VALID:
+            return
+        try:
+            await device.sign_in(**DEMO)
+        except tj.TransientError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(1.0 + attempt)
 
 
-async def app(device: Device, clock: DeviceClock, every: float, until: float) -> None:
-    """What the device's own program does: use its token every ``every`` seconds."""
+async def app(
+    device: Device, clock: DeviceClock, every: float, until: float, stagger: float
+) -> None:
+    """What the device's own program does: use its token every ``every`` seconds. With
+    ``stagger``, first a refresh at a random point of the first ``stagger`` seconds: devices
+    that booted at random times, not together."""
+    if stagger:
+        await clock.sleep(random.uniform(0.0, stagger))
+        with contextlib.suppress(tj.TokenJournalError):
+            await device.refresh()
     await clock.sleep(random.uniform(0.0, every))
     while clock.monotonic() < until:
         with contextlib.suppress(tj.TokenJournalError):  # offline or ended: it carries on
@@ -102,6 +130,7 @@ async def main(ns: argparse.Namespace) -> None:
                 ns.url,
                 ns.dir / f"device-{i}.db",
                 grace_period=ns.grace,
+                retry=tj.RetryPolicy(max_delay=ns.max_delay),
                 clock=clock,
                 timeline=line,
                 skew=skew,
@@ -124,8 +153,9 @@ async def main(ns: argparse.Namespace) -> None:
                 _faults.arm(order["arm"])
 
     listening = asyncio.ensure_future(commands())
+    stagger = 0.0 if ns.resume else ns.stagger
     await asyncio.gather(
-        *(app(d, c, ns.use_every, ns.until) for d, c in zip(devices, clocks, strict=True))
+        *(app(d, c, ns.use_every, ns.until, stagger) for d, c in zip(devices, clocks, strict=True))
     )
     listening.cancel()
     results = []

@@ -34,6 +34,7 @@ from typing import Any, Final
 import jwt
 
 import tokenjournal as tj
+from tokenjournal import _manager as _manager_module
 from tokenjournal._tokens import MARGIN_FRACTION
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.server._tokens import ALGORITHM, IssuedPair, TokenMinter
@@ -338,6 +339,9 @@ def idle_scenario(down: float, step: float = 0.0) -> Scenario:
                 if saved and replays != 1:
                     out.problems.append(f"{replays} grace replays, expected 1")
             else:
+                # The app comes back once the offline pause that the last failed try set is
+                # over (a call inside it fails fast with that try's error, no request).
+                await clock.sleep(_manager_module.OFFLINE_FACTOR * tm.retry.max_delay)
                 verdict, exc = await _call(
                     out, "access_token past the window", tm.access_token(), expect_signed_in=False
                 )

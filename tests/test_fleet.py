@@ -1,0 +1,64 @@
+"""The fleet run's CI form: ``python -m tests.fleet --short`` (200 devices, five scenarios, on
+a sped-up clock). The README's figures come from the full run (``--devices 10000``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fleet.report import _densest, _recovered_after
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_fleet_run_loses_no_session_and_paces_every_device(tmp_path: Path) -> None:
+    out = tmp_path / "fleet.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "sdk"), str(ROOT)]))
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.fleet", "--short", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {row["scenario"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"steady", "outage", "long_outage", "overload", "skew_kill"}
+    for name, row in rows.items():
+        assert row["server"]["reuse_detections"] == 0, name
+        assert row["server"]["family_revocations"] == 0, name
+        if name != "long_outage":  # an outage past the grace window may cost a session
+            assert row["lost"] == 0, (name, row)
+        if "outage_seconds" in row:
+            # No device above one request per 10 s while the server is away.
+            assert row["busiest_device_rate"] <= 0.1, (name, row)
+        if name in ("outage", "long_outage"):  # the server is whole again: all come back
+            assert row["all_valid_after"] < float("inf"), (name, row)
+    assert rows["skew_kill"]["restarts"] == 1
+    assert rows["overload"]["refused"] > 0  # the capacity limit was reached, and survived
+
+
+def test_recovery_is_measured_from_the_last_return_to_a_usable_state() -> None:
+    device = {
+        "states": [
+            [100.0, "refreshing"],
+            [101.0, "offline"],  # before the end of the outage
+            [250.0, "refreshing"],
+            [251.0, "valid"],  # back 51 s after the end at 200
+            [900.0, "refreshing"],
+            [900.5, "valid"],  # a routine refresh later: not a recovery
+        ]
+    }
+    assert _recovered_after(device, 200.0) == 51.0
+    assert _recovered_after({"states": [[10.0, "valid"]]}, 200.0) == 0.0
+    assert _recovered_after({"states": [[10.0, "valid"], [300.0, "ended"]]}, 200.0) == float("inf")
+
+
+def test_the_densest_window_counts_requests_closer_than_its_width() -> None:
+    assert _densest([], 10) == 0
+    assert _densest([0.0, 10.0, 20.0], 10) == 1
+    assert _densest([0.0, 9.9, 10.5, 30.0], 10) == 2

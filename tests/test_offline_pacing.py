@@ -1,0 +1,191 @@
+"""Offline pacing and refresh spread: what one device does so that ten thousand of them do
+not hammer an auth server that is away, or come back from it in one wave
+(docs/architecture.md 1.6). The fleet run (``python -m tests.fleet``) measures the sum."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import tokenjournal as tj
+from tokenjournal import _manager
+from tokenjournal._manager import OFFLINE_FACTOR, REFRESH_SPREAD
+from tokenjournal._transport import NetworkFailure
+from tokenjournal.server import ReferenceServer
+from tokenjournal.testing import FakeClock
+
+from .conftest import DEMO
+
+TTL = 900.0
+
+
+class Line:
+    """Between manager and server: refused (nothing sent) or cut mid-request (maybe sent)."""
+
+    def __init__(self, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.mode = "up"  # up | refused | cut
+        self.sent: list[float] = []
+        real = _manager.send
+
+        async def send(http: aiohttp.ClientSession, request: Any, limit: float) -> Any:
+            self.sent.append(clock.monotonic())
+            if self.mode == "refused":
+                raise NetworkFailure("ClientConnectorError", unsent=True)
+            if self.mode == "cut":
+                raise NetworkFailure("ServerDisconnectedError")
+            return await real(http, request, limit)
+
+        monkeypatch.setattr(_manager, "send", send)
+
+
+async def _until(condition: Any, seconds: float = 5.0) -> bool:
+    """Real time for background work (the journal's thread): until ``condition()`` holds."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(condition())
+
+
+async def _signed_in(server: ReferenceServer, path: Path, clock: FakeClock) -> tj.TokenManager:
+    tm = tj.TokenManager(server.url, path, clock=clock)
+    await tm.open()
+    await tm.sign_in(**DEMO)
+    return tm
+
+
+async def test_a_refused_refresh_starts_no_rescue_and_callers_fail_fast(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every try refused before connecting: the token cannot have reached the server, so no
+    grace rescue runs; callers until the next try get the error at once, with no request."""
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    line.sent.clear()
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "refused"
+        with pytest.raises(tj.NetworkError):
+            await tm.access_token()
+        burst = len(line.sent)
+        assert burst == tm.retry.max_attempts  # the first refresh tries its full budget
+        for _ in range(20):  # callers inside the pause: no request, the same error at once
+            with pytest.raises(tj.NetworkError) as raised:
+                await tm.access_token()
+            assert "next try" in "".join(raised.value.__notes__)
+        assert len(line.sent) == burst
+        clock.advance(tm.retry.max_delay)  # past the first pause (at most max_delay)
+        for _ in range(40):
+            await asyncio.sleep(0)  # let a rescue, if any were started, run
+        assert len(line.sent) == burst  # nothing sent without a caller: no rescue
+        with pytest.raises(tj.NetworkError):
+            await tm.access_token()
+        assert len(line.sent) == burst + 1  # one try per refresh inside a run of failures
+        line.mode = "up"
+        clock.advance(2 * OFFLINE_FACTOR * tm.retry.max_delay)
+        assert await tm.access_token()
+        assert tm.state is tj.SessionState.VALID
+    finally:
+        await tm.close()
+
+
+async def test_a_cut_refresh_is_in_doubt_and_rescued(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A try cut after the connection was made may have reached the server: the grace rescue
+    keeps trying without any caller (invariant 11)."""
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    line.sent.clear()
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "cut"
+        with pytest.raises(tj.NetworkError):
+            await tm.refresh()
+        before = len(line.sent)
+        clock.advance(60)
+        assert await _until(lambda: len(line.sent) > before)  # the rescue tried on its own
+    finally:
+        await tm.close()
+
+
+async def test_the_pause_grows_with_the_time_offline_up_to_its_cap(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full jitter over min(10 x max_delay, max(max_delay, 2 x time offline)): a device that has
+    been away for long does not come back at the same instant as all the others."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 1.0)  # the top of each jitter
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    line.sent.clear()
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "refused"
+        pauses = []
+        for _ in range(12):
+            with pytest.raises(tj.NetworkError):
+                await tm.access_token()
+            pauses.append(tm._quiet_until - clock.monotonic())
+            clock.advance(pauses[-1])
+        assert pauses[0] == pytest.approx(tm.retry.max_delay)  # offline for no time yet
+        assert pauses[1] == pytest.approx(2 * pauses[0])  # twice the time offline so far
+        assert all(b >= a - 1e-6 for a, b in itertools.pairwise(pauses))
+        assert max(pauses) == pytest.approx(OFFLINE_FACTOR * tm.retry.max_delay)
+        # One request per pause: the device's rate while away falls as the outage goes on.
+        assert len(line.sent) == tm.retry.max_attempts + 11
+    finally:
+        await tm.close()
+
+
+async def test_a_proactive_refresh_that_fails_sends_one_try(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the margin the token still works: nobody waits on the refresh, so it makes one
+    try and waits for a later call, instead of a burst of retries from every device."""
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    line.sent.clear()
+    try:
+        clock.advance(TTL - 5)  # inside any refresh point, not expired
+        line.mode = "refused"
+        token = await tm.access_token()
+        assert await _until(lambda: tm.state is not tj.SessionState.REFRESHING and line.sent)
+        assert len(line.sent) == 1
+        assert await tm.access_token() == token  # still served, no new try in the pause
+        assert len(line.sent) == 1
+    finally:
+        await tm.close()
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
+async def test_the_refresh_point_spreads_over_a_share_of_the_life(
+    server: ReferenceServer,
+    journal_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    draw: float,
+) -> None:
+    """A pair is refreshed at a random point of the REFRESH_SPREAD of its life before the
+    margin: devices signed in together drift apart."""
+    monkeypatch.setattr(_manager.random, "random", lambda: draw)
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        margin = tm.refresh_margin
+        point = TTL - margin - draw * REFRESH_SPREAD * TTL
+        signed = tm.tokens
+        assert signed is not None
+        clock.advance(point - 2)  # the Date header can round the life by up to a second
+        assert await tm.access_token() == signed.access_token
+        assert tm.refresh_requests == 0
+        clock.advance(4)
+        await tm.access_token()
+        assert await _until(lambda: tm.refresh_requests == 1)
+        assert not math.isinf(point)
+    finally:
+        await tm.close()
