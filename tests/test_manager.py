@@ -261,11 +261,9 @@ async def test_unreachable_server_goes_offline_keeps_tokens_and_resumes(
             await tm.access_token()
         assert tm.state is tj.SessionState.OFFLINE and tm.tokens == signed
         assert (await tm.journal.load("default")).intent is not None  # kept for the next try
-        asked = server.stats()["refresh_requests"]
-        with pytest.raises(tj.ServerError):  # at once: the offline pause (no request)
-            await tm.access_token()
-        assert server.stats()["refresh_requests"] == asked
-        clock.advance(10 * tm.retry.max_delay)  # past the pause
+        # Past the offline pause (test_offline_pacing.py pins the pause itself; here the
+        # grace rescue may also heal the session in the background meanwhile).
+        clock.advance(10 * tm.retry.max_delay)
         token = await tm.access_token()  # the next call resumes
         assert tm.state is tj.SessionState.VALID and token != signed.access_token
 

@@ -148,6 +148,7 @@ async def test_a_proactive_refresh_that_fails_sends_one_try(
 ) -> None:
     """Inside the margin the token still works: nobody waits on the refresh, so it makes one
     try and waits for a later call, instead of a burst of retries from every device."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.5)  # a pause of 15 s, not ~0
     line = Line(clock, monkeypatch)
     tm = await _signed_in(server, journal_path, clock)
     line.sent.clear()

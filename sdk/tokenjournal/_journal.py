@@ -942,6 +942,8 @@ class SQLiteJournal:
         self.busy_timeout = busy_timeout
         self.read_only = read_only
         self.seal = seal
+        #: Rows sealed (or re-sealed under this key) when the journal was last opened.
+        self.sealed_at_open = 0
         self._db: aiosqlite.Connection | None = None
         # open() and close() one at a time: two concurrent opens must not make two connections.
         self._life = asyncio.Lock()
@@ -1307,8 +1309,10 @@ class SQLiteJournal:
             return True
         return any(
             conn.execute(
-                f"SELECT 1 FROM {t.table} WHERE sealed_by IS NULL AND "  # noqa: S608
-                f"({' OR '.join(f'{c} IS NOT NULL' for c in t.columns)}) LIMIT 1"
+                f"SELECT 1 FROM {t.table} WHERE (sealed_by IS NULL AND "  # noqa: S608
+                f"({' OR '.join(f'{c} IS NOT NULL' for c in t.columns)})) OR sealed_by != ? "
+                "LIMIT 1",
+                (self.seal.key_id,),
             ).fetchone()
             for t in SECRET_TABLES
         )
@@ -1386,9 +1390,13 @@ class SQLiteJournal:
         if version < SCHEMA_VERSION:
             self._in_transaction(conn, self._migrate, abandoned)
         if self.seal is not None and self._needs_sealing(conn):
-            # A plain journal (or one a previous key sealed last) is sealed in place in one
-            # transaction; its scrub takes the plain bytes out of every file.
-            self._in_transaction(conn, lambda tx: self._seal_rows(tx, everything=False), abandoned)
+            # A plain journal, or rows a previous key sealed, are sealed in place under this
+            # key in one transaction as the journal is first read with it (``previous=``: the
+            # old key can go once every journal has been opened once); the scrub takes the
+            # plain or old bytes out of every file.
+            self.sealed_at_open = self._in_transaction(
+                conn, lambda tx: self._seal_rows(tx, everything=True), abandoned
+            )
         # A process killed between a commit and its checkpoint left replaced secrets in
         # the WAL: clear them before anything else happens.
         self._scrub(conn)

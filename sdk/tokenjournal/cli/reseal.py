@@ -62,9 +62,9 @@ async def reseal(path: str | Path, seal: Seal) -> int:
     journal = SQLiteJournal(path, seal=seal)
     if not journal.path.is_file():
         raise TokenJournalError(f"journal {journal.path} does not exist")
-    await journal.open()
+    await journal.open()  # rows an old key sealed are re-sealed as it opens
     try:
-        return await journal.reseal()
+        return journal.sealed_at_open + await journal.reseal()
     finally:
         await journal.close()
 
