@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -71,76 +73,64 @@ def test_the_bell_is_named_for_holder_and_account_and_leaves_no_file(tmp_path: P
     assert len(names) == 3 and all(n is not None and n.startswith("\0") for n in names)
 
 
-def _managers(path: Path) -> tuple[tj.TokenManager, tj.TokenManager]:
-    holder = tj.TokenManager(URL, path)
-    waiter = tj.TokenManager(URL, path, clock=NeverSleeps())
-    return holder, waiter
+@asynccontextmanager
+async def _mid_refresh(
+    path: Path,
+) -> AsyncIterator[tuple[tj.TokenManager, asyncio.Event, asyncio.Future[tj.TokenSet]]]:
+    """Two managers on one journal: the first holds the refresh lease, its request parked
+    until the event is set; yields the waiter (whose pauses never end), the event and the
+    holder's refresh."""
+    gate = asyncio.Event()
 
+    async def slow(url: object, **kwargs: object) -> CallbackResult:
+        await gate.wait()
+        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
 
-async def _holding(holder: tj.TokenManager) -> None:
-    while holder.state is not tj.SessionState.REFRESHING:
-        await asyncio.sleep(0)
+    with aioresponses() as mock:
+        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(URL + "/auth/refresh", callback=slow)
+        holder = tj.TokenManager(URL, path)
+        waiter = tj.TokenManager(URL, path, clock=NeverSleeps())
+        async with holder:
+            await holder.sign_in(**DEMO)
+            async with waiter:
+                rotating = asyncio.ensure_future(holder.refresh())
+                while holder.state is not tj.SessionState.REFRESHING:
+                    await asyncio.sleep(0)
+                yield waiter, gate, rotating
 
 
 @linux_only
 async def test_a_waiter_wakes_on_the_holders_commit_without_polling(tmp_path: Path) -> None:
     """The waiter's clock never finishes a pause: it returns only because the holder rang.
     It adopts the holder's pair; the server sees one refresh."""
-    gate = asyncio.Event()
-
-    async def slow(url: object, **kwargs: object) -> CallbackResult:
-        await gate.wait()
-        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
-
-    with aioresponses() as mock:
-        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
-        mock.post(URL + "/auth/refresh", callback=slow)
-        holder, waiter = _managers(tmp_path / "t.db")
-        async with holder:
-            await holder.sign_in(**DEMO)
-            async with waiter:
-                rotating = asyncio.ensure_future(holder.refresh())
-                await _holding(holder)
-                waiting = asyncio.ensure_future(waiter.refresh())
-                for _ in range(50):
-                    await asyncio.sleep(0)
-                assert not waiting.done()
-                gate.set()
-                assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
-                assert (await rotating).access_token == "a2"
-                assert waiter.refresh_requests == 0
+    async with _mid_refresh(tmp_path / "t.db") as (waiter, gate, rotating):
+        waiting = asyncio.ensure_future(waiter.refresh())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        gate.set()
+        assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
+        assert (await rotating).access_token == "a2"
+        assert waiter.refresh_requests == 0
 
 
 @linux_only
 async def test_a_cancelled_caller_leaves_the_shared_wait_on_the_bell(tmp_path: Path) -> None:
     """Cancelling a caller never cancels the shared refresh (invariant 7), and that refresh,
     parked on the bell, still wakes on the holder's commit and adopts its pair."""
-    gate = asyncio.Event()
-
-    async def slow(url: object, **kwargs: object) -> CallbackResult:
-        await gate.wait()
-        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
-
-    with aioresponses() as mock:
-        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
-        mock.post(URL + "/auth/refresh", callback=slow)
-        holder, waiter = _managers(tmp_path / "t.db")
-        async with holder:
-            await holder.sign_in(**DEMO)
-            async with waiter:
-                rotating = asyncio.ensure_future(holder.refresh())
-                await _holding(holder)
-                waiting = asyncio.ensure_future(waiter.refresh())
-                for _ in range(50):
-                    await asyncio.sleep(0)
-                waiting.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await waiting
-                gate.set()
-                assert (await rotating).access_token == "a2"
-                for _ in range(500):  # until the waiter's own refresh task has adopted
-                    if waiter.tokens is not None and waiter.tokens.access_token == "a2":
-                        break
-                    await asyncio.sleep(0.01)
-                assert waiter.tokens is not None and waiter.tokens.access_token == "a2"
-                assert waiter.refresh_requests == 0
+    async with _mid_refresh(tmp_path / "t.db") as (waiter, gate, rotating):
+        waiting = asyncio.ensure_future(waiter.refresh())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        gate.set()
+        assert (await rotating).access_token == "a2"
+        for _ in range(500):  # until the waiter's own refresh task has adopted
+            if waiter.tokens is not None and waiter.tokens.access_token == "a2":
+                break
+            await asyncio.sleep(0.01)
+        assert waiter.tokens is not None and waiter.tokens.access_token == "a2"
+        assert waiter.refresh_requests == 0
