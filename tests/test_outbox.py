@@ -9,6 +9,7 @@ FakeClock where a test looks at it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -98,7 +99,7 @@ async def test_enqueue_is_durable_and_concurrent_callers_share_commits(
         assert commits <= 10, f"99 concurrent enqueues took {commits} commits"
         assert (await outbox.stats()).pending == 99
     # Read back by another connection: committed, in order, ids kept.
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         rows = db.execute("SELECT id FROM outbox ORDER BY seq").fetchall()
     assert [r[0] for r in rows] == ids
 
@@ -138,7 +139,7 @@ async def test_credentials_are_refused_and_no_token_is_stored(
         await outbox.drain(timeout=LONG)
         assert tm.tokens is not None
         secrets = (tm.tokens.access_token, tm.tokens.refresh_token or "-")
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         rows = db.execute("SELECT url, headers, body FROM outbox").fetchall()
     for row in rows:
         assert not any(s in str(row) for s in secrets)
@@ -430,7 +431,7 @@ async def test_a_dead_holders_items_are_taken_over(
     assert proc.stdout is not None
     out = (await proc.stdout.read()).decode().splitlines()
     acknowledged = {e["id"] for e in map(json.loads, out) if e["ev"] == "enqueued"}
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         leased = db.execute("SELECT count(*) FROM outbox WHERE holder IS NOT NULL").fetchone()[0]
     assert leased >= 1  # the dead process left leases behind
     async with manager(server, journal_path) as tm:
@@ -493,7 +494,7 @@ async def test_drain_times_out_on_the_managers_clock(
 
 async def test_a_schema_1_journal_migrates_to_the_outbox_schema(journal_path: Path) -> None:
     journal_path.parent.mkdir(parents=True)
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         for statement in MIGRATIONS[0]:
             db.execute(statement)
         db.execute("INSERT INTO meta VALUES ('device_id', 'x')")
@@ -505,7 +506,7 @@ async def test_a_schema_1_journal_migrates_to_the_outbox_schema(journal_path: Pa
     await journal.open()
     assert await journal.outbox_summary(0.0) == []
     await journal.close()
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert db.execute("SELECT value FROM meta").fetchone()[0] == "x"
 

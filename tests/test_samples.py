@@ -10,6 +10,7 @@ measures what the idle window costs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
@@ -188,7 +189,7 @@ def test_cli_requests_second_process_resumes_without_signing_in(tmp_path: Path) 
     second = run_sample(tmp_path, "cli_requests.py", "--state-dir", state)
     assert_lines(second, 0, "session resumed from journal.db", "GET /api/me: 200")
     assert "signed in as" not in second.stdout
-    with sqlite3.connect(tmp_path / "state" / "journal.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "journal.db")) as db, db:
         (access, refresh), *_ = db.execute("SELECT access_token, refresh_token FROM accounts")
     assert access not in first.stdout + second.stdout  # fingerprints only
     assert refresh not in first.stdout + second.stdout

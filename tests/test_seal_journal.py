@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -211,7 +212,10 @@ async def test_a_sealed_value_copied_to_another_account_does_not_open(
     )
     await journal.store_tokens("bob", tj.TokenSet("bob-a-0123456789", "bob-r-0123456789"), 1.0)
     await journal.close()
-    with sqlite3.connect(journal_path) as db:  # what someone with the file could do
+    with (
+        contextlib.closing(sqlite3.connect(journal_path)) as db,
+        db,
+    ):  # what someone with the file could do
         db.execute(
             f"UPDATE accounts SET {column} = (SELECT {column} FROM accounts WHERE account = "
             "'alice') WHERE account = 'bob'"
@@ -229,11 +233,14 @@ async def test_a_sealed_value_from_an_older_generation_does_not_open(journal_pat
     journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
     await journal.open()
     await journal.store_tokens("default", tj.TokenSet("old-a-0123456789", "old-r-0123456789"), 1.0)
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         old = db.execute("SELECT refresh_token FROM accounts").fetchone()[0]
     db.close()
     await journal.store_tokens("default", tj.TokenSet("new-a-0123456789", "new-r-0123456789"), 2.0)
-    with sqlite3.connect(journal_path) as db:  # a backup's older token put back
+    with (
+        contextlib.closing(sqlite3.connect(journal_path)) as db,
+        db,
+    ):  # a backup's older token put back
         db.execute("UPDATE accounts SET refresh_token = ?", (old,))
     db.close()
     with pytest.raises(tj.JournalError, match="refresh_token does not open"):
@@ -525,7 +532,7 @@ async def test_a_sealed_body_copied_to_another_item_does_not_open(journal_path: 
         item = build_item("POST", "https://api.example/r", json={"n": n}, now=1.0)
         await journal.outbox_add("default", "readings", item, OutboxLimits())
     await journal.close()
-    with sqlite3.connect(journal_path) as db:
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         first = db.execute("SELECT body FROM outbox ORDER BY seq LIMIT 1").fetchone()[0]
         db.execute("UPDATE outbox SET body = ? WHERE seq = (SELECT max(seq) FROM outbox)", (first,))
     journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))

@@ -23,6 +23,7 @@ pending after the final drain (must be 0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sqlite3
@@ -118,7 +119,7 @@ class OutboxFigures:
 def _journal_items(path: Path) -> tuple[list[str], int]:
     """(uids of the dead letters, pending items) of a journal, read without writing."""
     uri = path.absolute().as_uri() + "?mode=ro"
-    with sqlite3.connect(uri, uri=True) as db:
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db, db:
         dead = [json.loads(r[0])["uid"] for r in db.execute("SELECT body FROM outbox WHERE dead")]
         pending = int(db.execute("SELECT count(*) FROM outbox WHERE dead = 0").fetchone()[0])
     return dead, pending
