@@ -771,6 +771,10 @@ class TokenManager:
                 self._offline_since = now
             longest = OFFLINE_FACTOR * self.retry.max_delay
             cap = min(longest, max(self.retry.max_delay, 2 * (now - self._offline_since)))
+            life = self._tokens.lifetime if self._tokens is not None else None
+            if life is not None and life > 0:
+                cap = min(cap, life)  # never idle longer than a pair lives: it would lapse
+
             self._quiet_until = now + random.random() * cap
             self._offline_error = exc
         else:
