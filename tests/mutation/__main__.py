@@ -13,13 +13,16 @@ with ``tests/`` and ``pyproject.toml``; mutmut's own ``mutants/`` folder lives i
 Every run starts from a fresh copy: mutmut's cache does not notice a changed test.
 
 Options: ``--sample N`` tests N mutants drawn at random (seeded by ``--seed``) across the
-modules, for CI; ``--module NAME`` (repeatable) limits the run; ``--max-children`` (default 2)
-is how many mutants run at once; ``--stubs`` prints a ``equivalent.toml`` entry per survivor.
+modules, for CI; ``--module NAME`` (repeatable) limits the run; ``--function PATTERN``
+(repeatable) runs only the mutants of matching functions (``Cls.meth`` or ``func``);
+``--max-children`` (default 2) is how many mutants run at once; ``--stubs`` prints an
+``equivalent.toml`` entry per survivor.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import random
@@ -246,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, metavar="N", help="test N random mutants only (CI)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sample (default: random)")
     p.add_argument("--module", action="append", default=[], help="e.g. _journal (repeatable)")
+    p.add_argument(
+        "--function",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only the mutants of functions matching this shell pattern, e.g. 'Seal.from_*' "
+        "or 'parse_metadata' (repeatable): checks the tests written for a few survivors",
+    )
     p.add_argument("--max-children", type=int, default=2)
     p.add_argument(
         "--stubs", action="store_true", help="print an equivalent.toml stub per survivor"
@@ -261,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         everything = _all_mutant_names(modules)
         names = sorted(random.Random(seed).sample(everything, min(args.sample, len(everything))))
         print(f"sample: {len(names)} of {len(everything)} mutants (--seed {seed})")
+    if args.function:
+        everything = _all_mutant_names(modules)
+        names = [
+            n
+            for n in everything
+            if any(fnmatch.fnmatchcase(_function(n), pat) for pat in args.function)
+        ]
+        if not names:
+            raise SystemExit(f"no mutant of {args.function} in {modules}")
+        print(f"{len(names)} mutants of {', '.join(args.function)}")
     _run_mutmut(names or [f"tokenjournal.{m}.*" for m in modules], args.max_children)
     rows, stale = _tally(modules, names)
     _print(rows, stale, sampled=names is not None, stubs=args.stubs)
