@@ -148,8 +148,14 @@ async def test_a_sign_out_keeps_the_sealed_pair_readable(journal_path: Path) -> 
     await journal.open()
     pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abcdef")
     await journal.store_tokens("default", pair, 1.0)
+    before = (await journal.load("default")).generation
     signing_out = await journal.begin_sign_out("default", 2.0)
-    assert (await journal.load("default")).tokens == pair == signing_out.tokens
+    record = await journal.load("default")
+    assert record.tokens == pair == signing_out.tokens
+    # The row itself moved to the sign-out's generation (no second row beside it), so the
+    # sign-out can be finished against it.
+    assert record.generation == signing_out.generation == before + 1
+    assert await journal.accounts() == ["default"]
     await journal.close()
     assert (await load(journal_path, tj.Seal(KEY))).tokens == pair
 
