@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-LIMIT = 60.0
+LIMIT = 20.0
 
 
 @pytest.hookimpl(wrapper=True)
