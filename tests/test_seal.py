@@ -469,3 +469,82 @@ def test_from_keyring_reads_a_stored_key_checks_it_and_keeps_previous_keys() -> 
     assert rotated.key_ids == (tj.Seal(KEY).key_id, tj.Seal(OTHER).key_id)
     backend.entries[("myapp", "journal-key")] = "not a key!"
     assert _keyring_refusal(ValueError) == "keyring entry myapp/journal-key is not base64"
+
+
+# ----------------------------------------------------------------------------- the format
+
+#: Known answers for KEY: a journal sealed by this version must open in every later one, so
+#: the key derivation, the associated data and the encoding are pinned, not just round-tripped.
+KEY_ID = "fb53190e"
+OTHER_ID = "15c75852"
+NONCE = b"\x02" * 12
+SEALED = "tjs1:fb53190e:AgICAgICAgICAgIC_imGsTYBz2xxkboZ__w4q5_dD2n6QKO-"
+
+
+def test_known_answers_key_ids_fingerprints_and_a_sealed_value() -> None:
+    seal = tj.Seal(KEY)
+    assert (seal.key_id, tj.Seal(OTHER).key_id) == (KEY_ID, OTHER_ID)
+    assert (seal.fingerprint("t"), seal.fingerprint("r-secret")) == ("420c690a", "61aa8e99")
+    assert seal.open(SEALED, **WHERE) == "r-secret"  # type: ignore[arg-type]
+
+
+def test_a_sealed_value_is_prefix_key_id_colon_and_url_safe_base64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "urandom", lambda n: NONCE[:n])
+    assert tj.Seal(KEY).seal("r-secret", **WHERE) == SEALED  # type: ignore[arg-type]
+
+
+def test_a_seal_key_is_32_bytes_or_a_bytearray_of_them() -> None:
+    assert tj.Seal(bytearray(KEY)).key_id == KEY_ID
+    for bad in (KEY[:31], KEY + b"\0", "k" * 32, list(KEY)):
+        with pytest.raises(ValueError) as err:
+            tj.Seal(bad)  # type: ignore[arg-type]
+        assert str(err.value) == "a seal key is 32 bytes"
+
+
+def test_previous_keys_are_listed_once_and_never_the_current_key() -> None:
+    seal = tj.Seal(KEY, previous=[KEY, OTHER, tj.Seal(OTHER), tj.Seal(OTHER, previous=[KEY])])
+    assert seal.key_ids == (KEY_ID, OTHER_ID)
+    assert repr(seal) == f"Seal(key_id='{KEY_ID}', previous=['{OTHER_ID}'])"
+    assert repr(tj.Seal(KEY)) == f"Seal(key_id='{KEY_ID}')"
+    assert tj.Seal(KEY).key_ids == (KEY_ID,)
+
+
+def test_open_says_which_key_it_lacks_or_that_the_value_does_not_belong() -> None:
+    with pytest.raises(Unopenable) as err:
+        tj.Seal(OTHER).open(SEALED, **WHERE)  # type: ignore[arg-type]
+    assert str(err.value) == f"sealed with key id {KEY_ID}, which this seal does not hold"
+    with pytest.raises(Unopenable) as err:
+        tj.Seal(KEY).open(SEALED, **{**WHERE, "generation": 4})  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"does not open with key id {KEY_ID} for this account, column and generation "
+        "(copied from another row, or altered)"
+    )
+    for broken in (SEALED[:-1], SEALED[:14], SEALED[:14] + "!!!!"):
+        with pytest.raises(Unopenable, match="does not open"):
+            tj.Seal(KEY).open(broken, **WHERE)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "kid"),
+    [
+        (SEALED, KEY_ID),
+        ("tjs1:abcdefgh:", "abcdefgh"),
+        ("tjs1:abcdefgh", "?"),
+        ("tjs1:abcdefg:x", "?"),
+        ("tjs1:abcdefghx", "?"),
+        ("tjs1:abc", "?"),
+        ("tjs1:", "?"),
+        ("TJS1:abcdefgh:x", "?"),
+        ("abcd:abcdefgh:x", "?"),
+    ],
+)
+def test_key_id_of_reads_only_a_well_formed_head(value: str, kid: str) -> None:
+    assert key_id_of(value) == kid
+
+
+def test_is_sealed_only_for_text_that_starts_with_the_prefix() -> None:
+    assert is_sealed(SEALED) and is_sealed("tjs1:")
+    for value in (None, 42, b"tjs1:abcdefgh:x", "TJS1:abcdefgh:x", "r-secret", "", "xtjs1:"):
+        assert not is_sealed(value)
