@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import pickle
+import resource
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import keyring
 import keyring.backend
 import keyring.backends.fail
 import keyring.backends.null
+import keyring.errors
 import pytest
 from keyring.backends.chainer import ChainerBackend
 
@@ -26,6 +28,12 @@ from tokenjournal._seal import PREFIX, Unopenable, is_sealed, key_id_of
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
 WHERE = {"account": "default", "column": "accounts.refresh_token", "generation": 3}
+#: What every refusal of a key source offers instead (the user's way out, so pinned whole).
+ALTERNATIVES = (
+    "Seal.from_key_file(path) (a 0600 file of 32 random bytes), "
+    "Seal.from_env(NAME) (base64, e.g. from a secrets manager) or "
+    "Seal.from_systemd_credential(NAME) (systemd-creds, TPM-backed where available)"
+)
 
 
 class MemoryKeyring(keyring.backend.KeyringBackend):
@@ -45,6 +53,35 @@ class MemoryKeyring(keyring.backend.KeyringBackend):
 
     def delete_password(self, service: str, username: str) -> None:
         self.entries.pop((service, username), None)
+
+
+class ForgetfulKeyring(MemoryKeyring):
+    """A keyring that says yes to every key and keeps none."""
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        pass
+
+
+class LockedKeyring(MemoryKeyring):
+    """A keyring whose collection the user has not unlocked."""
+
+    def get_password(self, service: str, username: str) -> str | None:
+        raise keyring.errors.KeyringLocked("the collection is locked")
+
+
+class UselessChain(ChainerBackend):
+    """keyring's chainer over backends none of which would keep a key."""
+
+    backends: ClassVar[list[keyring.backend.KeyringBackend]] = [  # type: ignore[misc]
+        keyring.backends.fail.Keyring(),
+        keyring.backends.null.Keyring(),
+    ]
+
+
+class MemoryChain(ChainerBackend):
+    """keyring's chainer over one real backend (what a desktop's default looks like)."""
+
+    backends: ClassVar[list[keyring.backend.KeyringBackend]] = [MemoryKeyring()]  # type: ignore[misc]
 
 
 class EmptyChain(ChainerBackend):
@@ -115,8 +152,9 @@ def test_repr_shows_key_ids_only_and_a_seal_is_never_pickled() -> None:
     for secret in (KEY, OTHER):
         assert secret.hex() not in text and base64.b64encode(secret).decode() not in text
     assert seal.key_id not in KEY.hex()  # the id is derived, not a piece of the key
-    with pytest.raises(TypeError, match="not pickled"):
+    with pytest.raises(TypeError) as err:
         pickle.dumps(seal)
+    assert str(err.value) == "a Seal is not pickled: it would write the key somewhere"
 
 
 def test_fingerprints_are_keyed() -> None:
@@ -252,3 +290,261 @@ def test_from_keyring_makes_the_key_once_and_finds_it_again() -> None:
     assert len(base64.b64decode(backend.entries[("myapp", "journal-key")])) == 32
     assert tj.Seal.from_keyring("myapp").key_id == first.key_id
     assert tj.Seal.from_keyring("otherapp").key_id != first.key_id
+
+
+# ----------------------------------------------------------------------------- exact refusals
+
+
+def test_a_new_key_file_is_never_open_to_others_not_even_before_its_chmod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another user who opens the file in the moment between its creation and the chmod
+    # keeps that descriptor and reads the key once written: the file must be born 0600.
+    born: list[int] = []
+    real_fchmod = os.fchmod
+
+    def fchmod(fd: int, mode: int) -> None:
+        born.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    before = os.umask(0)  # the worst umask: the mode os.open is given is all that counts
+    try:
+        tj.Seal.from_key_file(tmp_path / "journal.key")
+    finally:
+        os.umask(before)
+    assert born == [0o600]
+    assert stat.S_IMODE((tmp_path / "journal.key").stat().st_mode) == 0o600
+
+
+def test_a_key_file_that_cannot_be_made_or_read_says_where_and_why(tmp_path: Path) -> None:
+    nowhere = tmp_path / "missing" / "journal.key"
+    with pytest.raises(ValueError) as err:
+        tj.Seal.from_key_file(nowhere)
+    assert str(err.value) == f"cannot create the key file {nowhere}: No such file or directory"
+    folder = tmp_path / "journal.key"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(ValueError) as err:
+        tj.Seal.from_key_file(folder)
+    assert str(err.value) == f"cannot read the key file {folder}: Is a directory"
+
+
+def test_a_huge_file_at_the_key_path_is_refused_without_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.key"
+    with open(path, "wb") as file:
+        file.truncate(1 << 30)  # sparse: a gigabyte that takes no disk
+    path.chmod(0o600)
+    with open("/proc/self/status") as status:
+        used = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    # Room for this test, none for the file: reading it whole would be a MemoryError.
+    resource.setrlimit(resource.RLIMIT_AS, ((used << 10) + (256 << 20), hard))
+    try:
+        with pytest.raises(ValueError) as err:
+            tj.Seal.from_key_file(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert str(err.value) == f"key file {path} holds {1 << 30} bytes, not 32: not a seal key"
+
+
+def test_from_env_says_exactly_what_is_wrong_and_keeps_previous_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refusal() -> str:
+        with pytest.raises(ValueError) as err:
+            tj.Seal.from_env("TJ_TEST_KEY")
+        return str(err.value)
+
+    monkeypatch.delenv("TJ_TEST_KEY", raising=False)
+    assert refusal() == "environment variable TJ_TEST_KEY is not set (a base64 seal key)"
+    monkeypatch.setenv("TJ_TEST_KEY", "not base64 !!")
+    assert refusal() == "environment variable TJ_TEST_KEY is not base64"
+    monkeypatch.setenv("TJ_TEST_KEY", base64.b64encode(KEY[:16]).decode())
+    assert refusal() == "environment variable TJ_TEST_KEY decodes to 16 bytes, not 32"
+    monkeypatch.setenv("TJ_TEST_KEY", base64.b64encode(KEY).decode())
+    rotated = tj.Seal.from_env("TJ_TEST_KEY", previous=[OTHER])
+    assert rotated.key_ids == (tj.Seal(KEY).key_id, tj.Seal(OTHER).key_id)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "!" + base64.b64encode(KEY).decode(),
+        base64.b64encode(KEY).decode()[:20] + "*#" + base64.b64encode(KEY).decode()[20:],
+        base64.b64encode(KEY).decode() + " x",
+    ],
+    ids=["leading", "inside", "trailing"],
+)
+def test_a_base64_key_with_stray_characters_is_refused_not_read_around_them(
+    monkeypatch: pytest.MonkeyPatch, garbage: str
+) -> None:
+    monkeypatch.setenv("TJ_TEST_KEY", garbage)
+    with pytest.raises(ValueError) as err:
+        tj.Seal.from_env("TJ_TEST_KEY")
+    assert str(err.value) == "environment variable TJ_TEST_KEY is not base64"
+
+
+def test_a_url_safe_base64_key_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = bytes([0xFB, 0xFF] * 16)  # base64 of these needs the two alphabets' extra digits
+    text = base64.urlsafe_b64encode(key).decode()
+    assert "-" in text and "_" in text
+    monkeypatch.setenv("TJ_TEST_KEY", text + "\n")
+    assert tj.Seal.from_env("TJ_TEST_KEY").key_id == tj.Seal(key).key_id
+
+
+def test_from_systemd_credential_says_exactly_what_is_wrong_and_keeps_previous_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusal(name: str) -> str:
+        with pytest.raises(ValueError) as err:
+            tj.Seal.from_systemd_credential(name)
+        return str(err.value)
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert refusal("journal-key") == (
+        "no $CREDENTIALS_DIRECTORY: credential journal-key was not passed by systemd "
+        "(LoadCredential= / LoadCredentialEncrypted= in the unit)"
+    )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    for name in ("", ".", "..", "../raw", "a/b"):
+        assert refusal(name) == f"{name!r} is not a credential name"
+    (tmp_path / "binary").write_bytes(b"\xff" * 16)
+    assert refusal("binary") == "systemd credential binary is neither 32 bytes nor base64"
+    (tmp_path / "text").write_text("not a key!\n")
+    assert refusal("text") == "systemd credential text is not base64"
+    (tmp_path / "raw").write_bytes(KEY)
+    (tmp_path / "b64").write_text(base64.b64encode(KEY).decode() + "\n")
+    for name in ("raw", "b64"):
+        rotated = tj.Seal.from_systemd_credential(name, previous=[OTHER])
+        assert rotated.key_ids == (tj.Seal(KEY).key_id, tj.Seal(OTHER).key_id)
+
+
+def _keyring_refusal(kind: type[Exception], service: str = "myapp") -> str:
+    with pytest.raises(kind) as err:
+        tj.Seal.from_keyring(service)
+    return str(err.value)
+
+
+@pytest.mark.usefixtures("restore_keyring")
+def test_from_keyring_names_the_backend_it_refuses() -> None:
+    keyring.set_keyring(keyring.backends.fail.Keyring())
+    assert _keyring_refusal(RuntimeError) == (
+        "no usable keyring on this machine (backend: keyring.backends.fail.Keyring); "
+        f"a seal key would be lost or kept in plain text. Use {ALTERNATIVES}"
+    )
+    keyring.set_keyring(UselessChain())
+    assert _keyring_refusal(RuntimeError) == (
+        f"no usable keyring on this machine (backend: {__name__}.UselessChain); "
+        f"a seal key would be lost or kept in plain text. Use {ALTERNATIVES}"
+    )
+
+
+@pytest.mark.usefixtures("restore_keyring")
+def test_from_keyring_uses_a_chain_that_holds_a_real_backend() -> None:
+    keyring.set_keyring(MemoryChain())
+    first = tj.Seal.from_keyring("myapp")
+    assert tj.Seal.from_keyring("myapp").key_id == first.key_id
+
+
+@pytest.mark.usefixtures("restore_keyring")
+def test_from_keyring_refuses_a_keyring_that_drops_the_key_or_is_locked() -> None:
+    keyring.set_keyring(ForgetfulKeyring())
+    assert _keyring_refusal(RuntimeError) == (
+        f"the keyring ({__name__}.ForgetfulKeyring) did not keep the seal key; use {ALTERNATIVES}"
+    )
+    keyring.set_keyring(LockedKeyring())
+    text = _keyring_refusal(RuntimeError)
+    assert text == (
+        f"the keyring ({__name__}.LockedKeyring) failed: KeyringLocked; "
+        f"unlock it, or use {ALTERNATIVES}"
+    )
+
+
+@pytest.mark.usefixtures("restore_keyring")
+def test_from_keyring_reads_a_stored_key_checks_it_and_keeps_previous_keys() -> None:
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    backend.entries[("myapp", "journal-key")] = base64.b64encode(KEY).decode()
+    rotated = tj.Seal.from_keyring("myapp", previous=[OTHER])
+    assert rotated.key_ids == (tj.Seal(KEY).key_id, tj.Seal(OTHER).key_id)
+    backend.entries[("myapp", "journal-key")] = "not a key!"
+    assert _keyring_refusal(ValueError) == "keyring entry myapp/journal-key is not base64"
+
+
+# ----------------------------------------------------------------------------- the format
+
+#: Known answers for KEY: a journal sealed by this version must open in every later one, so
+#: the key derivation, the associated data and the encoding are pinned, not just round-tripped.
+KEY_ID = "fb53190e"
+OTHER_ID = "15c75852"
+NONCE = b"\x02" * 12
+SEALED = "tjs1:fb53190e:AgICAgICAgICAgIC_imGsTYBz2xxkboZ__w4q5_dD2n6QKO-"
+
+
+def test_known_answers_key_ids_fingerprints_and_a_sealed_value() -> None:
+    seal = tj.Seal(KEY)
+    assert (seal.key_id, tj.Seal(OTHER).key_id) == (KEY_ID, OTHER_ID)
+    assert (seal.fingerprint("t"), seal.fingerprint("r-secret")) == ("420c690a", "61aa8e99")
+    assert seal.open(SEALED, **WHERE) == "r-secret"  # type: ignore[arg-type]
+
+
+def test_a_sealed_value_is_prefix_key_id_colon_and_url_safe_base64(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "urandom", lambda n: NONCE[:n])
+    assert tj.Seal(KEY).seal("r-secret", **WHERE) == SEALED  # type: ignore[arg-type]
+
+
+def test_a_seal_key_is_32_bytes_or_a_bytearray_of_them() -> None:
+    assert tj.Seal(bytearray(KEY)).key_id == KEY_ID
+    for bad in (KEY[:31], KEY + b"\0", "k" * 32, list(KEY)):
+        with pytest.raises(ValueError) as err:
+            tj.Seal(bad)  # type: ignore[arg-type]
+        assert str(err.value) == "a seal key is 32 bytes"
+
+
+def test_previous_keys_are_listed_once_and_never_the_current_key() -> None:
+    seal = tj.Seal(KEY, previous=[KEY, OTHER, tj.Seal(OTHER), tj.Seal(OTHER, previous=[KEY])])
+    assert seal.key_ids == (KEY_ID, OTHER_ID)
+    assert repr(seal) == f"Seal(key_id='{KEY_ID}', previous=['{OTHER_ID}'])"
+    assert repr(tj.Seal(KEY)) == f"Seal(key_id='{KEY_ID}')"
+    assert tj.Seal(KEY).key_ids == (KEY_ID,)
+
+
+def test_open_says_which_key_it_lacks_or_that_the_value_does_not_belong() -> None:
+    with pytest.raises(Unopenable) as err:
+        tj.Seal(OTHER).open(SEALED, **WHERE)  # type: ignore[arg-type]
+    assert str(err.value) == f"sealed with key id {KEY_ID}, which this seal does not hold"
+    with pytest.raises(Unopenable) as err:
+        tj.Seal(KEY).open(SEALED, **{**WHERE, "generation": 4})  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"does not open with key id {KEY_ID} for this account, column and generation "
+        "(copied from another row, or altered)"
+    )
+    for broken in (SEALED[:-1], SEALED[:14], SEALED[:14] + "!!!!"):
+        with pytest.raises(Unopenable, match="does not open"):
+            tj.Seal(KEY).open(broken, **WHERE)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "kid"),
+    [
+        (SEALED, KEY_ID),
+        ("tjs1:abcdefgh:", "abcdefgh"),
+        ("tjs1:abcdefgh", "?"),
+        ("tjs1:abcdefg:x", "?"),
+        ("tjs1:abcdefghx", "?"),
+        ("tjs1:abc", "?"),
+        ("tjs1:", "?"),
+        ("TJS1:abcdefgh:x", "?"),
+        ("abcd:abcdefgh:x", "?"),
+    ],
+)
+def test_key_id_of_reads_only_a_well_formed_head(value: str, kid: str) -> None:
+    assert key_id_of(value) == kid
+
+
+def test_is_sealed_only_for_text_that_starts_with_the_prefix() -> None:
+    assert is_sealed(SEALED) and is_sealed("tjs1:")
+    for value in (None, 42, b"tjs1:abcdefgh:x", "TJS1:abcdefgh:x", "r-secret", "", "xtjs1:"):
+        assert not is_sealed(value)

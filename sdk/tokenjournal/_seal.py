@@ -286,13 +286,12 @@ def key_id_of(sealed: str) -> str:
 
 
 def _decode(text: str, where: str) -> bytes:
+    # Either alphabet (standard or URL-safe), strictly: a stray character means a paste or a
+    # secret store went wrong, and base64's lenient mode would drop it and read on.
     try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        try:
-            key = base64.urlsafe_b64decode(text.strip())
-        except (binascii.Error, ValueError):
-            raise ValueError(f"{where} is not base64") from None
+        key = base64.b64decode(text.strip(), altchars=b"-_", validate=True)
+    except ValueError:  # binascii.Error is one; so is a str with non-ASCII characters
+        raise ValueError(f"{where} is not base64") from None
     if len(key) != KEY_BYTES:
         raise ValueError(f"{where} decodes to {len(key)} bytes, not {KEY_BYTES}")
     return key
