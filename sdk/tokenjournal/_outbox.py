@@ -441,7 +441,8 @@ class Outbox:
     def _limits_text(self) -> str:
         parts = [f"max_items={self.limits.max_items}"] if self.limits.max_items else []
         parts += [f"max_bytes={self.limits.max_bytes}"] if self.limits.max_bytes else []
-        return ", ".join(parts) or "no limit"
+        # The journal reports a full outbox only when a limit is set (_make_room).
+        return ", ".join(parts)
 
     def _on_event(self, event: TokenEvent) -> None:
         if event.kind in (EventKind.SIGNED_IN, EventKind.ADOPTED):
