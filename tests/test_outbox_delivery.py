@@ -58,6 +58,16 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = BOUND) -> N
         await asyncio.sleep(0.005)
 
 
+async def eventually(
+    read: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], timeout: float = BOUND
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check(await read()):
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 class Gate:
     """A loopback API that holds each request until the test opens the gate, then answers
     with ``status`` (a second origin: the bearer is not sent there)."""
@@ -115,6 +125,10 @@ class FakeHost:
         self.is_open = True
         self._closing = asyncio.Event()
         self.callbacks: list[Callable[[TokenEvent], object]] = []
+        self.events: list[tuple[tj.EventKind, str | None]] = []
+
+    def emit_event(self, kind: tj.EventKind, code: str | None) -> None:
+        self.events.append((kind, code))
 
     def subscribe(self, callback: Callable[[TokenEvent], object]) -> Callable[[], None]:
         self.callbacks.append(callback)
@@ -350,8 +364,7 @@ async def test_settles_are_committed_in_groups_of_sixty_four_while_a_request_is_
         await wait_until(lambda: bool(groups))
         await wait_until(lambda: server.stats()["items_applied"] == 65)
         assert groups == [64]
-        while (await outbox.stats()).delivered != 64:
-            await asyncio.sleep(0.005)  # the group's commit is under way
+        await eventually(lambda: outbox.stats(), lambda s: s.delivered == 64)  # committing
         assert groups == [64]  # the 65th waits for the request still out
         gate.open.set()
         await asyncio.wait_for(outbox.drain(), BOUND)
@@ -383,11 +396,12 @@ async def test_drain_times_out_with_how_many_are_left_polling_every_tenth_of_a_s
 async def test_drain_raises_when_the_manager_closes_meanwhile(
     server: ReferenceServer, journal_path: Any
 ) -> None:
-    async with manager(server, journal_path, sign_in=False, clock=StuckClock()) as tm:
+    clock = StuckClock()
+    async with manager(server, journal_path, sign_in=False, clock=clock) as tm:
         outbox = tm.outbox("readings")
         await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "a"})
         draining = asyncio.ensure_future(outbox.drain())
-        assert await still_waiting(draining)
+        await wait_until(lambda: _outbox.IDLE_POLL / 5 in clock.sleeps)  # drain waits
         await tm.close()  # the drain's clock never moves: close() itself must wake it
         with pytest.raises(RuntimeError) as raised:
             await asyncio.wait_for(draining, BOUND)
@@ -488,8 +502,7 @@ async def test_a_pause_gives_back_every_claimed_item_and_delivery_resumes(
             await tm.journal.outbox_add(tm.account, "readings", item, OutboxLimits())
         outbox = tm.outbox("readings", ordered=False, concurrency=1)
         await wait_until(lambda: outbox.paused)
-        while (await outbox.stats()).in_flight:
-            await asyncio.sleep(0.005)  # the leases go back
+        await eventually(lambda: outbox.stats(), lambda s: s.in_flight == 0)  # given back
         await tm.sign_in(**DEMO)
         await asyncio.wait_for(outbox.drain(), BOUND)
         assert (await outbox.stats()).delivered == 3
@@ -549,3 +562,76 @@ async def test_ordered_delivery_claims_a_batch_once_and_waits_behind_a_head_held
         await outbox.drain(timeout=LONG)  # moves the clock past the other's lease
     assert [r["key"] for r in server.readings()] == [i.id for i in items]
     assert claims == [4]
+
+
+async def test_the_deliverer_forgets_the_leases_it_no_longer_holds(
+    server: ReferenceServer, journal_path: Any
+) -> None:
+    """What a deliverer remembers of its leases is dropped as items settle or go back in
+    line, so a long run holds no memory per item delivered."""
+    async with manager(server, journal_path, sign_in=False, clock=FakeClock()) as tm:
+        outbox = tm.outbox("readings")
+        for n in range(3):
+            await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": f"u{n}"})
+        await wait_until(lambda: outbox.paused)
+        await wait_until(lambda: not outbox._held)  # given back by the pause
+        await tm.sign_in(**DEMO)
+        await outbox.drain(timeout=LONG)
+        await wait_until(lambda: not outbox._held)  # settled (drain may return first)
+        assert (await outbox.stats()).delivered == 3
+
+
+async def test_a_settle_whose_lease_was_lost_meanwhile_is_still_committed() -> None:
+    """A process paused past its lease may learn (renewing for another item) that an item
+    it has an answer for was taken over: its settle still goes to the journal, which says
+    whether it was still to settle, and the rest of the group is settled as usual."""
+    from tokenjournal._outbox import Settle
+
+    groups: list[list[str]] = []
+
+    async def outbox_settle(account: str, name: str, group: Any) -> list[bool]:
+        groups.append([s.item_id for s in group])
+        return [False, True]  # the first was settled by the process that took it over
+
+    host = FakeHost(FakeClock(), SimpleNamespace(outbox_settle=outbox_settle))
+    outbox = fake_outbox(host)
+    outbox._held["kept"] = host.clock.time() + host.lease_ttl  # "lost" is no longer held
+    outbox._queue_settle(Settle("lost", 200))
+    outbox._queue_settle(Settle("kept", 422, True, "HTTP 422"))
+    await settles(outbox._settled_all())
+    assert groups == [["lost", "kept"]]
+    assert host.events == [(tj.EventKind.OUTBOX_DEAD, "box")]
+    assert outbox._held == {}
+
+
+async def test_an_answer_that_comes_while_a_failed_commit_is_handled_is_still_committed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A group the journal refused goes back in line; a settle queued meanwhile is committed
+    in the next group, not left waiting for some later answer (or lost at close)."""
+    from tokenjournal._outbox import Settle
+
+    caplog.set_level(logging.INFO, logger="tokenjournal")
+    groups: list[list[str]] = []
+    released: list[Any] = []
+
+    async def outbox_settle(account: str, name: str, group: Any) -> list[bool]:
+        groups.append([s.item_id for s in group])
+        if len(groups) == 1:
+            outbox._queue_settle(Settle("b", 200))  # answered during this commit
+            raise tj.JournalError("disk full")
+        return [True] * len(group)
+
+    async def outbox_release(account: str, name: str, holder: Any, ids: Any) -> None:
+        released.append(ids)
+
+    journal = SimpleNamespace(outbox_settle=outbox_settle, outbox_release=outbox_release)
+    outbox = fake_outbox(FakeHost(FakeClock(), journal))
+    outbox._queue_settle(Settle("a", 200))
+    await settles(outbox._settled_all())
+    assert groups == [["a"], ["b"]]
+    assert released == [["a"]]
+    assert outbox._to_settle == []
+    assert warnings_with(caplog, "not committed") == [
+        "outbox box: 1 settle(s) not committed: disk full"
+    ]
