@@ -492,3 +492,46 @@ async def test_a_row_edited_into_odd_values_gives_a_clear_error_or_a_clamp(
     finally:
         await journal.close()
     assert path.exists()
+
+
+# --------------------------------------------------------------------------- group commits
+
+
+async def test_a_group_whose_write_raises_fails_every_write_of_it_and_nothing_else(
+    journal: tj.SQLiteJournal,
+) -> None:
+    """A group commit is one transaction: a body that raises rolls back the group, every
+    writer of the group gets that error, and the flush itself ends cleanly (its task holds
+    no exception nobody retrieves)."""
+
+    def boom(tx: Any) -> None:
+        raise ValueError("boom")
+
+    first = asyncio.ensure_future(journal._batched(lambda tx: 1))
+    second = asyncio.ensure_future(journal._batched(boom))
+    await asyncio.sleep(0)
+    (flush,) = journal._flushes
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert [type(r) for r in results] == [ValueError, ValueError]
+    await flush
+    assert flush.exception() is None
+    assert await journal._batched(lambda tx: 2) == 2  # the next group is not affected
+
+
+async def test_a_group_commit_cut_short_fails_its_writes_instead_of_leaving_them_waiting(
+    journal: tj.SQLiteJournal,
+) -> None:
+    """A flush cancelled (an app cancelling every task at shutdown) before the journal's
+    thread took its group used to leave the group's writers waiting for ever, and every
+    later write too: the group stayed marked as queued."""
+    write = asyncio.ensure_future(journal._batched(lambda tx: 1))
+    for _ in range(3):  # the write queues, its flush starts and waits for the journal's thread
+        await asyncio.sleep(0)
+    (flush,) = journal._flushes
+    flush.cancel()
+    with pytest.raises(tj.JournalError, match=r"^journal closed$"):
+        await asyncio.wait_for(write, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    # ... and the next write starts a group of its own (none was left marked as queued).
+    assert await asyncio.wait_for(journal._batched(lambda tx: 2), 5) == 2

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -574,3 +575,73 @@ async def test_a_plain_outbox_is_sealed_in_place_when_a_seal_first_opens_it(
         assert claimed.body == item.body and claimed.id == item.id
     finally:
         await journal.close()
+
+
+# ----------------------------------------------------------------------------- hand-edited rows
+
+
+async def _stored_then_edit(path: Path, sql: str, seal: tj.Seal | None) -> None:
+    journal = tj.SQLiteJournal(path, seal=seal)
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-0123456789ab"), 1.0)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(sql)
+        conn.commit()
+
+
+@pytest.mark.parametrize(
+    ("sql", "seal", "message"),
+    [
+        (
+            "UPDATE accounts SET access_token = 'tj1:garbage'",
+            tj.Seal(KEY),
+            "column accounts.access_token ",
+        ),
+    ],
+    ids=["sealed-garbage"],
+)
+async def test_a_hand_edited_secret_column_is_named_in_the_error(
+    journal_path: Path, sql: str, seal: tj.Seal | None, message: str
+) -> None:
+    await _stored_then_edit(journal_path, sql, seal)
+    with pytest.raises(tj.JournalError, match=re.escape(f"journal account 'default': {message}")):
+        await load(journal_path, tj.Seal(KEY))
+
+
+def test_a_sealed_value_in_a_row_without_a_generation_is_refused_by_name() -> None:
+    # Sealed values are bound to their row's generation; a row without one (hand-edited,
+    # or a table that lost its column) cannot be opened, and the error says which column.
+    from tokenjournal._journal import _opened, _Row
+
+    sealed = tj.Seal(KEY).seal("x", account="default", column="accounts.access_token", generation=1)
+    with pytest.raises(
+        tj.JournalError,
+        match=r"^journal account 'default': column accounts\.access_token is sealed in a row "
+        r"without a generation; ",
+    ):
+        _opened(_Row("default"), tj.Seal(KEY), "accounts", "access_token", None, sealed)
+
+
+async def test_opening_a_journal_already_sealed_under_the_key_writes_nothing(
+    journal_path: Path,
+) -> None:
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-0123456789ab"), 1.0)
+    await journal.close()
+    again = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await again.open()
+    try:
+        assert again.sealed_at_open == 0
+        assert again.durable_commits == 0
+    finally:
+        await again.close()
+    # A row a previous key sealed is the one case that is sealed anew at open.
+    rotated = tj.SQLiteJournal(journal_path, seal=tj.Seal(NEW_KEY, previous=[KEY]))
+    await rotated.open()
+    try:
+        assert rotated.sealed_at_open == 1
+        assert rotated.durable_commits == 1
+    finally:
+        await rotated.close()

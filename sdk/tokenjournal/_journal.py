@@ -1091,6 +1091,8 @@ class SQLiteJournal:
 
         def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[Any]:
             with self._batch_lock:  # whatever queued until now, and nothing after
+                if abandoned.is_set():
+                    return []  # the flush was cancelled before this ran: it failed the group
                 taken.extend(self._batch)
                 self._batch.clear()
                 self._batch_queued = False
@@ -1106,6 +1108,13 @@ class SQLiteJournal:
         try:
             results = await self._run(job)
         except BaseException as exc:
+            with self._batch_lock:
+                if not taken:
+                    # Cancelled before the journal's thread took the group: take it back, or
+                    # its writers would wait for ever and no later write would start a flush.
+                    taken.extend(self._batch)
+                    self._batch.clear()
+                    self._batch_queued = False
             for _, future in taken:
                 if not future.done():
                     future.set_exception(
