@@ -627,11 +627,10 @@ class MemoryJournal:
 
     async def outbox_retry_dead(self, account: str, outbox: str) -> int:
         """Dead letters back in line."""
-        count = 0
-        for m in self._line(account, outbox):
-            if m.dead:
-                m.dead, m.status, m.reason, count = False, 0, "", count + 1
-        return count
+        dead = [m for m in self._line(account, outbox) if m.dead]
+        for m in dead:
+            m.dead = False  # status and reason are read only while dead; a new death sets both
+        return len(dead)
 
     async def outbox_clear(self, account: str, outbox: str) -> int:
         """Forget the outbox."""
