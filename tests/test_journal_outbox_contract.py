@@ -9,6 +9,7 @@ the same rules (docs/architecture.md section 8).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import sqlite3
@@ -136,6 +137,17 @@ async def test_a_dead_holders_lease_is_taken_over_at_once(journal: tj.Journal) -
     await fill(journal, 1)
     assert ids(await claim(journal, GONE, NOW)) == ["id-1"]
     assert ids(await claim(journal, OTHER, NOW + 1)) == ["id-1"]
+
+
+async def test_free_items_behind_many_held_ones_are_still_claimed(journal: tj.Journal) -> None:
+    """Regression: SQLite read only the first ``limit * 4 + 16`` items of the line, so a
+    claim behind that many items others held came back empty; memory gave the free ones."""
+    adds = [journal.outbox_add("a", "box", item(n), NO_LIMIT) for n in range(1, 24)]
+    assert await asyncio.gather(*adds) == [0] * 23  # one group commit
+    assert ids(await claim(journal, OTHER, limit=21)) == [f"id-{n}" for n in range(1, 22)]
+    assert ids(await claim(journal, ME, limit=1)) == ["id-22"]  # past a full page of 20
+    assert ids(await claim(journal, ME, limit=2)) == ["id-23"]
+    assert await claim(journal, ME, limit=2) == []
 
 
 async def test_unordered_claims_skip_what_others_hold_ordered_ones_wait(
