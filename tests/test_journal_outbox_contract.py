@@ -150,6 +150,17 @@ async def test_free_items_behind_many_held_ones_are_still_claimed(journal: tj.Jo
     assert await claim(journal, ME, limit=2) == []
 
 
+async def test_a_claim_over_several_pages_takes_each_free_item_once(
+    journal: tj.Journal,
+) -> None:
+    adds = [journal.outbox_add("a", "box", item(n), NO_LIMIT) for n in range(1, 27)]
+    assert await asyncio.gather(*adds) == [0] * 26
+    assert len(await claim(journal, OTHER, limit=26)) == 26
+    await journal.outbox_release("a", "box", OTHER, ["id-23", "id-26"])
+    taken = await claim(journal, ME, NOW + 1, limit=2)  # a page holds 24: id-26 is on the next
+    assert [(i.id, i.attempts) for i in taken] == [("id-23", 2), ("id-26", 2)]
+
+
 async def test_unordered_claims_skip_what_others_hold_ordered_ones_wait(
     journal: tj.Journal,
 ) -> None:
