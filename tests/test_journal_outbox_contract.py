@@ -161,6 +161,15 @@ async def test_a_claim_over_several_pages_takes_each_free_item_once(
     assert [(i.id, i.attempts) for i in taken] == [("id-23", 2), ("id-26", 2)]
 
 
+async def test_a_holder_never_claims_what_it_has_in_flight(journal: tj.Journal) -> None:
+    """Even when its pid looks dead from here (another pid namespace on this host): the
+    lease is its own, so only its end frees the item."""
+    await fill(journal, 1)
+    assert ids(await claim(journal, GONE, NOW)) == ["id-1"]
+    assert await claim(journal, GONE, NOW + TTL - 0.25) == []
+    assert ids(await claim(journal, GONE, NOW + TTL)) == ["id-1"]
+
+
 async def test_unordered_claims_skip_what_others_hold_ordered_ones_wait(
     journal: tj.Journal,
 ) -> None:

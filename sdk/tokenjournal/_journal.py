@@ -1831,12 +1831,12 @@ class SQLiteJournal:
             if len(taken) >= limit:
                 break
             lease = None
-            if row["holder"] is not None:
+            if row["holder"] is not None:  # claim writes the four together, release clears them
                 lease = Lease(
                     str(row["holder"]),
-                    int(row["pid"] or 0),
+                    int(row["pid"]),
                     str(row["host"]),
-                    float(row["lease_expires"] or 0.0),
+                    float(row["lease_expires"]),
                 )
             if _leased(lease, holder, now):
                 if ordered:
