@@ -180,6 +180,12 @@ async def test_unordered_claims_skip_what_others_hold_ordered_ones_wait(
     assert ids(await claim(journal, THIRD, NOW + 1)) == ["id-3"]
 
 
+async def test_an_ordered_claim_never_passes_a_held_head(journal: tj.Journal) -> None:
+    await fill(journal, 1, 2, 3)
+    assert ids(await claim(journal, OTHER, limit=1)) == ["id-1"]
+    assert await claim(journal, ME, NOW + 1, limit=2, ordered=True) == []  # a full page
+
+
 async def test_ordered_claims_take_the_head_up_to_limit(journal: tj.Journal) -> None:
     await fill(journal, 1, 2, 3)
     assert ids(await claim(journal, ordered=True, limit=2)) == ["id-1", "id-2"]
