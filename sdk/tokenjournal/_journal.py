@@ -627,11 +627,10 @@ class MemoryJournal:
 
     async def outbox_retry_dead(self, account: str, outbox: str) -> int:
         """Dead letters back in line."""
-        count = 0
-        for m in self._line(account, outbox):
-            if m.dead:
-                m.dead, m.status, m.reason, count = False, 0, "", count + 1
-        return count
+        dead = [m for m in self._line(account, outbox) if m.dead]
+        for m in dead:
+            m.dead = False  # status and reason are read only while dead; a new death sets both
+        return len(dead)
 
     async def outbox_clear(self, account: str, outbox: str) -> int:
         """Forget the outbox."""
@@ -1802,29 +1801,20 @@ class SQLiteJournal:
         """Lease items in one durable transaction (see :meth:`Journal.outbox_claim`)."""
 
         def body(tx: _Tx) -> list[OutboxItem]:
-            rows = tx.execute(
-                "SELECT seq, id, method, url, headers, body, created_at, attempts, holder, pid, "
-                "host, lease_expires, sealed_by FROM outbox "
-                "WHERE account = ? AND name = ? AND dead = 0 ORDER BY seq LIMIT ?",
-                (account, outbox, limit * 4 + 16 if not ordered else limit),
-            ).fetchall()
             taken: list[OutboxItem] = []
-            for row in rows:
-                if len(taken) >= limit:
+            # Page by page: items others hold may fill any one page, and the free ones
+            # behind them are still owed to this caller (as MemoryJournal gives them).
+            page, after = (limit if ordered else limit * 4 + 16), 0
+            while len(taken) < limit:
+                rows = tx.execute(
+                    "SELECT seq, id, method, url, headers, body, created_at, attempts, holder, "
+                    "pid, host, lease_expires, sealed_by FROM outbox "
+                    "WHERE account = ? AND name = ? AND dead = 0 AND seq > ? ORDER BY seq LIMIT ?",
+                    (account, outbox, after, page),
+                ).fetchall()
+                if self._take(rows, taken, holder, now, limit, ordered) or len(rows) < page:
                     break
-                lease = None
-                if row["holder"] is not None:
-                    lease = Lease(
-                        str(row["holder"]),
-                        int(row["pid"] or 0),
-                        str(row["host"]),
-                        float(row["lease_expires"] or 0.0),
-                    )
-                if _leased(lease, holder, now):
-                    if ordered:
-                        break  # the head is in flight elsewhere: FIFO waits for it
-                    continue
-                taken.append(_item(row, self.seal, attempts_delta=1))
+                after = int(rows[-1]["seq"])
             if taken:
                 tx.conn.executemany(
                     "UPDATE outbox SET holder = ?, pid = ?, host = ?, lease_expires = ?, "
@@ -1834,6 +1824,35 @@ class SQLiteJournal:
             return taken
 
         return await self._transaction(body)
+
+    def _take(
+        self,
+        rows: list[sqlite3.Row],
+        taken: list[OutboxItem],
+        holder: Holder,
+        now: float,
+        limit: int,
+        ordered: bool,
+    ) -> bool:
+        """Add to ``taken`` the rows ``holder`` may lease, up to ``limit``; whether an
+        ordered claim met an item held elsewhere (it stops there)."""
+        for row in rows:
+            if len(taken) >= limit:
+                break
+            lease = None
+            if row["holder"] is not None:  # claim writes the four together, release clears them
+                lease = Lease(
+                    str(row["holder"]),
+                    int(row["pid"]),
+                    str(row["host"]),
+                    float(row["lease_expires"]),
+                )
+            if _leased(lease, holder, now):
+                if ordered:
+                    return True  # the head is in flight elsewhere: FIFO waits for it
+                continue
+            taken.append(_item(row, self.seal, attempts_delta=1))
+        return False
 
     async def outbox_renew(
         self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
