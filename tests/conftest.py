@@ -9,8 +9,10 @@ the manager's own calls to the auth server; the middleware is tested on real ser
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import aioresponses.core
 import pytest
 
+import tokenjournal as tj
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.testing import FakeClock
 
@@ -33,6 +36,17 @@ if "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).paramet
     aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]
 
 DEMO = {"email": "demo@example.com", "password": "demo"}
+
+
+@asynccontextmanager
+async def manager(
+    server: ReferenceServer, journal: Any, *, sign_in: bool = True, **kw: Any
+) -> AsyncIterator[tj.TokenManager]:
+    """An open manager on ``server`` (signed in as the demo user unless ``sign_in=False``)."""
+    async with tj.TokenManager(server.url, journal=journal, **kw) as tm:
+        if sign_in:
+            await tm.sign_in(**DEMO)
+        yield tm
 
 
 @pytest.fixture
@@ -59,3 +73,13 @@ async def server409() -> AsyncIterator[ReferenceServer]:
     """The reference server answering concurrent rotations with 409 rotation_in_progress."""
     async with ReferenceServer(ServerConfig(test_mode=True, conflict="409")) as srv:
         yield srv
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``predicate`` on the loop until it holds; ``timeout`` (real seconds) only stops a
+    hang, it is never what a test waits for."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)

@@ -16,8 +16,6 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +26,13 @@ from tokenjournal._journal import MIGRATIONS, SCHEMA_VERSION
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.testing import FakeClock
 
-DEMO = {"email": "demo@example.com", "password": "demo"}
+from .conftest import DEMO, manager, wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, "-m", "tests.harness.outbox_worker"]
 #: A drain that must finish: a bound against a hang, never reached. On a FakeClock each of
 #: drain's polls moves the clock on, so the bound is long in fake seconds too.
 LONG = 3600.0
-
-
-@asynccontextmanager
-async def manager(
-    server: ReferenceServer, journal: Any, *, sign_in: bool = True, **kw: Any
-) -> AsyncIterator[tj.TokenManager]:
-    async with tj.TokenManager(server.url, journal=journal, **kw) as tm:
-        if sign_in:
-            await tm.sign_in(**DEMO)
-        yield tm
 
 
 def readings(server: ReferenceServer) -> list[dict[str, Any]]:
@@ -73,14 +62,6 @@ async def run_worker(*args: str, env: dict[str, str] | None = None) -> tuple[int
     if proc.returncode not in (0, -9):
         raise AssertionError(err.decode()[-2000:])
     return proc.returncode, lines
-
-
-async def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- enqueue

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,7 +26,8 @@ from tokenjournal._outbox import Outbox, OutboxLimits
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
 
-DEMO = {"email": "demo@example.com", "password": "demo"}
+from .conftest import DEMO, manager, wait_until
+
 LONG = 3600.0  # a drain bound on the fake clock, never reached
 BOUND = 20.0  # a real-time bound against a hang, never reached
 
@@ -38,24 +38,6 @@ class StuckClock(FakeClock):
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         await asyncio.Event().wait()
-
-
-@asynccontextmanager
-async def manager(
-    server: ReferenceServer, journal: Any, *, sign_in: bool = True, **kw: Any
-) -> AsyncIterator[tj.TokenManager]:
-    async with tj.TokenManager(server.url, journal=journal, **kw) as tm:
-        if sign_in:
-            await tm.sign_in(**DEMO)
-        yield tm
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def eventually(

@@ -9,10 +9,9 @@ manager opened on the reference server on loopback. No sleeps: waits poll with a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -32,19 +31,15 @@ from tokenjournal._tokens import Failure, FailureKind
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
 
+from .conftest import manager as signed_in_manager
+
 DEMO = {"email": "demo@example.com", "password": "demo"}
 NOW = 1_700_000_000.0
 URL_MESSAGE = "url must be an absolute http(s) URL"
 
 
-@asynccontextmanager
-async def manager(
-    server: ReferenceServer, journal: Any, *, sign_in: bool = False, **kw: Any
-) -> AsyncIterator[tj.TokenManager]:
-    async with tj.TokenManager(server.url, journal=journal, **kw) as tm:
-        if sign_in:
-            await tm.sign_in(**DEMO)
-        yield tm
+#: Most tests here need no session: the item is checked before anything is sent.
+manager = functools.partial(signed_in_manager, sign_in=False)
 
 
 def item(method: str = "POST", url: str = "http://127.0.0.1:9/api", **kw: Any) -> OutboxItem:
