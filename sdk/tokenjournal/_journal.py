@@ -1092,9 +1092,7 @@ class SQLiteJournal:
             with self._batch_lock:  # whatever queued until now, and nothing after
                 if abandoned.is_set():
                     return []  # the flush was cancelled before this ran: it failed the group
-                taken.extend(self._batch)
-                self._batch.clear()
-                self._batch_queued = False
+                self._take_batch(taken)
             bodies = []
             for body, future in taken:
                 if not future.cancelled():
@@ -1111,9 +1109,7 @@ class SQLiteJournal:
                 if not taken:
                     # Cancelled before the journal's thread took the group: take it back, or
                     # its writers would wait for ever and no later write would start a flush.
-                    taken.extend(self._batch)
-                    self._batch.clear()
-                    self._batch_queued = False
+                    self._take_batch(taken)
             for _, future in taken:
                 if not future.done():
                     future.set_exception(
@@ -1125,6 +1121,13 @@ class SQLiteJournal:
         for future, result in zip(included, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    def _take_batch(self, into: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]]) -> None:
+        """Move the queued writes into ``into``; the next write starts a new group. Call with
+        ``_batch_lock`` held."""
+        into.extend(self._batch)
+        self._batch.clear()
+        self._batch_queued = False
 
     def _scrub(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the file and truncate it to zero bytes.
