@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 import tokenjournal as tj
 from tokenjournal import _manager
-from tokenjournal._manager import OFFLINE_FACTOR, REFRESH_SPREAD
+from tokenjournal._manager import OFFLINE_FACTOR, OFFLINE_GROWTH, REFRESH_SPREAD, WIDE_SPREAD
 from tokenjournal._transport import NetworkFailure
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
@@ -118,7 +117,7 @@ async def test_a_cut_refresh_is_in_doubt_and_rescued(
 async def test_the_pause_grows_with_the_time_offline_up_to_its_cap(
     server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Full jitter over min(10 x max_delay, max(max_delay, 2 x time offline)): a device that has
+    """Full jitter over min(10 x max_delay, max(max_delay, 3 x time offline)): a device that has
     been away for long does not come back at the same instant as all the others."""
     monkeypatch.setattr(_manager.random, "random", lambda: 1.0)  # the top of each jitter
     line = Line(clock, monkeypatch)
@@ -134,7 +133,7 @@ async def test_the_pause_grows_with_the_time_offline_up_to_its_cap(
             pauses.append(tm._quiet_until - clock.monotonic())
             clock.advance(pauses[-1])
         assert pauses[0] == pytest.approx(tm.retry.max_delay)  # offline for no time yet
-        assert pauses[1] == pytest.approx(2 * pauses[0])  # twice the time offline so far
+        assert pauses[1] == pytest.approx(OFFLINE_GROWTH * pauses[0])  # 3 x the time offline
         assert all(b >= a - 1e-6 for a, b in itertools.pairwise(pauses))
         assert max(pauses) == pytest.approx(OFFLINE_FACTOR * tm.retry.max_delay)
         # One request per pause: the device's rate while away falls as the outage goes on.
@@ -164,6 +163,90 @@ async def test_a_proactive_refresh_that_fails_sends_one_try(
         await tm.close()
 
 
+async def _failed_in_background(
+    server: ReferenceServer, path: Path, clock: FakeClock, line: Line, left: float
+) -> tuple[tj.TokenManager, str]:
+    """A manager whose proactive refresh was refused ``left`` seconds before the token lapses
+    (past the wide refresh point of a 0.5 draw: 615 s)."""
+    tm = await _signed_in(server, path, clock)
+    line.sent.clear()
+    clock.advance(TTL - left)
+    line.mode = "refused"
+    token = await tm.access_token()
+    assert await _until(lambda: tm.state is not tj.SessionState.REFRESHING and line.sent)
+    assert len(line.sent) == 1
+    return tm, token
+
+
+async def test_a_background_try_while_the_token_works_may_wait_for_its_whole_life(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proactive refresh that failed while the token still works: nobody waits on it, so the
+    next background try lands at a random point of the time the token has left, not after
+    the short pause of a device whose token lapsed (fewer, later tries from a fleet)."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.5)
+    line = Line(clock, monkeypatch)
+    left = 250.0
+    tm, token = await _failed_in_background(server, journal_path, clock, line, left)
+    try:
+        line.mode = "up"
+        idle = lambda: tm._task is None or tm._task.done()  # noqa: E731 - no try in flight
+        clock.advance(tm.retry.max_delay)  # past the short pause (half of max_delay)
+        assert await tm.access_token() == token
+        assert idle()  # no background try started
+        clock.advance(left / 2 - 2 - tm.retry.max_delay)  # just before half the time left
+        assert await tm.access_token() == token
+        assert idle()
+        assert len(line.sent) == 1
+        clock.advance(4)
+        assert await tm.access_token() == token  # served; the try starts behind it
+        assert await _until(lambda: tm.tokens is not None and tm.tokens.access_token != token)
+        assert len(line.sent) == 2
+    finally:
+        await tm.close()
+
+
+async def test_a_rejected_token_gets_the_short_pause_even_while_it_has_time_left(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server rejected the token (401): its remaining life means nothing to the caller, who
+    waits the offline pacing's short pause only, not the background try's long one."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.5)
+    line = Line(clock, monkeypatch)
+    tm, token = await _failed_in_background(server, journal_path, clock, line, 250.0)
+    try:
+        clock.advance(tm.retry.max_delay / 2 - 1)  # inside the short pause: the error at once
+        with pytest.raises(tj.NetworkError):
+            await tm.refresh_for(token)
+        assert len(line.sent) == 1
+        clock.advance(2)  # past it (the background try still waits ~110 s)
+        line.mode = "up"
+        fresh = await tm.refresh_for(token)
+        assert fresh.access_token != token
+        assert len(line.sent) == 2
+    finally:
+        await tm.close()
+
+
+async def test_a_lapsed_token_gets_the_short_pause(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the token has lapsed, the pause is the offline pacing's alone, whatever is left."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 1.0)
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "refused"
+        with pytest.raises(tj.NetworkError):
+            await tm.access_token()
+        now = clock.monotonic()
+        assert tm._lazy_until - now == pytest.approx(tm.retry.max_delay)
+        assert tm._quiet_until - now == pytest.approx(tm.retry.max_delay)
+    finally:
+        await tm.close()
+
+
 @pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
 async def test_the_refresh_point_spreads_over_a_share_of_the_life(
     server: ReferenceServer,
@@ -172,21 +255,42 @@ async def test_the_refresh_point_spreads_over_a_share_of_the_life(
     monkeypatch: pytest.MonkeyPatch,
     draw: float,
 ) -> None:
-    """A pair is refreshed at a random point of the REFRESH_SPREAD of its life before the
-    margin: devices signed in together drift apart."""
+    """A pair is refreshed at a random point of a share of its life before the margin: the
+    WIDE_SPREAD for the pair of a sign-in (a fleet provisioned at once), REFRESH_SPREAD for a
+    routine refresh, the wide one again for the first pair after a run of failures (a fleet
+    back from an outage at once). Devices that moved together drift apart."""
     monkeypatch.setattr(_manager.random, "random", lambda: draw)
+    line = Line(clock, monkeypatch)
     tm = await _signed_in(server, journal_path, clock)
     try:
         margin = tm.refresh_margin
-        point = TTL - margin - draw * REFRESH_SPREAD * TTL
+
+        async def refreshed_at(spread: float) -> None:
+            """The pair in hand is refreshed at the point ``spread`` puts it, not before."""
+            signed = tm.tokens
+            assert signed is not None
+            before = tm.refresh_requests
+            point = TTL - margin - draw * spread * TTL
+            clock.advance(point - 2)  # the Date header can round the life by up to a second
+            assert await tm.access_token() == signed.access_token
+            assert tm.refresh_requests == before
+            clock.advance(4)
+            await tm.access_token()
+            assert await _until(lambda: tm.refresh_requests == before + 1)
+            assert await _until(lambda: tm.tokens != signed)
+
+        await refreshed_at(WIDE_SPREAD)  # the sign-in's pair
+        await refreshed_at(REFRESH_SPREAD)  # a routine refresh's pair
+        # A run of failures (the token lapsed, the server away), then the way back.
         signed = tm.tokens
         assert signed is not None
-        clock.advance(point - 2)  # the Date header can round the life by up to a second
-        assert await tm.access_token() == signed.access_token
-        assert tm.refresh_requests == 0
-        clock.advance(4)
-        await tm.access_token()
-        assert await _until(lambda: tm.refresh_requests == 1)
-        assert not math.isinf(point)
+        clock.advance(TTL + 1)
+        line.mode = "refused"
+        with pytest.raises(tj.NetworkError):
+            await tm.access_token()
+        line.mode = "up"
+        clock.advance(OFFLINE_FACTOR * tm.retry.max_delay)
+        assert await tm.access_token() != signed.access_token
+        await refreshed_at(WIDE_SPREAD)
     finally:
         await tm.close()

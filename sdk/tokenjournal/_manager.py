@@ -98,15 +98,23 @@ RESCUE_MAX_GAP: Final = 30.0
 SIGN_OUT_BUDGET: Final = 10.0
 #: After a refresh ran out of tries (the server or the network away), the next one waits a
 #: random share (full jitter) of min(OFFLINE_FACTOR x retry.max_delay (300 s by default),
-#: max(retry.max_delay, 2 x time offline)),
+#: max(retry.max_delay, OFFLINE_GROWTH x time offline)),
 #: and callers meanwhile get the last error at once, without a request: one device notices a
-#: return within seconds of a short outage, and a fleet that lost its server for minutes comes
-#: back spread over minutes instead of in one wave (docs/architecture.md 1.6).
+#: return within a minute or two of a short outage, and a fleet that lost its server for
+#: minutes comes back spread over minutes instead of in one wave (docs/architecture.md 1.6).
+#: While the token still works, the background try takes a random share of the larger of
+#: that and the time the token has left: nobody is waiting, so it need not hurry.
 OFFLINE_FACTOR: Final = 10.0
+#: 3, not 2: the fleet's peak at recovery falls under 3x its steady rate (docs/fleet.md).
+OFFLINE_GROWTH: Final = 3.0
 #: A pair is refreshed at a random point in the last REFRESH_SPREAD of its life before the
 #: margin: devices that signed in together (or came back from an outage together) drift apart
 #: instead of refreshing in one wave for ever. Costs about half of it in extra refreshes.
 REFRESH_SPREAD: Final = 0.2
+#: ... and WIDE_SPREAD for a pair from a sign-in or the first after a run of failures: that is
+#: when a fleet moves together (provisioned at once, back from an outage at once), and one
+#: wide draw breaks the wave at the cost of one earlier refresh.
+WIDE_SPREAD: Final = 0.5
 #: A pair just received is not refreshed again for staleness within the smaller of this and
 #: half its measured life (invariant 12): a device clock that runs ahead, or a server that
 #: hands out short-lived tokens, cannot turn every call into a rotation. A 401 still can.
@@ -250,7 +258,8 @@ class TokenManager:
         self._open = False
         self._lifecycle = asyncio.Lock()  # open() and close() one at a time
         self._closing = asyncio.Event()  # wakes every pause of ours when close() starts
-        self._quiet_until = 0.0  # monotonic; no proactive refresh before this (after a failure)
+        self._quiet_until = 0.0  # monotonic; no refresh before this (after a failure) ...
+        self._lazy_until = 0.0  # ... nor a background one, while the token works, before this
         self._offline_since: float | None = None  # monotonic start of a run of failed refreshes
         self._offline_error: TransientError | None = None  # what the last one of them raised
         self._in_doubt = False  # the pending intent's token may have reached the server
@@ -457,7 +466,7 @@ class TokenManager:
                 # a time: nobody waits on it, so a failure just waits for a later call (a
                 # fleet whose server is away must not send bursts of retries for tokens
                 # that still work).
-                if now >= self._quiet_until:
+                if now >= self._lazy_until:
                     self._start_refresh(None, force=False, policy=self._one_try)
                 return tokens.access_token
         return (await self._join(None, force=False)).access_token
@@ -600,11 +609,12 @@ class TokenManager:
             self._state = state
             self._emit(EventKind.STATE)
 
-    def _use(self, tokens: TokenSet | None, *, fresh: bool = False) -> None:
+    def _use(self, tokens: TokenSet | None, *, fresh: bool = False, wide: bool = False) -> None:
         """Hold ``tokens`` in memory, with the two monotonic instants the hot path compares
         against (invariant 12): what is left of the pair's life is read off the wall clock
         once, here, and from then on measured by the process itself. ``fresh`` marks a pair
-        just received from the server: it gets the staleness floor (``FRESH_FLOOR``).
+        just received from the server: it gets the staleness floor (``FRESH_FLOOR``);
+        ``wide`` one a fleet may have received at the same moment: it gets ``WIDE_SPREAD``.
 
         A pair without an expiry, or without a refresh token to renew it with, is used until
         the server answers 401.
@@ -619,7 +629,8 @@ class TokenManager:
             self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
             life = tokens.lifetime
             if life and life > 0:
-                self._refresh_at -= random.random() * REFRESH_SPREAD * life
+                spread = WIDE_SPREAD if wide else REFRESH_SPREAD
+                self._refresh_at -= random.random() * spread * life
             if fresh:
                 life = tokens.lifetime
                 floor = now + (min(FRESH_FLOOR, life / 2) if life and life > 0 else FRESH_FLOOR)
@@ -670,7 +681,7 @@ class TokenManager:
         """Store a pair as a sign-in; ``fresh``: the server just sent it (not the app)."""
         self._require_open()
         generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
-        self._use(tokens, fresh=fresh)
+        self._use(tokens, fresh=fresh, wide=True)
         self._generation, self._ended_code = generation, None
         self._back_online()
         self._set_state(SessionState.VALID)
@@ -770,15 +781,20 @@ class TokenManager:
             if self._offline_since is None:
                 self._offline_since = now
             longest = OFFLINE_FACTOR * self.retry.max_delay
-            cap = min(longest, max(self.retry.max_delay, 2 * (now - self._offline_since)))
+            offline = now - self._offline_since
+            cap = min(longest, max(self.retry.max_delay, OFFLINE_GROWTH * offline))
             life = self._tokens.lifetime if self._tokens is not None else None
             if life is not None and life > 0:
                 cap = min(cap, life)  # never idle longer than a pair lives: it would lapse
-
-            self._quiet_until = now + random.random() * cap
+            draw = random.random()
+            self._quiet_until = now + draw * cap
+            # A token that still works leaves time: the background try lands anywhere before
+            # it lapses, which spreads a fleet's tries over the pairs' remaining lives.
+            left = self._expires_at - now
+            self._lazy_until = now + draw * (left if cap < left < math.inf else cap)
             self._offline_error = exc
         else:
-            self._quiet_until = now + self.retry.max_delay
+            self._quiet_until = self._lazy_until = now + self.retry.max_delay
         # A journal that failed (disk full at the commit, after the server rotated) leaves the
         # intent pending just like the network does: the window is used either way. An
         # intent whose token cannot have reached the server (every try refused before
@@ -789,7 +805,7 @@ class TokenManager:
 
     def _back_online(self) -> None:
         """A pair was committed or adopted: the server is there, the run of failures over."""
-        self._quiet_until = 0.0
+        self._quiet_until = self._lazy_until = 0.0
         self._offline_since = self._offline_error = None
         self._in_doubt = False
 
@@ -1103,7 +1119,7 @@ class TokenManager:
                 raise NotSignedIn(f"account {self.account!r} was signed out meanwhile")
             return record.tokens
         _faults.crash_point("after_commit")
-        self._use(answer, fresh=True)
+        self._use(answer, fresh=True, wide=self._offline_since is not None)
         self._generation = committed
         self._back_online()
         self._set_state(SessionState.VALID)
