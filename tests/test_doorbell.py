@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from aioresponses import CallbackResult, aioresponses
 import tokenjournal as tj
 from tokenjournal import _doorbell as doorbell
 from tokenjournal._clock import SystemClock
-from tokenjournal._journal import Lease
+from tokenjournal._journal import AccountRecord, Lease
 
 from .conftest import DEMO
 
@@ -134,3 +134,73 @@ async def test_a_cancelled_caller_leaves_the_shared_wait_on_the_bell(tmp_path: P
             await asyncio.sleep(0.01)
         assert waiter.tokens is not None and waiter.tokens.access_token == "a2"
         assert waiter.refresh_requests == 0
+
+
+class SleepsOnce(SystemClock):
+    """A clock whose first pause ends at once (a timed read of the journal) and whose later
+    pauses never end: after that read, only the doorbell can wake a waiter."""
+
+    __slots__ = ("slept",)
+
+    def __init__(self) -> None:
+        self.slept = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept += 1
+        if self.slept > 1:
+            await asyncio.Event().wait()
+
+
+class RingsDuringRead(tj.SQLiteJournal):
+    """A journal whose armed read takes its rows, then lets the holder commit and ring, and
+    only then answers: with the rows from before the commit, as a slow read would."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.during: Callable[[], Awaitable[None]] | None = None
+
+    async def load(self, account: str) -> AccountRecord:
+        record = await super().load(account)
+        if self.during is not None:
+            during, self.during = self.during, None
+            await during()
+        return record
+
+
+@linux_only
+async def test_a_ring_during_a_timed_read_is_not_taken_for_an_absent_bell(tmp_path: Path) -> None:
+    """The waiter's timed read is on its way when the holder commits and rings, and answers
+    with the rows from before: the ring is newer than the read, so the waiter reads again at
+    once. It used to conclude that the bell was unreachable and fall back to polling (tens of
+    milliseconds later; here, never, as its pauses do not end)."""
+    path = tmp_path / "t.db"
+    gate = asyncio.Event()
+
+    async def slow(url: object, **kwargs: object) -> CallbackResult:
+        await gate.wait()
+        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
+
+    with aioresponses() as mock:
+        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
+        mock.post(URL + "/auth/refresh", callback=slow)
+        holder = tj.TokenManager(URL, path)
+        journal = RingsDuringRead(path)
+        waiter = tj.TokenManager(URL, journal, clock=SleepsOnce())
+        async with holder:
+            await holder.sign_in(**DEMO)
+            async with waiter:
+                rotating = asyncio.ensure_future(holder.refresh())
+                while holder.state is not tj.SessionState.REFRESHING:
+                    await asyncio.sleep(0)
+
+                async def commit_and_ring() -> None:
+                    gate.set()
+                    await rotating  # committed, and the bell rung ...
+                    bells = [t for t in asyncio.all_tasks() if "rung" in repr(t.get_coro())]
+                    await asyncio.wait_for(asyncio.gather(*bells), 5)  # ... and heard
+
+                journal.during = commit_and_ring
+                waiting = asyncio.ensure_future(waiter.refresh())
+                assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
+                assert journal.during is None  # the ring did come during the read
+                assert waiter.refresh_requests == 0

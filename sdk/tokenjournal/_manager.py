@@ -1051,13 +1051,16 @@ class TokenManager:
                         await asyncio.wait((bell, sleeping), return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         sleeping.cancel()
+                # A ring that comes while the read below is on its way may postdate what it
+                # reads: only a ring heard before the read says the holder is gone.
+                rung = bell is not None and bell.done()
                 record = await self.journal.load(self.account)
                 # A holder SIGKILLed on this host is noticed by its pid, not after its lease.
                 if record.generation != generation or not lease_is_live(
                     record.lease, self._holder, self._clock.time()
                 ):
                     return record
-                if bell is not None and bell.done():
+                if rung:
                     # Rung, refused or unreachable, and still busy: another holder took over
                     # (listen to it), or this one has no bell we can reach (poll).
                     same = record.lease is None or record.lease.holder == lease.holder
