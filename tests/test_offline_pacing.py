@@ -14,7 +14,13 @@ import pytest
 
 import tokenjournal as tj
 from tokenjournal import _manager
-from tokenjournal._manager import OFFLINE_FACTOR, OFFLINE_GROWTH, REFRESH_SPREAD, WIDE_SPREAD
+from tokenjournal._manager import (
+    BACKGROUND_LEAD,
+    OFFLINE_FACTOR,
+    OFFLINE_GROWTH,
+    REFRESH_SPREAD,
+    WIDE_SPREAD,
+)
 from tokenjournal._transport import NetworkFailure
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
@@ -178,23 +184,26 @@ async def _failed_in_background(
     return tm, token
 
 
-async def test_a_background_try_while_the_token_works_may_wait_for_its_whole_life(
+async def test_a_background_try_while_the_token_works_waits_for_its_last_stretch(
     server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A proactive refresh that failed while the token still works: nobody waits on it, so the
-    next background try lands at a random point of the time the token has left, not after
-    the short pause of a device whose token lapsed (fewer, later tries from a fleet)."""
+    next background try comes at a random point of the token's last BACKGROUND_LEAD x
+    max_delay, not after the short pause of a device whose token lapsed (a fleet's tries then
+    come at the rate its tokens lapse, not all at once when the server returns)."""
     monkeypatch.setattr(_manager.random, "random", lambda: 0.5)
     line = Line(clock, monkeypatch)
     left = 250.0
     tm, token = await _failed_in_background(server, journal_path, clock, line, left)
     try:
         line.mode = "up"
+        lead = BACKGROUND_LEAD * tm.retry.max_delay
+        at = left - 0.5 * lead  # seconds from the failure: the middle of the last stretch
         idle = lambda: tm._task is None or tm._task.done()  # noqa: E731 - no try in flight
         clock.advance(tm.retry.max_delay)  # past the short pause (half of max_delay)
         assert await tm.access_token() == token
         assert idle()  # no background try started
-        clock.advance(left / 2 - 2 - tm.retry.max_delay)  # just before half the time left
+        clock.advance(at - 2 - tm.retry.max_delay)  # just before the drawn point
         assert await tm.access_token() == token
         assert idle()
         assert len(line.sent) == 1
@@ -219,7 +228,7 @@ async def test_a_rejected_token_gets_the_short_pause_even_while_it_has_time_left
         with pytest.raises(tj.NetworkError):
             await tm.refresh_for(token)
         assert len(line.sent) == 1
-        clock.advance(2)  # past it (the background try still waits ~110 s)
+        clock.advance(2)  # past it (the background try still waits ~200 s)
         line.mode = "up"
         fresh = await tm.refresh_for(token)
         assert fresh.access_token != token

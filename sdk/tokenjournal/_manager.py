@@ -102,11 +102,13 @@ SIGN_OUT_BUDGET: Final = 10.0
 #: and callers meanwhile get the last error at once, without a request: one device notices a
 #: return within a minute or two of a short outage, and a fleet that lost its server for
 #: minutes comes back spread over minutes instead of in one wave (docs/architecture.md 1.6).
-#: While the token still works, the background try takes a random share of the larger of
-#: that and the time the token has left: nobody is waiting, so it need not hurry.
+#: While the token still works for longer than that, the background try comes at a random
+#: point of its last BACKGROUND_LEAD x retry.max_delay (60 s by default): nobody is waiting,
+#: so it need not hurry, and a fleet's tries then come at the rate its tokens lapse.
 OFFLINE_FACTOR: Final = 10.0
 #: 3, not 2: the fleet's peak at recovery falls under 3x its steady rate (docs/fleet.md).
 OFFLINE_GROWTH: Final = 3.0
+BACKGROUND_LEAD: Final = 2.0
 #: A pair is refreshed at a random point in the last REFRESH_SPREAD of its life before the
 #: margin: devices that signed in together (or came back from an outage together) drift apart
 #: instead of refreshing in one wave for ever. Costs about half of it in extra refreshes.
@@ -788,10 +790,13 @@ class TokenManager:
                 cap = min(cap, life)  # never idle longer than a pair lives: it would lapse
             draw = random.random()
             self._quiet_until = now + draw * cap
-            # A token that still works leaves time: the background try lands anywhere before
-            # it lapses, which spreads a fleet's tries over the pairs' remaining lives.
+            # A token that still works leaves time: the background try waits for the last
+            # stretch before it lapses, which spreads a fleet's tries as its tokens' expiries.
             left = self._expires_at - now
-            self._lazy_until = now + draw * (left if cap < left < math.inf else cap)
+            lead = min(left, BACKGROUND_LEAD * self.retry.max_delay)
+            self._lazy_until = (
+                now + left - (1 - draw) * lead if cap < left < math.inf else self._quiet_until
+            )
             self._offline_error = exc
         else:
             self._quiet_until = self._lazy_until = now + self.retry.max_delay
