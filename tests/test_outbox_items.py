@@ -221,6 +221,21 @@ def test_401_408_409_425_are_retried_and_read_retry_after(status: int) -> None:
     assert classify(status, {}, NOW) == Failure(FailureKind.CONFLICT, f"http_{status}", status)
 
 
+@pytest.mark.parametrize("headers", [{}, {"Retry-After": "3"}])
+def test_a_401_to_a_request_without_the_bearer_is_a_dead_letter_that_says_why(
+    headers: dict[str, str],
+) -> None:
+    """No bearer went out (the URL's origin is not allowed), so no refresh can help."""
+    assert classify(401, headers, NOW, bearer_sent=False) == Failure(
+        FailureKind.REJECTED, "http_401", 401, NO_BEARER
+    )
+    assert classify(401, {}, NOW, bearer_sent=True) == Failure(
+        FailureKind.CONFLICT, "http_401", 401
+    )
+    for status in (200, 403, 408, 503):  # only a 401 depends on the bearer
+        assert classify(status, {}, NOW, bearer_sent=False) == classify(status, {}, NOW)
+
+
 def test_a_retry_after_date_is_read_against_the_time_given() -> None:
     date = formatdate(NOW + 30, usegmt=True)
     for status, kind in ((429, FailureKind.RATE_LIMITED), (503, FailureKind.SERVER)):
@@ -357,3 +372,27 @@ async def test_repr_names_the_outbox_its_order_and_whether_it_is_paused(
             assert loop.time() < deadline, "the outbox never paused"
             await asyncio.sleep(0.01)
         assert repr(outbox) == "Outbox('readings', ordered=True, paused=True)"
+
+
+async def test_an_outbox_of_a_closed_manager_says_how_to_open_it(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    async with manager(server, journal_path) as tm:
+        outbox = tm.outbox("readings")
+    expected = "the TokenManager is not open: use `async with tm:` or `await tm.open()`"
+    with pytest.raises(RuntimeError) as raised:
+        await outbox.enqueue("POST", server.url + "/api/readings", data=b"a")
+    assert str(raised.value) == expected
+    with pytest.raises(RuntimeError) as raised:
+        await outbox.drain()
+    assert str(raised.value) == expected
+
+
+async def test_an_ordered_outbox_has_one_item_in_flight_whatever_concurrency_says(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    async with manager(server, journal_path) as tm:
+        ordered = tm.outbox("ordered", ordered=True, concurrency=5)
+        loose = tm.outbox("loose", ordered=False, concurrency=5)
+        assert (ordered.concurrency, loose.concurrency) == (1, 5)
+        assert tm.outbox("ordered", ordered=True, concurrency=3) is ordered  # not an option

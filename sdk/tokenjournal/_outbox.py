@@ -168,11 +168,18 @@ def dead_reason(status: int) -> str:
     return f"HTTP {status} {phrase}"
 
 
-def classify(status: int, headers: Mapping[str, str], now: float) -> Failure | None:
+def classify(
+    status: int, headers: Mapping[str, str], now: float, *, bearer_sent: bool = True
+) -> Failure | None:
     """``None`` for a 2xx (settle); a retryable :class:`Failure` for 401/408/409/425/429 and
-    5xx (``Retry-After`` read); a ``REJECTED`` one for anything else (a dead letter)."""
+    5xx (``Retry-After`` read); a ``REJECTED`` one for anything else (a dead letter), and for
+    a 401 to a request that carried no bearer (``bearer_sent=False``)."""
     if 200 <= status < 300:
         return None
+    if status == 401 and not bearer_sent:
+        # No refresh can help a request that had no bearer (its origin is not in
+        # allowed_origins): retrying for ever would hide a configuration error.
+        return Failure(FailureKind.REJECTED, "http_401", 401, NO_BEARER)
     retry_after = parse_retry_after(headers, now)
     if status == 429:
         return Failure(FailureKind.RATE_LIMITED, "rate_limited", status, "", retry_after)
@@ -300,7 +307,9 @@ class _Paused(Exception):
 class Outbox:
     """A named, durable queue of API calls, delivered in the background (see the module
     doc). Get one with ``tm.outbox(name, ...)``; the same name is the same outbox in every
-    process and run on the journal (per account)."""
+    process and run on the journal (per account). ``name``, ``limits``, ``ordered``,
+    ``max_backoff`` and ``concurrency`` (how many items may be in flight at once here: 1 when
+    ordered) are its options."""
 
     def __init__(
         self,
@@ -328,7 +337,6 @@ class Outbox:
         self._to_settle: list[Settle] = []
         self._settler: asyncio.Task[None] | None = None
         self._settle_wake = asyncio.Event()
-        self._flush_now = False
         self._sending = 0  # requests out right now
         self._settled = asyncio.Event()  # an item settled here: drain looks again
         self._paused = False
@@ -553,7 +561,7 @@ class Outbox:
                     await asyncio.wait_for(_first(*waits), IDLE_POLL)
             self._paused_at = self._signins
             return self._host.is_open
-        if self._host.is_open and not self._wake.is_set():
+        if not self._wake.is_set():  # closed: closing() has returned, no wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_first(self._wake.wait(), self._host.closing()), IDLE_POLL)
         self._wake.clear()
@@ -581,8 +589,7 @@ class Outbox:
             max_elapsed=math.inf,
             base_delay=min(0.5, self.max_backoff),
             max_delay=self.max_backoff,
-            attempt_timeout=self._host.retry.attempt_timeout,
-        )
+        )  # no attempt_timeout: attempts() does not bound a try, _send does
         tries = 0
         try:
             loop = attempts(
@@ -611,11 +618,12 @@ class Outbox:
                     attempt.failed(None, exc.code)
                     continue
                 _faults.crash_point("after_answer")
-                failure = classify(status, headers, self._host.clock.time())
-                if status == 401 and not self._host.bearer_allowed(item.url):
-                    # No bearer was sent (the origin is not in allowed_origins), so no
-                    # refresh can help: retrying for ever would hide a configuration error.
-                    failure = Failure(FailureKind.REJECTED, "http_401", 401, NO_BEARER)
+                failure = classify(
+                    status,
+                    headers,
+                    self._host.clock.time(),
+                    bearer_sent=self._host.bearer_allowed(item.url),
+                )
                 if failure is None or failure.kind is FailureKind.REJECTED:
                     _faults.crash_point("before_settle")
                     dead = failure is not None
@@ -654,7 +662,7 @@ class Outbox:
         """Commit the queued settles: a group when ``SETTLE_GROUP`` are waiting, when no
         request is out (the deliverer waits or idles), or when asked (``_settled_all``)."""
         while self._to_settle:
-            while len(self._to_settle) < SETTLE_GROUP and self._sending and not self._flush_now:
+            while len(self._to_settle) < SETTLE_GROUP and self._sending:
                 self._settle_wake.clear()
                 await self._settle_wake.wait()
             group, self._to_settle = self._to_settle, []
@@ -676,13 +684,11 @@ class Outbox:
 
     async def _settled_all(self) -> None:
         """Commit every queued settle now and wait for it (or for it to fail)."""
-        self._flush_now = True
+        # Callers have no request out (the ordered deliverer between items, the runner once
+        # its tasks ended), so the settler waits for nothing: wake it and wait for it.
         self._settle_wake.set()
-        try:
-            while self._settler is not None and not self._settler.done():
-                await asyncio.wait({self._settler})
-        finally:
-            self._flush_now = False
+        while self._settler is not None and not self._settler.done():
+            await asyncio.wait({self._settler})
 
     async def _still_ours(self, item_id: str, *, renew: bool) -> bool:
         """Renew our leases when asked or when they are half spent; whether ``item_id`` is
@@ -696,10 +702,7 @@ class Outbox:
         kept = await self._host.journal.outbox_renew(
             self._host.account, self.name, self._host.holder, now, self._host.lease_ttl
         )
-        for lost in set(self._held) - kept:
-            self._held.pop(lost, None)
-        for held in self._held:
-            self._held[held] = now + self._host.lease_ttl
+        self._held = {held: now + self._host.lease_ttl for held in self._held if held in kept}
         return item_id in self._held
 
     async def _send(self, item: OutboxItem) -> tuple[int, Mapping[str, str]]:
