@@ -952,7 +952,8 @@ class SQLiteJournal:
         # share the next transaction (see _batched).
         self._batch: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
         self._batch_lock = threading.Lock()
-        self._batch_queued = False
+        #: The flush that will take the queued group (None: the next write starts one).
+        self._batch_flush: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -1077,11 +1078,10 @@ class SQLiteJournal:
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         with self._batch_lock:
             self._batch.append((body, future))
-            start, self._batch_queued = not self._batch_queued, True
-        if start:
-            task = asyncio.ensure_future(self._flush())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            if self._batch_flush is None:
+                self._batch_flush = task = asyncio.ensure_future(self._flush())
+                self._flushes.add(task)
+                task.add_done_callback(self._flush_ended)
         return await future
 
     async def _flush(self) -> None:
@@ -1091,7 +1091,7 @@ class SQLiteJournal:
         def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[Any]:
             with self._batch_lock:  # whatever queued until now, and nothing after
                 if abandoned.is_set():
-                    return []  # the flush was cancelled before this ran: it failed the group
+                    return []  # the flush was cancelled before this ran: _flush_ended fails it
                 self._take_batch(taken)
             bodies = []
             for body, future in taken:
@@ -1105,12 +1105,9 @@ class SQLiteJournal:
         try:
             results = await self._run(job)
         except BaseException as exc:
-            with self._batch_lock:
-                if not taken:
-                    # Cancelled before the journal's thread took the group: take it back, or
-                    # its writers would wait for ever and no later write would start a flush.
-                    self._take_batch(taken)
-            for _, future in taken:
+            with self._batch_lock:  # the job took the group, or never will (see _flush_ended)
+                group = list(taken)
+            for _, future in group:
                 if not future.done():
                     future.set_exception(
                         exc if isinstance(exc, Exception) else JournalError("journal closed")
@@ -1122,12 +1119,26 @@ class SQLiteJournal:
             if not future.done():
                 future.set_result(result)
 
+    def _flush_ended(self, task: asyncio.Task[None]) -> None:
+        """A flush that ended without taking its group fails it: else its writers would wait
+        for ever, and no later write would start a flush. That is a flush cancelled before
+        its job ran on the journal's thread, or before its first step (an app cancelling
+        every task at shutdown): its coroutine never ran, so no except clause of it can."""
+        self._flushes.discard(task)
+        group: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        with self._batch_lock:
+            if self._batch_flush is task:
+                self._take_batch(group)
+        for _, future in group:
+            if not future.done():
+                future.set_exception(JournalError("journal closed"))
+
     def _take_batch(self, into: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]]) -> None:
         """Move the queued writes into ``into``; the next write starts a new group. Call with
         ``_batch_lock`` held."""
         into.extend(self._batch)
         self._batch.clear()
-        self._batch_queued = False
+        self._batch_flush = None
 
     def _scrub(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the file and truncate it to zero bytes.
