@@ -1273,9 +1273,9 @@ class SQLiteJournal:
                 f"since this one opened it; this seal holds {', '.join(self.seal.key_ids)}"
             )
 
-    def _seal_rows(self, tx: _Tx, *, everything: bool) -> int:
-        """Seal every plain secret (and, with ``everything``, re-seal every row an older key
-        sealed) under this seal's key, in the caller's transaction. Returns the rows changed."""
+    def _seal_rows(self, tx: _Tx) -> int:
+        """Seal every plain secret, and re-seal every row an older key sealed, under this
+        seal's key, in the caller's transaction. Returns the rows changed."""
         seal = self.seal
         assert seal is not None
         # Under the write lock: another process may have sealed it with a key we lack since
@@ -1291,8 +1291,6 @@ class SQLiteJournal:
             for rowid, owner, generation, sealed_by, *values in rows:
                 if sealed_by == seal.key_id or all(v is None for v in values):
                     continue
-                if sealed_by is not None and not everything:
-                    continue  # an older key's row: re-sealed when it is next written
                 r = _Row(str(owner))
                 if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
                     values = [_b64(v) if isinstance(v, bytes) else v for v in values]
@@ -1302,7 +1300,7 @@ class SQLiteJournal:
                 ]
                 sets = [f"{c} = ?" for c in (*t.columns, *fps)]
                 params: list[Any] = [
-                    None if v is None else _sealed(seal, t.table, c, str(owner), generation, v)
+                    _sealed(seal, t.table, c, str(owner), generation, v)
                     for c, v in zip(t.columns, plain, strict=True)
                 ]
                 params += [
@@ -1347,7 +1345,7 @@ class SQLiteJournal:
         """
         if self.seal is None:
             raise ValueError("reseal needs a journal opened with a seal")
-        return await self._transaction(lambda tx: self._seal_rows(tx, everything=True))
+        return await self._transaction(self._seal_rows)
 
     def _prepare_file(self) -> None:
         # Every folder we have to create is 0700 (os.makedirs applies its mode to the leaf
@@ -1416,9 +1414,7 @@ class SQLiteJournal:
             # key in one transaction as the journal is first read with it (``previous=``: the
             # old key can go once every journal has been opened once); the scrub takes the
             # plain or old bytes out of every file.
-            self.sealed_at_open = self._in_transaction(
-                conn, lambda tx: self._seal_rows(tx, everything=True), abandoned
-            )
+            self.sealed_at_open = self._in_transaction(conn, self._seal_rows, abandoned)
         # A process killed between a commit and its checkpoint left replaced secrets in
         # the WAL: clear them before anything else happens.
         self._scrub(conn)
@@ -2075,8 +2071,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _item(row: Any, seal: Seal | None, attempts_delta: int = 0) -> OutboxItem:
-    """An item from an ``outbox`` row, opened with ``seal`` when it is sealed."""
+def _item(row: Any, seal: Seal | None, *, attempts_delta: int) -> OutboxItem:
+    """An item from an ``outbox`` row, opened with ``seal`` when it is sealed; its ``attempts``
+    plus ``attempts_delta`` (a claim counts the try it is about to make)."""
     raw_headers, body = row["headers"], row["body"]
     if row["sealed_by"] is not None:
         r, seq = _Row(str(row["id"])), int(row["seq"])
