@@ -586,3 +586,30 @@ async def test_a_failed_group_leaves_the_group_queued_behind_it_alone(
         with pytest.raises(ValueError, match=r"^boom$"):
             await asyncio.wait_for(first, 5)
     assert await asyncio.wait_for(second, 5) == 2
+
+
+async def test_a_group_commit_cancelled_inside_its_transaction_fails_its_writes_and_rolls_back(
+    journal: tj.SQLiteJournal,
+) -> None:
+    """The journal's thread took the group and is inside its transaction when the flush is
+    cancelled: each writer gets ``JournalError("journal closed")`` (not the flush's own
+    cancellation), the transaction is rolled back, and the next write starts a new group."""
+    running, go = threading.Event(), threading.Event()
+
+    def slow(tx: Any) -> int:
+        running.set()
+        go.wait(10)
+        tx.execute("INSERT INTO meta (key, value) VALUES ('mark', 'x')")
+        return 1
+
+    write = asyncio.ensure_future(journal._batched(slow))
+    await asyncio.to_thread(running.wait, 10)
+    (flush,) = journal._flushes
+    flush.cancel()
+    with pytest.raises(tj.JournalError, match=r"^journal closed$"):
+        await asyncio.wait_for(write, 5)
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    assert await asyncio.wait_for(journal._batched(lambda tx: 2), 5) == 2
+    assert await journal._read("SELECT value FROM meta WHERE key = 'mark'") == []
