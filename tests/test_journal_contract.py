@@ -43,6 +43,7 @@ from tokenjournal._journal import (
     lease_is_live,
     pid_alive,
 )
+from tokenjournal._outbox import OutboxItem, OutboxLimits
 
 NOW = 1_800_000_000.0
 WHEN = datetime.fromtimestamp(NOW, tz=UTC)
@@ -853,8 +854,13 @@ async def test_misuse_says_what_to_do(tmp_path: Path) -> None:
     await reader.open()
     with pytest.raises(tj.JournalError) as read_only:
         await reader.store_tokens("a", pair(1), NOW)
+    # The outbox's writes go through the group commit: the same refusal, in the same words.
+    item = OutboxItem("id-1", "POST", "https://api.example.com/r", (), b"{}", NOW)
+    with pytest.raises(tj.JournalError) as grouped:
+        await reader.outbox_add("a", "box", item, OutboxLimits())
     await reader.close()
     assert str(read_only.value) == f"journal {path} was opened read-only"
+    assert str(grouped.value) == f"journal {path} was opened read-only"
 
 
 async def test_a_checkpoint_kept_busy_by_a_reader_is_left_for_later(

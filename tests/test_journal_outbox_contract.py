@@ -10,6 +10,8 @@ the same rules (docs/architecture.md section 8).
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -607,3 +609,37 @@ async def test_reseal_reseals_rows_an_older_key_wrote_since_this_one_opened(
     assert record.tokens == pair(1)
     assert await journal.reseal() == 0
     await journal.close()
+
+
+async def test_a_sealed_item_in_a_journal_without_a_key_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """An item sealed under a key (another tool wrote it, or ``meta`` lost the key's mark)
+    in a journal opened without a seal: the claim is a JournalError naming the item and the
+    column, and the row is left as it was (no try counted, no lease)."""
+    path = tmp_path / "tokens.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    seal, body = tj.Seal(bytes(range(32))), b'{"n": 1}'
+    sealed = {
+        column: seal.seal(value, account="id-1", column=f"outbox.{column}", generation=1)
+        for column, value in (("headers", "[]"), ("body", base64.b64encode(body).decode()))
+    }
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "INSERT INTO outbox (seq, id, account, name, method, url, headers, body, size, "
+            "created_at, sealed_by) VALUES (1, 'id-1', 'a', 'box', 'POST', ?, ?, ?, ?, ?, ?)",
+            (URL, sealed["headers"], sealed["body"], len(body), NOW, seal.key_id),
+        )
+    try:
+        with pytest.raises(tj.JournalError) as err:
+            await claim(journal)
+        assert await journal.outbox_stats("a", "box", NOW) == stats(pending=1, oldest_age=0.0)
+    finally:
+        await journal.close()
+    assert str(err.value) == (
+        "journal account 'id-1': column outbox.body is sealed and this journal has no key to "
+        "open it; fix or delete the row (the file was left untouched)"
+    )
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT attempts, holder FROM outbox").fetchall() == [(0, None)]

@@ -518,20 +518,98 @@ async def test_a_group_whose_write_raises_fails_every_write_of_it_and_nothing_el
     assert await journal._batched(lambda tx: 2) == 2  # the next group is not affected
 
 
+@contextlib.asynccontextmanager
+async def thread_held(journal: tj.SQLiteJournal) -> AsyncIterator[None]:
+    """The journal's worker thread busy with a job of ours until the block ends: whatever is
+    queued meanwhile waits behind it, so the order of events is fixed, not left to timing."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection, abandoned: threading.Event) -> None:
+        started.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(journal._run(hold))
+    await asyncio.to_thread(started.wait, 10)
+    try:
+        yield
+    finally:
+        release.set()
+        await held
+
+
+@pytest.mark.parametrize("when", ["before-its-first-step", "queued-behind-another-job"])
 async def test_a_group_commit_cut_short_fails_its_writes_instead_of_leaving_them_waiting(
-    journal: tj.SQLiteJournal,
+    journal: tj.SQLiteJournal, when: str
 ) -> None:
     """A flush cancelled (an app cancelling every task at shutdown) before the journal's
     thread took its group used to leave the group's writers waiting for ever, and every
-    later write too: the group stayed marked as queued."""
-    write = asyncio.ensure_future(journal._batched(lambda tx: 1))
-    for _ in range(3):  # the write queues, its flush starts and waits for the journal's thread
+    later write too: the group stayed marked as queued. Cancelled before its first step (its
+    coroutine never ran: no except clause of it could help), or while its job waited behind
+    another one on the journal's thread."""
+    async with contextlib.AsyncExitStack() as stack:
+        if when == "queued-behind-another-job":
+            await stack.enter_async_context(thread_held(journal))
+        write = asyncio.ensure_future(journal._batched(lambda tx: 1))
+        await asyncio.sleep(0)  # the write queues its body and starts its flush (not yet run)
+        (flush,) = journal._flushes
+        if when == "queued-behind-another-job":
+            for _ in range(3):  # the flush runs up to its job, queued behind the held one
+                await asyncio.sleep(0)
+        flush.cancel()
+        with pytest.raises(tj.JournalError, match=r"^journal closed$"):
+            await asyncio.wait_for(write, 5)
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+    # ... and the next write starts a group of its own (none was left marked as queued).
+    assert await asyncio.wait_for(journal._batched(lambda tx: 2), 5) == 2
+    assert journal._flushes == set()  # a finished flush is not kept
+
+
+async def test_a_failed_group_leaves_the_group_queued_behind_it_alone(
+    journal: tj.SQLiteJournal,
+) -> None:
+    """Writes that queue while a group is being committed form the next group: when the
+    first group fails, they are still committed (they are not failed with its error)."""
+    running, go = threading.Event(), threading.Event()
+
+    def fails(tx: Any) -> None:
+        running.set()
+        go.wait(10)
+        raise ValueError("boom")
+
+    first = asyncio.ensure_future(journal._batched(fails))
+    await asyncio.to_thread(running.wait, 10)  # the first group is inside its transaction
+    async with thread_held(journal):  # queued next on the thread: ahead of the second group
+        second = asyncio.ensure_future(journal._batched(lambda tx: 2))
         await asyncio.sleep(0)
+        go.set()
+        with pytest.raises(ValueError, match=r"^boom$"):
+            await asyncio.wait_for(first, 5)
+    assert await asyncio.wait_for(second, 5) == 2
+
+
+async def test_a_group_commit_cancelled_inside_its_transaction_fails_its_writes_and_rolls_back(
+    journal: tj.SQLiteJournal,
+) -> None:
+    """The journal's thread took the group and is inside its transaction when the flush is
+    cancelled: each writer gets ``JournalError("journal closed")`` (not the flush's own
+    cancellation), the transaction is rolled back, and the next write starts a new group."""
+    running, go = threading.Event(), threading.Event()
+
+    def slow(tx: Any) -> int:
+        running.set()
+        go.wait(10)
+        tx.execute("INSERT INTO meta (key, value) VALUES ('mark', 'x')")
+        return 1
+
+    write = asyncio.ensure_future(journal._batched(slow))
+    await asyncio.to_thread(running.wait, 10)
     (flush,) = journal._flushes
     flush.cancel()
     with pytest.raises(tj.JournalError, match=r"^journal closed$"):
         await asyncio.wait_for(write, 5)
+    go.set()
     with pytest.raises(asyncio.CancelledError):
         await flush
-    # ... and the next write starts a group of its own (none was left marked as queued).
     assert await asyncio.wait_for(journal._batched(lambda tx: 2), 5) == 2
+    assert await journal._read("SELECT value FROM meta WHERE key = 'mark'") == []

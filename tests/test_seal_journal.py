@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -356,6 +358,89 @@ async def test_a_plain_journal_is_sealed_in_place_and_the_plain_bytes_leave_ever
         await load(journal_path, None)
 
 
+def table_rows(path: Path) -> dict[str, list[dict[str, object]]]:
+    """Every row of the journal's tables as stored (raw SQL, in rowid order)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.row_factory = sqlite3.Row
+        return {
+            table: [dict(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+            for table in ("meta", "accounts", "intents", "leases", "outbox", "outbox_counts")
+        }
+
+
+async def test_sealing_in_place_seals_each_secret_of_every_row_and_changes_nothing_else(
+    journal_path: Path,
+) -> None:
+    """Every secret column of every row (an account's three tokens, a device code, an outbox
+    item's headers and body) is sealed, a row's keyed fingerprints are set as a sealed write
+    sets them, the count is the rows changed; every other column, a NULL secret and a row
+    with no secret left (first in the file here) stay exactly as they were."""
+    from tokenjournal._journal import Holder
+    from tokenjournal._outbox import OutboxLimits, build_item
+    from tokenjournal._seal import is_sealed
+
+    plain = tj.SQLiteJournal(journal_path)
+    await plain.open()
+    await plain.store_tokens("ended", tj.TokenSet("ended-a-0123456789", "ended-r-0123456"), 1.0)
+    await plain.end_session("ended", "invalid_grant", 2.0)  # no secret left in its row
+    alice = tj.TokenSet("alice-a-0123456789", "alice-r-0123456789", id_token="alice-id-012345")
+    bob = tj.TokenSet("bob-a-0123456789", None)
+    await plain.store_tokens("alice", alice, 3.0)
+    await plain.store_tokens("bob", bob, 4.0)
+    await plain.save_device_code("carol", DEVICE_CODE, 5.0)
+    item = build_item(
+        "POST", "https://api.example/r", json={"s": BODY_SECRET}, headers={"X-K": "v"}, now=6.0
+    )
+    await plain.outbox_add("alice", "readings", item, OutboxLimits())
+    await plain.close()
+    before = table_rows(journal_path)
+
+    seal = tj.Seal(KEY)
+    journal = tj.SQLiteJournal(journal_path, seal=seal)
+    await journal.open()
+    try:
+        assert journal.sealed_at_open == 4  # alice, bob, carol's device code, the item
+        after = table_rows(journal_path)
+        expected = {**before, "meta": [*before["meta"], {"key": "sealed_by", "value": seal.key_id}]}
+        secret = {
+            "accounts": ("access_token", "refresh_token", "id_token"),
+            "intents": ("payload",),
+            "outbox": ("body", "headers"),
+        }
+        for table, columns in secret.items():
+            rows = []
+            for old, new in zip(before[table], after[table], strict=True):
+                row = dict(old)
+                if any(old[c] is not None for c in columns):
+                    row["sealed_by"] = seal.key_id
+                    for c in columns:
+                        assert (new[c] is None) == (old[c] is None), (table, c)
+                        assert old[c] is None or is_sealed(new[c]), (table, c)
+                        row[c] = new[c]
+                    if table == "accounts":
+                        row["access_fp"] = seal.fingerprint(str(old["access_token"]))
+                        row["refresh_fp"] = seal.fingerprint(old["refresh_token"])  # type: ignore[arg-type]
+                rows.append(row)
+            expected[table] = rows
+        assert after == expected
+        assert [r["refresh_fp"] for r in after["accounts"]] == [
+            None,
+            seal.fingerprint(alice.refresh_token),
+            "-",
+        ]
+        # ... and each opens to what was there.
+        assert (await journal.load("alice")).tokens == alice
+        assert (await journal.load("bob")).tokens == bob
+        assert (await journal.load("carol")).intent.payload == DEVICE_CODE  # type: ignore[union-attr]
+        assert (await journal.load("ended")).ended_code == "invalid_grant"
+        claimed = await journal.outbox_claim(
+            "alice", "readings", Holder.for_this_process(), 7.0, 30.0, 10, False
+        )
+        assert claimed == [dataclasses.replace(item, seq=1, attempts=1)]
+    finally:
+        await journal.close()
+
+
 SEALER = textwrap.dedent(
     """
     import asyncio, sys
@@ -417,6 +502,89 @@ async def test_rotation_reseals_every_row_when_the_new_key_first_opens_the_journ
     await only_new.close()
     with pytest.raises(tj.JournalError, match=new.key_id):
         await load(journal_path, old)
+
+
+async def test_reseal_takes_the_older_keys_values_out_of_every_file(journal_path: Path) -> None:
+    """A row a process on the older key re-sealed after this one opened: ``reseal`` seals it
+    under this key and checkpoints, so the older key's value is in no file (that key may
+    leak once retired). One row: the smallest re-seal scrubs too."""
+    newer = tj.Seal(NEW_KEY, previous=[tj.Seal(KEY)])
+    journal = tj.SQLiteJournal(journal_path, seal=newer)
+    await journal.open()
+    pair = tj.TokenSet("a-0123456789abcdef", "r-0123456789abcdef")
+    await journal.store_tokens("default", pair, 1.0)
+    lagging = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY, previous=[tj.Seal(NEW_KEY)]))
+    await lagging.open()  # re-seals the row under the older key
+    await lagging.close()
+    (row,) = table_rows(journal_path)["accounts"]
+    older_values = {str(row["access_token"]), str(row["refresh_token"])}
+    assert row["sealed_by"] == tj.Seal(KEY).key_id
+    try:
+        assert await journal.reseal() == 1
+        # Before the close: the last connection's close would checkpoint anyway.
+        assert leaks(files(journal_path), older_values) == []
+        assert (await journal.load("default")).tokens == pair
+    finally:
+        await journal.close()
+
+
+async def test_a_reseal_with_nothing_to_do_waits_for_no_reader(
+    journal_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing re-sealed, nothing replaced: no checkpoint, so another process reading the
+    journal meanwhile neither holds ``reseal`` up nor earns a warning."""
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY), busy_timeout=0.1)
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-01234567"), 1.0)
+    reader = sqlite3.connect(journal_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM accounts").fetchall()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="tokenjournal"):
+            assert await journal.reseal() == 0
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+        await journal.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "tokenjournal"] == []
+
+
+async def test_reseal_refuses_a_row_sealed_with_a_key_it_lacks_and_changes_nothing(
+    journal_path: Path,
+) -> None:
+    """A row sealed under a key this seal does not hold (another process, another tool), even
+    while ``meta`` still names this key: re-sealing around it would hide it behind this
+    key's id. The refusal names the key, and nothing is written."""
+    seal, other = tj.Seal(KEY), tj.Seal(NEW_KEY)
+    journal = tj.SQLiteJournal(journal_path, seal=seal)
+    await journal.open()
+    await journal.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-01234567"), 1.0)
+    await journal.store_tokens("bob", tj.TokenSet("b-0123456789abcdef", "s-01234567"), 1.0)
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
+        (generation,) = db.execute(
+            "SELECT generation FROM accounts WHERE account = 'bob'"
+        ).fetchone()
+        sealed = {
+            c: other.seal(v, account="bob", column=f"accounts.{c}", generation=generation)
+            for c, v in (("access_token", "b2-0123456789abcdef"), ("refresh_token", "s2-0123"))
+        }
+        db.execute(
+            "UPDATE accounts SET access_token = ?, refresh_token = ?, sealed_by = ? "
+            "WHERE account = 'bob'",
+            (sealed["access_token"], sealed["refresh_token"], other.key_id),
+        )
+    before = table_rows(journal_path)
+    try:
+        with pytest.raises(tj.JournalError) as err:
+            await journal.reseal()
+    finally:
+        await journal.close()
+    assert str(err.value) == (
+        f"journal {journal_path} is sealed with key id {other.key_id}, which this seal (key id "
+        f"{seal.key_id}) does not hold; pass that key, or previous=[it] to rotate; the file "
+        "was left untouched"
+    )
+    assert table_rows(journal_path) == before
 
 
 def _reseal_ns(journal: Path, new: Path, old: Path) -> Namespace:
@@ -598,8 +766,13 @@ async def _stored_then_edit(path: Path, sql: str, seal: tj.Seal | None) -> None:
             tj.Seal(KEY),
             "column accounts.access_token ",
         ),
+        (
+            "UPDATE accounts SET access_token = X'00ff'",
+            tj.Seal(KEY),
+            "column accounts.access_token holds a bytes, not text; fix or delete the row",
+        ),
     ],
-    ids=["sealed-garbage"],
+    ids=["sealed-garbage", "sealed-bytes"],
 )
 async def test_a_hand_edited_secret_column_is_named_in_the_error(
     journal_path: Path, sql: str, seal: tj.Seal | None, message: str

@@ -952,7 +952,8 @@ class SQLiteJournal:
         # share the next transaction (see _batched).
         self._batch: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
         self._batch_lock = threading.Lock()
-        self._batch_queued = False
+        #: The flush that will take the queued group (None: the next write starts one).
+        self._batch_flush: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -1077,11 +1078,10 @@ class SQLiteJournal:
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         with self._batch_lock:
             self._batch.append((body, future))
-            start, self._batch_queued = not self._batch_queued, True
-        if start:
-            task = asyncio.ensure_future(self._flush())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            if self._batch_flush is None:
+                self._batch_flush = task = asyncio.ensure_future(self._flush())
+                self._flushes.add(task)
+                task.add_done_callback(self._flush_ended)
         return await future
 
     async def _flush(self) -> None:
@@ -1091,7 +1091,7 @@ class SQLiteJournal:
         def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[Any]:
             with self._batch_lock:  # whatever queued until now, and nothing after
                 if abandoned.is_set():
-                    return []  # the flush was cancelled before this ran: it failed the group
+                    return []  # the flush was cancelled before this ran: _flush_ended fails it
                 self._take_batch(taken)
             bodies = []
             for body, future in taken:
@@ -1105,12 +1105,9 @@ class SQLiteJournal:
         try:
             results = await self._run(job)
         except BaseException as exc:
-            with self._batch_lock:
-                if not taken:
-                    # Cancelled before the journal's thread took the group: take it back, or
-                    # its writers would wait for ever and no later write would start a flush.
-                    self._take_batch(taken)
-            for _, future in taken:
+            with self._batch_lock:  # the job took the group, or never will (see _flush_ended)
+                group = list(taken)
+            for _, future in group:
                 if not future.done():
                     future.set_exception(
                         exc if isinstance(exc, Exception) else JournalError("journal closed")
@@ -1122,12 +1119,26 @@ class SQLiteJournal:
             if not future.done():
                 future.set_result(result)
 
+    def _flush_ended(self, task: asyncio.Task[None]) -> None:
+        """A flush that ended without taking its group fails it: else its writers would wait
+        for ever, and no later write would start a flush. That is a flush cancelled before
+        its job ran on the journal's thread, or before its first step (an app cancelling
+        every task at shutdown): its coroutine never ran, so no except clause of it can."""
+        self._flushes.discard(task)
+        group: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        with self._batch_lock:
+            if self._batch_flush is task:
+                self._take_batch(group)
+        for _, future in group:
+            if not future.done():
+                future.set_exception(JournalError("journal closed"))
+
     def _take_batch(self, into: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]]) -> None:
         """Move the queued writes into ``into``; the next write starts a new group. Call with
         ``_batch_lock`` held."""
         into.extend(self._batch)
         self._batch.clear()
-        self._batch_queued = False
+        self._batch_flush = None
 
     def _scrub(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL into the file and truncate it to zero bytes.
@@ -1262,9 +1273,9 @@ class SQLiteJournal:
                 f"since this one opened it; this seal holds {', '.join(self.seal.key_ids)}"
             )
 
-    def _seal_rows(self, tx: _Tx, *, everything: bool) -> int:
-        """Seal every plain secret (and, with ``everything``, re-seal every row an older key
-        sealed) under this seal's key, in the caller's transaction. Returns the rows changed."""
+    def _seal_rows(self, tx: _Tx) -> int:
+        """Seal every plain secret, and re-seal every row an older key sealed, under this
+        seal's key, in the caller's transaction. Returns the rows changed."""
         seal = self.seal
         assert seal is not None
         # Under the write lock: another process may have sealed it with a key we lack since
@@ -1280,8 +1291,6 @@ class SQLiteJournal:
             for rowid, owner, generation, sealed_by, *values in rows:
                 if sealed_by == seal.key_id or all(v is None for v in values):
                     continue
-                if sealed_by is not None and not everything:
-                    continue  # an older key's row: re-sealed when it is next written
                 r = _Row(str(owner))
                 if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
                     values = [_b64(v) if isinstance(v, bytes) else v for v in values]
@@ -1291,7 +1300,7 @@ class SQLiteJournal:
                 ]
                 sets = [f"{c} = ?" for c in (*t.columns, *fps)]
                 params: list[Any] = [
-                    None if v is None else _sealed(seal, t.table, c, str(owner), generation, v)
+                    _sealed(seal, t.table, c, str(owner), generation, v)
                     for c, v in zip(t.columns, plain, strict=True)
                 ]
                 params += [
@@ -1336,7 +1345,7 @@ class SQLiteJournal:
         """
         if self.seal is None:
             raise ValueError("reseal needs a journal opened with a seal")
-        return await self._transaction(lambda tx: self._seal_rows(tx, everything=True))
+        return await self._transaction(self._seal_rows)
 
     def _prepare_file(self) -> None:
         # Every folder we have to create is 0700 (os.makedirs applies its mode to the leaf
@@ -1405,9 +1414,7 @@ class SQLiteJournal:
             # key in one transaction as the journal is first read with it (``previous=``: the
             # old key can go once every journal has been opened once); the scrub takes the
             # plain or old bytes out of every file.
-            self.sealed_at_open = self._in_transaction(
-                conn, lambda tx: self._seal_rows(tx, everything=True), abandoned
-            )
+            self.sealed_at_open = self._in_transaction(conn, self._seal_rows, abandoned)
         # A process killed between a commit and its checkpoint left replaced secrets in
         # the WAL: clear them before anything else happens.
         self._scrub(conn)
@@ -2064,8 +2071,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _item(row: Any, seal: Seal | None, attempts_delta: int = 0) -> OutboxItem:
-    """An item from an ``outbox`` row, opened with ``seal`` when it is sealed."""
+def _item(row: Any, seal: Seal | None, *, attempts_delta: int) -> OutboxItem:
+    """An item from an ``outbox`` row, opened with ``seal`` when it is sealed; its ``attempts``
+    plus ``attempts_delta`` (a claim counts the try it is about to make)."""
     raw_headers, body = row["headers"], row["body"]
     if row["sealed_by"] is not None:
         r, seq = _Row(str(row["id"])), int(row["seq"])
