@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -357,3 +358,85 @@ async def test_a_cancelled_read_stops_waiting_for_the_lock(journal_path: Path) -
     finally:
         await journal.close()  # (the lock released, a stuck read would end at its next try)
     assert (await read(journal_path, None)).tokens == PAIR
+
+
+# ----------------------------------------------------------------------------- more rows
+
+
+@pytest.mark.parametrize("sealed", ["access_token", "refresh_token", "id_token"])
+async def test_a_sealed_value_in_a_row_marked_plain_is_an_error_naming_its_key(
+    journal_path: Path, sealed: str
+) -> None:
+    """A row whose ``sealed_by`` was cleared while one of its values is still sealed (the
+    others replaced by plain text) is refused, naming the key that value needs; it was
+    ``?`` when the access token was the plain one."""
+    seal = tj.Seal(KEY)
+    await write(journal_path, seal, {"default": PAIR})
+    plain = {"access_token": "plain-access-0123456789", "refresh_token": "plain-refresh-01234"}
+    plain["id_token"] = "plain.id.token"
+    sets = ", ".join(f"{c} = ?" for c in plain if c != sealed)
+    values = tuple(v for c, v in plain.items() if c != sealed)
+    edit(journal_path, f"UPDATE accounts SET sealed_by = NULL, {sets}", values)
+    edit(journal_path, "DELETE FROM meta WHERE key = 'sealed_by'")  # a plain journal, then
+    why = f"is empty beside a value sealed by {seal.key_id}"
+    with pytest.raises(tj.JournalError) as caught:
+        await read(journal_path, None)
+    assert str(caught.value) == bad_row("default", "sealed_by", why)
+
+
+async def test_a_sealed_row_with_a_hand_edited_expiry_is_an_error_naming_it(
+    journal_path: Path,
+) -> None:
+    seal = tj.Seal(KEY)
+    await write(journal_path, seal, {"default": PAIR})
+    edit(journal_path, "UPDATE accounts SET expires_at = 'soon'")
+    with pytest.raises(tj.JournalError) as caught:
+        await read(journal_path, None)  # without the key: only the SealInfo reads it
+    assert str(caught.value) == bad_row("default", "expires_at", "holds a str, not a number")
+
+
+async def test_an_ended_session_in_a_sealed_journal_leaves_no_seal_info(
+    journal_path: Path,
+) -> None:
+    """An ended row holds no secret: it is not marked sealed, so ``status`` shows it ended,
+    without a key id or fingerprints."""
+    seal = tj.Seal(KEY)
+    await write(journal_path, seal, {"default": PAIR})
+    journal = tj.SQLiteJournal(journal_path, seal=seal)
+    await journal.open()
+    try:
+        assert await journal.end_session("default", "invalid_grant", NOW.timestamp()) == 2
+    finally:
+        await journal.close()
+    assert column(journal_path, "sealed_by") is None
+    assert column(journal_path, "access_fp") is None
+    record = await read(journal_path, None)
+    assert (record.tokens, record.sealed, record.ended_code) == (None, None, "invalid_grant")
+    (account,) = (await read_journal(journal_path)).accounts
+    assert (account.state, account.sealed_by, account.access_fingerprint) == ("ended", None, "-")
+
+
+async def test_a_group_commit_cancelled_while_queued_fails_its_writes(journal_path: Path) -> None:
+    """The journal's thread is busy (a long call ahead), so the group's flush is still
+    queued when it is cancelled: its writers get "journal closed" instead of waiting for
+    ever, and the next write starts a group of its own."""
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    gate = threading.Event()
+    try:
+        ahead = asyncio.ensure_future(journal._run(lambda conn, abandoned: gate.wait(30)))
+        write = asyncio.ensure_future(journal._batched(lambda tx: 1))
+        for _ in range(3):  # the write queues; its flush queues its job behind ``ahead``
+            await asyncio.sleep(0)
+        (flush,) = journal._flushes
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        with pytest.raises(tj.JournalError, match=r"^journal closed$"):
+            await write
+        gate.set()
+        assert await ahead is True
+        assert await journal._batched(lambda tx: 2) == 2
+    finally:
+        gate.set()
+        await journal.close()
