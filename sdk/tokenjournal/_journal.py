@@ -2221,8 +2221,10 @@ def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> Acc
         id_token = _opened(r, seal, "accounts", "id_token", generation, id_token)
         if seal is None:
             access = refresh = id_token = None
-    elif is_sealed(access) or is_sealed(refresh) or is_sealed(id_token):
-        raise r.bad("sealed_by", f"is empty beside a value sealed by {key_id_of(str(access))}")
+    elif any(is_sealed(v) for v in (access, refresh, id_token)):
+        # Name the key of the sealed value (the access token may be the plain one).
+        kid = next(key_id_of(v) for v in (access, refresh, id_token) if is_sealed(v))
+        raise r.bad("sealed_by", f"is empty beside a value sealed by {kid}")
     if i_sealed_by is not None:
         r.required_text("intents.sealed_by", i_sealed_by)
         i_payload = (
