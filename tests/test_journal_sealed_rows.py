@@ -440,3 +440,55 @@ async def test_a_group_commit_cancelled_while_queued_fails_its_writes(journal_pa
     finally:
         gate.set()
         await journal.close()
+
+
+# ------------------------------------------------------------------ a sealed device-code intent
+
+
+async def sealed_device_code(path: Path) -> None:
+    """A sealed journal holding a device-code intent (its payload is a secret: sealed)."""
+    journal = tj.SQLiteJournal(path, seal=tj.Seal(KEY))
+    await journal.open()
+    try:
+        await journal.save_device_code("default", '{"device_code": "dc-secret"}', 1.0)
+    finally:
+        await journal.close()
+
+
+async def test_a_sealed_device_code_shows_its_kind_but_no_payload_without_the_key(
+    journal_path: Path,
+) -> None:
+    await sealed_device_code(journal_path)
+    assert b"dc-secret" not in journal_path.read_bytes()
+    without = await read(journal_path, None)
+    assert without.intent is not None and without.intent.kind == "device_code"
+    assert without.intent.payload is None  # the key is not here: nothing to show
+    with_key = await read(journal_path, tj.Seal(KEY))
+    assert with_key.intent is not None
+    assert with_key.intent.payload == '{"device_code": "dc-secret"}'
+
+
+@pytest.mark.parametrize(("value", "why"), [("", "is empty"), (b"\x04", "holds a bytes, not text")])
+async def test_a_hand_edited_intent_seal_column_is_an_error_naming_it(
+    journal_path: Path, value: object, why: str
+) -> None:
+    await sealed_device_code(journal_path)
+    edit(journal_path, "UPDATE intents SET sealed_by = ?", (value,))
+    with pytest.raises(tj.JournalError) as caught:
+        await read(journal_path, None)
+    assert str(caught.value) == bad_row("default", "intents.sealed_by", why)
+
+
+async def test_a_plain_row_with_a_bytes_id_token_is_an_error_naming_it(
+    journal_path: Path,
+) -> None:
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    try:
+        await journal.store_tokens("default", PAIR, NOW.timestamp())
+    finally:
+        await journal.close()
+    edit(journal_path, "UPDATE accounts SET id_token = ?", (b"\x05",))
+    with pytest.raises(tj.JournalError) as caught:
+        await read(journal_path, None)
+    assert str(caught.value) == bad_row("default", "id_token", "holds a bytes, not text")
