@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.fleet.model import recovery
 from tests.fleet.report import _densest, _recovered_after
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +63,16 @@ def test_the_densest_window_counts_requests_closer_than_its_width() -> None:
     assert _densest([], 10) == 0
     assert _densest([0.0, 10.0, 20.0], 10) == 1
     assert _densest([0.0, 9.9, 10.5, 30.0], 10) == 2
+
+
+def test_the_model_prices_the_pacing_rules_in_the_directions_docs_fleet_md_says() -> None:
+    """The pacing model behind docs/fleet.md's price table: gaps that grow with the time
+    offline lower the peak against a constant gap, and a longer cap lowers it further but
+    makes devices wait longer after the return."""
+    constant, _, _ = recovery(240.0, growth=0.0, rate=5.0)
+    growing, wait, _ = recovery(240.0, rate=5.0)
+    assert constant > growing + 1.0
+    capped, longer_wait, _ = recovery(600.0, cap=600.0, rate=5.0)
+    default, default_wait, _ = recovery(600.0, rate=5.0)
+    assert capped < default
+    assert longer_wait > default_wait > wait > 0
