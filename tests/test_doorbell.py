@@ -75,11 +75,11 @@ def test_the_bell_is_named_for_holder_and_account_and_leaves_no_file(tmp_path: P
 
 @asynccontextmanager
 async def _mid_refresh(
-    path: Path,
+    path: Path, journal: tj.SQLiteJournal | None = None, clock: SystemClock | None = None
 ) -> AsyncIterator[tuple[tj.TokenManager, asyncio.Event, asyncio.Future[tj.TokenSet]]]:
     """Two managers on one journal: the first holds the refresh lease, its request parked
-    until the event is set; yields the waiter (whose pauses never end), the event and the
-    holder's refresh."""
+    until the event is set; yields the waiter (on ``journal`` if given, with ``clock``,
+    by default one whose pauses never end), the event and the holder's refresh."""
     gate = asyncio.Event()
 
     async def slow(url: object, **kwargs: object) -> CallbackResult:
@@ -90,7 +90,7 @@ async def _mid_refresh(
         mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
         mock.post(URL + "/auth/refresh", callback=slow)
         holder = tj.TokenManager(URL, path)
-        waiter = tj.TokenManager(URL, path, clock=NeverSleeps())
+        waiter = tj.TokenManager(URL, journal or path, clock=clock or NeverSleeps())
         async with holder:
             await holder.sign_in(**DEMO)
             async with waiter:
@@ -174,33 +174,17 @@ async def test_a_ring_during_a_timed_read_is_not_taken_for_an_absent_bell(tmp_pa
     once. It used to conclude that the bell was unreachable and fall back to polling (tens of
     milliseconds later; here, never, as its pauses do not end)."""
     path = tmp_path / "t.db"
-    gate = asyncio.Event()
+    journal = RingsDuringRead(path)
+    async with _mid_refresh(path, journal, SleepsOnce()) as (waiter, gate, rotating):
 
-    async def slow(url: object, **kwargs: object) -> CallbackResult:
-        await gate.wait()
-        return CallbackResult(payload={"appToken": "a2", "refreshToken": "r2"})
+        async def commit_and_ring() -> None:
+            gate.set()
+            await rotating  # committed, and the bell rung ...
+            bells = [t for t in asyncio.all_tasks() if "rung" in repr(t.get_coro())]
+            await asyncio.wait_for(asyncio.gather(*bells), 5)  # ... and heard
 
-    with aioresponses() as mock:
-        mock.post(URL + "/auth/signin", payload={"appToken": "a1", "refreshToken": "r1"})
-        mock.post(URL + "/auth/refresh", callback=slow)
-        holder = tj.TokenManager(URL, path)
-        journal = RingsDuringRead(path)
-        waiter = tj.TokenManager(URL, journal, clock=SleepsOnce())
-        async with holder:
-            await holder.sign_in(**DEMO)
-            async with waiter:
-                rotating = asyncio.ensure_future(holder.refresh())
-                while holder.state is not tj.SessionState.REFRESHING:
-                    await asyncio.sleep(0)
-
-                async def commit_and_ring() -> None:
-                    gate.set()
-                    await rotating  # committed, and the bell rung ...
-                    bells = [t for t in asyncio.all_tasks() if "rung" in repr(t.get_coro())]
-                    await asyncio.wait_for(asyncio.gather(*bells), 5)  # ... and heard
-
-                journal.during = commit_and_ring
-                waiting = asyncio.ensure_future(waiter.refresh())
-                assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
-                assert journal.during is None  # the ring did come during the read
-                assert waiter.refresh_requests == 0
+        journal.during = commit_and_ring
+        waiting = asyncio.ensure_future(waiter.refresh())
+        assert (await asyncio.wait_for(waiting, 5)).access_token == "a2"
+        assert journal.during is None  # the ring did come during the read
+        assert waiter.refresh_requests == 0

@@ -68,6 +68,13 @@ async def read(path: Path, seal: tj.Seal | None, account: str = "default") -> Ac
         await journal.close()
 
 
+async def refused(path: Path, column: str, why: str) -> None:
+    """Reading the row without the key is a JournalError naming ``column`` and ``why``."""
+    with pytest.raises(tj.JournalError) as caught:
+        await read(path, None)
+    assert str(caught.value) == bad_row("default", column, why)
+
+
 def edit(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
     """Change the file as a person (or a buggy tool) with the sqlite3 shell would."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -163,9 +170,7 @@ async def test_a_hand_edited_seal_column_is_an_error_naming_it(
     seal = tj.Seal(KEY)
     await write(journal_path, seal, {"default": PAIR})
     edit(journal_path, f"UPDATE accounts SET {name} = ?", (value,))
-    with pytest.raises(tj.JournalError) as caught:
-        await read(journal_path, None)
-    assert str(caught.value) == bad_row("default", name, why)
+    await refused(journal_path, name, why)
     # status (which reads without the key) says the same, in one line
     with pytest.raises(tj.JournalError) as caught:
         await read_journal(journal_path)
@@ -379,9 +384,7 @@ async def test_a_sealed_value_in_a_row_marked_plain_is_an_error_naming_its_key(
     edit(journal_path, f"UPDATE accounts SET sealed_by = NULL, {sets}", values)
     edit(journal_path, "DELETE FROM meta WHERE key = 'sealed_by'")  # a plain journal, then
     why = f"is empty beside a value sealed by {seal.key_id}"
-    with pytest.raises(tj.JournalError) as caught:
-        await read(journal_path, None)
-    assert str(caught.value) == bad_row("default", "sealed_by", why)
+    await refused(journal_path, "sealed_by", why)
 
 
 async def test_a_sealed_row_with_a_hand_edited_expiry_is_an_error_naming_it(
@@ -474,9 +477,7 @@ async def test_a_hand_edited_intent_seal_column_is_an_error_naming_it(
 ) -> None:
     await sealed_device_code(journal_path)
     edit(journal_path, "UPDATE intents SET sealed_by = ?", (value,))
-    with pytest.raises(tj.JournalError) as caught:
-        await read(journal_path, None)
-    assert str(caught.value) == bad_row("default", "intents.sealed_by", why)
+    await refused(journal_path, "intents.sealed_by", why)
 
 
 async def test_a_plain_row_with_a_bytes_id_token_is_an_error_naming_it(
@@ -489,6 +490,4 @@ async def test_a_plain_row_with_a_bytes_id_token_is_an_error_naming_it(
     finally:
         await journal.close()
     edit(journal_path, "UPDATE accounts SET id_token = ?", (b"\x05",))
-    with pytest.raises(tj.JournalError) as caught:
-        await read(journal_path, None)
-    assert str(caught.value) == bad_row("default", "id_token", "holds a bytes, not text")
+    await refused(journal_path, "id_token", "holds a bytes, not text")
