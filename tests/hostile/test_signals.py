@@ -24,12 +24,20 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _ignore_sigint() -> None:
+    """What a non-interactive shell does to a job it starts with ``&``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_demo_under_a_stop_signal_leaves_no_folder_and_no_orphan(
-    tmp_path: Path, sig: signal.Signals
+    tmp_path: Path, sig: signal.Signals, sigint: str
 ) -> None:
     """Regression: SIGTERM killed the demo on the spot: its temporary folder (journals with
-    real tokens) stayed, and the client process it had started ran on as an orphan."""
+    real tokens) stayed, and the client process it had started ran on as an orphan. And
+    when the demo was started with SIGINT ignored (a script's ``demo &``), the forwarded
+    signal was ignored with it: the demo ran to the end as if nothing had been asked."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenjournal", "demo", "--requests", "200"],
@@ -38,6 +46,7 @@ def test_demo_under_a_stop_signal_leaves_no_folder_and_no_orphan(
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
+        preexec_fn=_ignore_sigint if sigint == "ignored" else None,
     )
     child = None
     try:
@@ -65,10 +74,17 @@ def test_demo_under_a_stop_signal_leaves_no_folder_and_no_orphan(
             os.kill(child, signal.SIGKILL)
 
 
-def test_stop_signals_are_forwarded_as_ctrl_c_and_handlers_restored() -> None:
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    with stop_signals_interrupt() as received, pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGTERM)
-        time.sleep(1)  # the handler runs between bytecodes; never reached
-    assert received.signum == signal.SIGTERM and received.exit_status == 143
-    assert {s: signal.getsignal(s) for s in before} == before
+@pytest.mark.parametrize("sigint", [signal.default_int_handler, signal.SIG_IGN])
+def test_stop_signals_are_forwarded_as_ctrl_c_and_handlers_restored(sigint: object) -> None:
+    """SIGTERM becomes Ctrl-C's KeyboardInterrupt, also when SIGINT is ignored (then it used
+    to be ignored with it)."""
+    previous = signal.signal(signal.SIGINT, sigint)  # type: ignore[arg-type]
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        with stop_signals_interrupt() as received, pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+        assert received.signum == signal.SIGTERM and received.exit_status == 143
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGINT, previous)

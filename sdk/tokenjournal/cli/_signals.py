@@ -44,7 +44,13 @@ def stop_signals_interrupt() -> Iterator[Received]:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         received.signum = signum
-        signal.raise_signal(signal.SIGINT)
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)
+        else:
+            # SIGINT is ignored (a script's background job inherits it so): Ctrl-C's road is
+            # closed, so raise what it would have raised; asyncio.run still cancels and
+            # awaits every task on its way out, so the cleanup runs the same.
+            raise KeyboardInterrupt
 
     previous: dict[int, Any] = {}
     try:
