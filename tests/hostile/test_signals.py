@@ -80,7 +80,7 @@ def test_stop_signals_are_forwarded_as_ctrl_c_and_handlers_restored(sigint: obje
     to be ignored with it)."""
     previous = signal.signal(signal.SIGINT, sigint)  # type: ignore[arg-type]
     try:
-        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
         with stop_signals_interrupt() as received, pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)
             time.sleep(1)  # the handler runs between bytecodes; never reached

@@ -44,16 +44,15 @@ def stop_signals_interrupt() -> Iterator[Received]:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         received.signum = signum
-        if callable(signal.getsignal(signal.SIGINT)):
-            signal.raise_signal(signal.SIGINT)
-        else:
-            # SIGINT is ignored (a script's background job inherits it so): Ctrl-C's road is
-            # closed, so raise what it would have raised; asyncio.run still cancels and
-            # awaits every task on its way out, so the cleanup runs the same.
-            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
     previous: dict[int, Any] = {}
     try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # Started with SIGINT ignored (a script's background job inherits it so): the
+            # forwarded signal would be ignored with it. Ctrl-C's own handler comes back
+            # while inside, so that asyncio.run turns it into its clean cancellation.
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in FORWARDED:
             previous[sig] = signal.signal(sig, forward)
     except ValueError:  # not the main thread: leave signals alone
