@@ -158,11 +158,48 @@ async def backend(args: argparse.Namespace, name: str) -> AsyncIterator[Backend]
         config = ServerConfig(
             test_mode=True, db_path=str(folder / "server.db"), access_ttl=args.access_ttl
         )
-        async with ReferenceServer(config) as server:
+        server = await _reference_server(config, folder / "server.port")
+        try:
             print(f"reference server on {server.url} (account {DEMO_EMAIL})", flush=True)
             yield Backend(
                 server.url, folder, args.email or DEMO_EMAIL, args.password or DEMO_PASSWORD, server
             )
+        finally:
+            await server.close()
+
+
+async def _reference_server(config: ServerConfig, port_file: Path) -> ReferenceServer:
+    """The self-started server, started on the port it had last time in this state folder.
+
+    A real server keeps its address, and what a sample queued in its outbox (the journal
+    keeps each request's whole URL) is addressed to it: a server that came back on another
+    port would leave those requests undeliverable, retried for ever. If that port is taken
+    now, any free port, said aloud.
+    """
+    wanted = _last_port(port_file)
+    if wanted:
+        server = ReferenceServer(config, port=wanted)
+        try:
+            await server.start()
+        except OSError:
+            print(
+                f"port {wanted} of the last run is taken: what that run queued stays undelivered",
+                flush=True,
+            )
+        else:
+            return server
+    server = ReferenceServer(config)
+    await server.start()
+    port_file.write_text(str(server.port))  # noqa: ASYNC240 - a few bytes, once at start
+    return server
+
+
+def _last_port(port_file: Path) -> int:
+    """The port recorded in ``port_file``, or 0 (none, or unreadable)."""
+    try:
+        return int(port_file.read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -121,6 +122,31 @@ async def test_iot_daemon_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert "stopped by SIGTERM" in output and "session valid" in output
 
 
+def server_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The self-started server's address, as the sample printed it."""
+    lines = result.stdout.splitlines()
+    return next(line for line in lines if line.startswith("reference server on"))
+
+
+def test_a_sample_whose_last_port_is_taken_says_so_and_starts_on_another(tmp_path: Path) -> None:
+    """The port a state folder's server had is kept for its next start; when another program
+    holds it, the sample starts anyway and says what that means for what was queued."""
+    state = tmp_path / "state"
+    args = ("--state-dir", str(state), "--iterations", "1", "--interval", "0.01")
+    first = run_sample(tmp_path, "iot_daemon.py", *args)
+    assert first.returncode == 0, first.stdout
+    port = int(server_line(first).split(":")[2].split()[0])
+    assert (state / "server.port").read_text() == str(port)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        second = run_sample(tmp_path, "iot_daemon.py", *args)
+    assert second.returncode == 0, second.stdout
+    assert f"port {port} of the last run is taken" in second.stdout
+    assert server_line(second) != server_line(first)
+    assert (state / "server.port").read_text() == server_line(second).split(":")[2].split()[0]
+
+
 def test_iot_daemon_resumes_a_refresh_cut_short_by_a_crash(tmp_path: Path) -> None:
     """Killed between the server's answer and the journal commit (the worst moment), the
     daemon's next start replays the old refresh token into the grace window: no new sign-in,
@@ -133,6 +159,9 @@ def test_iot_daemon_resumes_a_refresh_cut_short_by_a_crash(tmp_path: Path) -> No
     assert "session signed_in" in crashed.stdout and "session state -> refreshing" in crashed.stdout
 
     resumed = run_sample(tmp_path, "iot_daemon.py", *args, "--iterations", "2")
+    # Back at the same address: a reading queued before the crash is addressed to it (a
+    # server on a new port left it undeliverable, and the daemon waiting for it for ever).
+    assert server_line(resumed) == server_line(crashed)
     assert_lines(
         resumed,
         0,
