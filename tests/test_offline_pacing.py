@@ -5,6 +5,7 @@ not hammer an auth server that is away, or come back from it in one wave
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from tokenjournal import _manager
 from tokenjournal._manager import (
     BACKGROUND_LEAD,
     OFFLINE_FACTOR,
+    OFFLINE_FLOOR,
     OFFLINE_GROWTH,
     REFRESH_SPREAD,
-    WIDE_SPREAD,
+    wide_spread,
 )
 from tokenjournal._transport import NetworkFailure
 from tokenjournal.server import ReferenceServer
@@ -224,7 +226,8 @@ async def test_a_rejected_token_gets_the_short_pause_even_while_it_has_time_left
     line = Line(clock, monkeypatch)
     tm, token = await _failed_in_background(server, journal_path, clock, line, 250.0)
     try:
-        clock.advance(tm.retry.max_delay / 2 - 1)  # inside the short pause: the error at once
+        floor = OFFLINE_FLOOR * tm.retry.max_delay  # the short pause, drawn at 0.5 above it
+        clock.advance(floor + (tm.retry.max_delay - floor) / 2 - 1)  # inside: the error at once
         with pytest.raises(tj.NetworkError):
             await tm.refresh_for(token)
         assert len(line.sent) == 1
@@ -265,7 +268,8 @@ async def test_the_refresh_point_spreads_over_a_share_of_the_life(
     draw: float,
 ) -> None:
     """A pair is refreshed at a random point of a share of its life before the margin: the
-    WIDE_SPREAD for the pair of a sign-in (a fleet provisioned at once), REFRESH_SPREAD for a
+    wide spread (one whole refresh period) for the pair of a sign-in (a fleet provisioned at
+    once), REFRESH_SPREAD for a
     routine refresh, the wide one again for the first pair after a run of failures (a fleet
     back from an outage at once). Devices that moved together drift apart."""
     monkeypatch.setattr(_manager.random, "random", lambda: draw)
@@ -288,7 +292,7 @@ async def test_the_refresh_point_spreads_over_a_share_of_the_life(
             assert await _until(lambda: tm.refresh_requests == before + 1)
             assert await _until(lambda: tm.tokens != signed)
 
-        await refreshed_at(WIDE_SPREAD)  # the sign-in's pair
+        await refreshed_at(wide_spread(TTL, margin))  # the sign-in's pair
         await refreshed_at(REFRESH_SPREAD)  # a routine refresh's pair
         # A run of failures (the token lapsed, the server away), then the way back.
         signed = tm.tokens
@@ -300,6 +304,91 @@ async def test_the_refresh_point_spreads_over_a_share_of_the_life(
         line.mode = "up"
         clock.advance(OFFLINE_FACTOR * tm.retry.max_delay)
         assert await tm.access_token() != signed.access_token
-        await refreshed_at(WIDE_SPREAD)
+        await refreshed_at(wide_spread(TTL, margin))
+    finally:
+        await tm.close()
+
+
+class HeldClock(FakeClock):
+    """A fake clock whose sleeps wait for the test to move it (FakeClock's sleep moves it):
+    the rescue's pauses and the app's calls then share one timeline the test drives."""
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = self.monotonic() + max(0.0, seconds)
+        await asyncio.sleep(0)
+        while self.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+
+
+async def _step(clock: HeldClock) -> None:
+    """One simulated second; real time for background work (the rescue, the journal's
+    thread) to catch up."""
+    clock.advance(1.0)
+    for _ in range(5):
+        await asyncio.sleep(0.002)
+
+
+async def _fails(clock: HeldClock, call: Any) -> None:
+    """Run ``call`` (the first caller's burst of tries) to its error, moving the clock."""
+    task = asyncio.ensure_future(call)
+    while not task.done():
+        await _step(clock)
+    with pytest.raises(tj.NetworkError):
+        await task
+
+
+async def _app_calls(tm: tj.TokenManager, clock: HeldClock, seconds: int) -> None:
+    """An app that wants its token every second, errors and all."""
+    for _ in range(seconds):
+        await _step(clock)
+        with contextlib.suppress(tj.TokenJournalError):
+            await tm.access_token()
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.75])  # 0.75: a caller's pause ends mid-gap
+async def test_the_rescue_waits_a_whole_gap_after_any_try(
+    server: ReferenceServer, journal_path: Path, monkeypatch: pytest.MonkeyPatch, draw: float
+) -> None:
+    """A refresh cut mid-request is in doubt, and the grace rescue tries every 30 s without a
+    caller. A caller's try (paced by the offline pause) replays the same intent, so the
+    rescue's next try waits a whole gap from it: one right after it would be a second request
+    inside one gap (the fleet run saw devices send 2 in 10 s while the server was down)."""
+    monkeypatch.setattr(_manager.random, "random", lambda: draw)
+    clock = HeldClock()
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "cut"
+        await _fails(clock, tm.refresh())  # the caller's burst, once: in doubt from here
+        line.sent.clear()
+        await _app_calls(tm, clock, 150)
+        assert len(line.sent) >= 4  # the rescue kept trying
+        gaps = [b - a for a, b in itertools.pairwise(line.sent)]
+        assert min(gaps) >= OFFLINE_FLOOR * tm.retry.max_delay, line.sent
+    finally:
+        await tm.close()
+
+
+async def test_a_device_offline_sends_at_most_one_request_per_pause_floor(
+    server: ReferenceServer, journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full jitter above a floor: even the lowest draw waits OFFLINE_FLOOR x max_delay (10 s by
+    default) before the next try, so an app that calls every second while its server is away
+    sends at most one request per 10 s (the fleet target), not one per call."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.0)  # the bottom of each jitter
+    clock = HeldClock()
+    line = Line(clock, monkeypatch)
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        clock.advance(TTL + 1)
+        line.mode = "refused"
+        await _fails(clock, tm.access_token())  # the first caller's burst, once
+        line.sent.clear()
+        await _app_calls(tm, clock, 100)
+        floor = OFFLINE_FLOOR * tm.retry.max_delay
+        assert 100 // floor - 1 <= len(line.sent) <= 100 // floor  # one per floor, no more
+        gaps = [b - a for a, b in itertools.pairwise(line.sent)]
+        assert min(gaps) >= floor - 1e-6, line.sent
     finally:
         await tm.close()

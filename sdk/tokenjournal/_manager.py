@@ -96,31 +96,42 @@ RESCUE_SHARE: Final = 0.1
 RESCUE_MAX_GAP: Final = 30.0
 #: How long ``sign_out()`` keeps trying to tell the server before it signs out locally.
 SIGN_OUT_BUDGET: Final = 10.0
-#: After a refresh ran out of tries (the server or the network away), the next one waits a
-#: random share (full jitter) of min(OFFLINE_FACTOR x retry.max_delay (300 s by default),
-#: max(retry.max_delay, OFFLINE_GROWTH x time offline)),
-#: and callers meanwhile get the last error at once, without a request: one device notices a
-#: return within a minute or two of a short outage, and a fleet that lost its server for
-#: minutes comes back spread over minutes instead of in one wave (docs/architecture.md 1.6).
-#: While the token still works for longer than that, the background try comes at a random
-#: point of its last BACKGROUND_LEAD x retry.max_delay (60 s by default): nobody is waiting,
-#: so it need not hurry, and a fleet's tries then come at the rate its tokens lapse.
+#: After a refresh ran out of tries (the server or the network away), the next one waits
+#: min(OFFLINE_FACTOR x retry.max_delay (300 s by default), max(retry.max_delay,
+#: OFFLINE_GROWTH x time offline)), full jitter above a floor of OFFLINE_FLOOR x
+#: retry.max_delay, and callers meanwhile get the last error at once, without a request: one
+#: device notices a return within a minute or two of a short outage, and a fleet that lost
+#: its server for minutes comes back spread over minutes instead of in one wave
+#: (docs/architecture.md 1.5.1).
 OFFLINE_FACTOR: Final = 10.0
 #: 3, not 2: the fleet's peak at recovery falls under 3x its steady rate (docs/fleet.md).
 OFFLINE_GROWTH: Final = 3.0
+#: The floor (10 s by default): a device whose server is away sends at most one request per
+#: floor however often its app calls (the first caller's burst of retries aside, once); a
+#: draw near 0 would let it try again at the next call.
+OFFLINE_FLOOR: Final = 1 / 3
+#: While the token still works for longer than that pause, the background try comes at a
+#: random point of its last BACKGROUND_LEAD x retry.max_delay (60 s by default): nobody is
+#: waiting, so it need not hurry, and a fleet's tries then come at the rate its tokens lapse.
 BACKGROUND_LEAD: Final = 2.0
 #: A pair is refreshed at a random point in the last REFRESH_SPREAD of its life before the
 #: margin: devices that signed in together (or came back from an outage together) drift apart
 #: instead of refreshing in one wave for ever. Costs about half of it in extra refreshes.
 REFRESH_SPREAD: Final = 0.2
-#: ... and WIDE_SPREAD for a pair from a sign-in or the first after a run of failures: that is
-#: when a fleet moves together (provisioned at once, back from an outage at once), and one
-#: wide draw breaks the wave at the cost of one earlier refresh.
-WIDE_SPREAD: Final = 0.5
 #: A pair just received is not refreshed again for staleness within the smaller of this and
 #: half its measured life (invariant 12): a device clock that runs ahead, or a server that
 #: hands out short-lived tokens, cannot turn every call into a rotation. A 401 still can.
 FRESH_FLOOR: Final = 10.0
+
+
+def wide_spread(life: float, margin: float) -> float:
+    """The spread of a pair a fleet may have received at the same moment (a sign-in, the
+    first pair after a run of failures): one whole refresh period, the average life of a
+    routine pair (``life - margin - REFRESH_SPREAD / 2 x life``), so devices that moved
+    together are spread evenly over a period from their first refresh on. A narrower draw
+    leaves a wave that each later pair's small spread disperses only slowly, like a random
+    walk (docs/fleet.md). Never narrower than ``REFRESH_SPREAD``."""
+    return max(REFRESH_SPREAD, 1.0 - REFRESH_SPREAD / 2 - margin / life)
 
 
 class _LeaseLost(Exception):
@@ -262,6 +273,7 @@ class TokenManager:
         self._closing = asyncio.Event()  # wakes every pause of ours when close() starts
         self._quiet_until = 0.0  # monotonic; no refresh before this (after a failure) ...
         self._lazy_until = 0.0  # ... nor a background one, while the token works, before this
+        self._tried_at = -math.inf  # monotonic; when the last refresh try ended (the rescue's gap)
         self._offline_since: float | None = None  # monotonic start of a run of failed refreshes
         self._offline_error: TransientError | None = None  # what the last one of them raised
         self._in_doubt = False  # the pending intent's token may have reached the server
@@ -616,7 +628,7 @@ class TokenManager:
         against (invariant 12): what is left of the pair's life is read off the wall clock
         once, here, and from then on measured by the process itself. ``fresh`` marks a pair
         just received from the server: it gets the staleness floor (``FRESH_FLOOR``);
-        ``wide`` one a fleet may have received at the same moment: it gets ``WIDE_SPREAD``.
+        ``wide`` one a fleet may have received at the same moment: it gets ``wide_spread``.
 
         A pair without an expiry, or without a refresh token to renew it with, is used until
         the server answers 401.
@@ -628,10 +640,11 @@ class TokenManager:
         else:
             now = self._clock.monotonic()
             self._expires_at = now + (expires - self._clock.time())
-            self._refresh_at = self._expires_at - tokens.margin(self.refresh_margin)
+            margin = tokens.margin(self.refresh_margin)
+            self._refresh_at = self._expires_at - margin
             life = tokens.lifetime
             if life and life > 0:
-                spread = WIDE_SPREAD if wide else REFRESH_SPREAD
+                spread = wide_spread(life, margin) if wide else REFRESH_SPREAD
                 self._refresh_at -= random.random() * spread * life
             if fresh:
                 life = tokens.lifetime
@@ -773,6 +786,7 @@ class TokenManager:
         return self._task
 
     def _refresh_done(self, task: asyncio.Task[TokenSet]) -> None:
+        self._tried_at = self._clock.monotonic()
         # Retrieve the outcome so a refresh nobody awaited (proactive, recovery) is not
         # reported as "exception never retrieved"; joiners get it through the shield.
         if task.cancelled() or task.exception() is None:
@@ -788,14 +802,17 @@ class TokenManager:
             life = self._tokens.lifetime if self._tokens is not None else None
             if life is not None and life > 0:
                 cap = min(cap, life)  # never idle longer than a pair lives: it would lapse
+            floor = min(cap, OFFLINE_FLOOR * self.retry.max_delay)
             draw = random.random()
-            self._quiet_until = now + draw * cap
+            self._quiet_until = now + floor + draw * (cap - floor)
             # A token that still works leaves time: the background try waits for the last
             # stretch before it lapses, which spreads a fleet's tries as its tokens' expiries.
             left = self._expires_at - now
             lead = min(left, BACKGROUND_LEAD * self.retry.max_delay)
             self._lazy_until = (
-                now + left - (1 - draw) * lead if cap < left < math.inf else self._quiet_until
+                now + max(floor, left - (1 - draw) * lead)
+                if cap < left < math.inf
+                else self._quiet_until
             )
             self._offline_error = exc
         else:
@@ -848,7 +865,8 @@ class TokenManager:
 
         Each try is one request (callers that come meanwhile join it, so one request is in
         flight at a time), spaced so that a network that comes back is noticed within
-        ``min(RESCUE_SHARE * grace_period, RESCUE_MAX_GAP)``; a ``Retry-After`` is honoured
+        ``min(RESCUE_SHARE * grace_period, RESCUE_MAX_GAP)``, counted from the last try of
+        any kind (a caller's replays the same intent); a ``Retry-After`` is honoured
         unless it would pass the grace deadline, where one last try is made just before it.
         Stops on commit, a permanent answer, sign-out, close, or the deadline.
         """
@@ -856,6 +874,7 @@ class TokenManager:
         gap = min(self.grace_period * RESCUE_SHARE, RESCUE_MAX_GAP)
         hint: float | None = None
         announced = False
+        self._tried_at = max(self._tried_at, self._clock.monotonic())  # the first try waits too
         while self._open:
             record = await self.journal.load(self.account)
             intent = record.intent
@@ -871,10 +890,16 @@ class TokenManager:
             if not announced:
                 announced = True
                 self._emit(EventKind.RECOVERING)
-            # The last try goes just inside the window, even if Retry-After asked for more.
-            wait = min(max(gap, hint or 0.0), left - GRACE_GUARD)
-            if not await self._pause(wait):
+            # A whole gap after the last try of any kind: a caller's try (paced by the offline
+            # pause) is as good as one of ours, and ours right after it would be a second
+            # request inside one gap. The last try goes just inside the window, even if
+            # Retry-After asked for more.
+            tried = self._tried_at
+            wait = min(tried + max(gap, hint or 0.0) - self._clock.monotonic(), left - GRACE_GUARD)
+            if not await self._pause(max(0.0, wait)):
                 return
+            if wait > 0 and self._tried_at != tried:
+                continue  # a caller tried meanwhile: a whole gap from that try
             try:
                 await asyncio.shield(self._start_refresh(None, force=True, policy=one_try))
                 return

@@ -3,12 +3,13 @@
 A quick model of what ``python -m tests.fleet`` measures, without its cost (seconds, not
 minutes): the devices whose refresh point falls inside an outage of ``D`` seconds, each with
 the SDK's rules (docs/fleet.md): a first try at the first use after its refresh point, then
-pauses of a random share of min(cap, max(floor, growth x time offline)), or, while the token
-still works for longer than that, a try in the token's last ``lead`` seconds; every try at the
-first use (every 30 s) after its pause. It prints the peak 10 s window of the 300 s after the
-server's return (over the steady rate) and how long devices stay without a working token
-after it (mean, 99th percentile). The model leaves out the run's noise and its machinery: it
-reads about 0.4x below the run's peak. It is how docs/fleet.md prices other settings.
+pauses of ``least`` plus a random share of the rest of min(cap, max(floor, growth x time
+offline)), or, while the token still works for longer than that, a try in the token's last
+``lead`` seconds; every try at the first use (every 30 s) after its pause. It prints the
+peak 10 s window of the 300 s after the server's return (over the steady rate) and how long
+devices stay without a working token after it (mean, 99th percentile). The model leaves out
+the run's noise and its machinery: it reads about 0.4x below the run's peak. It is how
+docs/fleet.md prices other settings.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def recovery(
     *,
     cap: float = 300.0,
     floor: float = 30.0,
+    least: float = 10.0,
     growth: float = 3.0,
     lead: float = 60.0,
     rate: float = 13.4,
@@ -51,8 +53,8 @@ def recovery(
             pause = min(cap, max(floor, growth * (t - first)))
             draw, left = rnd.random(), expiry - t
             # While the token works for longer than the pause: a try in its last stretch.
-            late = t + left - (1 - draw) * min(left, lead)
-            nxt = late if left > pause else t + draw * pause
+            late = t + max(least, left - (1 - draw) * min(left, lead))
+            nxt = late if left > pause else t + least + draw * (pause - least)
             t = use(max(nxt, t + 1e-9))
         if t - outage < 300.0:
             windows[int((t - outage) // 10)] += 1
@@ -67,12 +69,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--outage", type=float, action="append", help="seconds (repeatable)")
     p.add_argument("--cap", type=float, action="append", help="longest pause (repeatable)")
     p.add_argument("--growth", type=float, default=3.0)
+    p.add_argument("--least", type=float, default=10.0, help="the jitter's floor (0: full)")
     ns = p.parse_args(argv)
     print("outage  cap    peak  wait mean  wait p99")
     for outage in ns.outage or [240.0, 600.0]:
         for cap in ns.cap or [300.0]:
-            peaks = [recovery(outage, cap=cap, growth=ns.growth, seed=s)[0] for s in range(4)]
-            _, mean, p99 = recovery(outage, cap=cap, growth=ns.growth, rate=30.0)
+            rules = {"cap": cap, "least": ns.least, "growth": ns.growth}
+            peaks = [recovery(outage, **rules, seed=s)[0] for s in range(4)]
+            _, mean, p99 = recovery(outage, **rules, rate=30.0)
             peak = statistics.fmean(peaks)
             print(f"{outage:5.0f}s {cap:4.0f}s {peak:5.2f}x {mean:7.0f} s {p99:7.0f} s")
 

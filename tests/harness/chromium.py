@@ -104,7 +104,7 @@ class Chromium:
 
     def wait_for_text(self, text: str) -> str:
         """Wait until the page's body holds ``text``; returns the body's text."""
-        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -113,8 +113,14 @@ class Chromium:
         def shown(driver: Any) -> bool:
             nonlocal body
             # The page may be replaced between finding its body and reading it (a form
-            # just posted): that is "not yet", and the wait asks again.
-            body = str(driver.find_element(By.TAG_NAME, "body").text)
+            # just posted): that is "not yet", and the wait asks again. Chromium reports it
+            # as a stale element, or sometimes as an inspector error about that node.
+            try:
+                body = str(driver.find_element(By.TAG_NAME, "body").text)
+            except WebDriverException as exc:
+                if "does not belong to the document" not in str(exc.msg):
+                    raise
+                return False
             return text in body
 
         WebDriverWait(
