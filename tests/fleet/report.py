@@ -102,7 +102,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "scenario", "devices", "refresh/s steady (ideal N/T)", "steady peak/mean",
         "recovery peak/steady", "all VALID after", "sessions lost",
-        "req/device while down (mean, max)", "busiest device while down", "refused", "reuse",
+        "req/device while down (mean, max)", "busiest device while down",
+        "most in 10 s, one device", "refused", "reuse",
     )  # fmt: skip
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for f in rows:
@@ -123,6 +124,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     f"1 per {1 / f['busiest_device_rate']:.0f} s"
                     if down and f["busiest_device_rate"]
                     else "-",
+                    str(f["max_in_any_10s"]) if down else "-",
                     f"{f['refused']:,}",
                     str(f["server"]["reuse_detections"]),
                 ]
