@@ -176,7 +176,7 @@ async def _failed_in_background(
     server: ReferenceServer, path: Path, clock: FakeClock, line: Line, left: float
 ) -> tuple[tj.TokenManager, str]:
     """A manager whose proactive refresh was refused ``left`` seconds before the token lapses
-    (past the wide refresh point of a 0.5 draw: 615 s)."""
+    (past the wide refresh point of a 0.5 draw: 465 s)."""
     tm = await _signed_in(server, path, clock)
     line.sent.clear()
     clock.advance(TTL - left)
@@ -397,3 +397,35 @@ async def test_a_device_offline_sends_at_most_one_request_per_pause_floor(
     )  # fmt: skip
     assert 100 // floor - 1 <= len(sent) <= 100 // floor  # one per floor, no more
     assert min(b - a for a, b in itertools.pairwise(sent)) >= floor - 1e-6, sent
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_retry_after_longer_than_the_pause_is_honoured(
+    server: ReferenceServer, journal_path: Path, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A background try answered 503 (or 429) with ``Retry-After: 120``: no try, the grace
+    rescue's included, comes before it, although the offline pause (10 s to 30 s at first)
+    and the rescue's gap (30 s) would both be over after a minute. A one-try refresh used to
+    drop the hint."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.5)
+    clock = HeldClock()  # the rescue (an answer came: in doubt) must not move the clock
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        server.set_faults([{"kind": "status", "status": status, "retry_after": 120, "count": 1}])
+        clock.advance(TTL - 30)  # inside the margin: a background try, which is refused
+        await tm.access_token()
+        # It failed (the token still works: VALID again), and nothing else went out.
+        assert await _until(lambda: tm.refresh_requests == 1 and tm.state is tj.SessionState.VALID)
+        sent = tm.refresh_requests
+        clock.advance(60)  # the token lapsed; the pause alone would be over
+        with pytest.raises(tj.TransientError) as raised:
+            await tm.access_token()
+        assert raised.value.retry_after == 120
+        assert tm.refresh_requests == sent  # no request before the server's time
+        floor = OFFLINE_FLOOR * tm.retry.max_delay
+        clock.advance(60 + 0.5 * floor + 1)  # past Retry-After and its share of the floor
+        assert await tm.access_token()
+        assert tm.refresh_requests == sent + 1
+        assert tm.state is tj.SessionState.VALID
+    finally:
+        await tm.close()

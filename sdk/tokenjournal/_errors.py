@@ -78,9 +78,17 @@ class NotSignedIn(TokenJournalError):
 
 
 class TransientError(TokenJournalError):
-    """A failure that may pass; raised only after the retry budget is spent. Tokens are kept."""
+    """A failure that may pass; raised only after the retry budget is spent. Tokens are kept.
+
+    ``retry_after`` is the server's ``Retry-After`` on its last answer, in seconds, if it
+    gave one (a 429, a 503, a rotation in progress): the next try waits at least that long.
+    """
 
     code: str = "transient"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NetworkError(TransientError):
@@ -99,10 +107,6 @@ class RateLimited(TransientError):
     """The server answered 429; ``retry_after`` is its hint in seconds, if it gave one."""
 
     code: str = "rate_limited"
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class SignInFailed(TokenJournalError):

@@ -40,7 +40,6 @@ from ._errors import (
     JournalError,
     NotSignedIn,
     ProtocolError,
-    RateLimited,
     SessionEnded,
     SignInFailed,
     TokenJournalError,
@@ -274,6 +273,7 @@ class TokenManager:
         self._quiet_until = 0.0  # monotonic; no refresh before this (after a failure) ...
         self._lazy_until = 0.0  # ... nor a background one, while the token works, before this
         self._tried_at = -math.inf  # monotonic; when the last refresh try ended (the rescue's gap)
+        self._not_before = -math.inf  # ... and when the server's Retry-After on it ends
         self._offline_since: float | None = None  # monotonic start of a run of failed refreshes
         self._offline_error: TransientError | None = None  # what the last one of them raised
         self._in_doubt = False  # the pending intent's token may have reached the server
@@ -814,6 +814,14 @@ class TokenManager:
                 if cap < left < math.inf
                 else self._quiet_until
             )
+            if exc.retry_after is not None:
+                # The server said when: no try sooner (the rescue's included), and callers'
+                # spread past it by a share of the floor, so a fleet told the same does not
+                # come back in one wave.
+                self._not_before = now + exc.retry_after
+                told = self._not_before + draw * floor
+                self._quiet_until = max(self._quiet_until, told)
+                self._lazy_until = max(self._lazy_until, told)
             self._offline_error = exc
         else:
             self._quiet_until = self._lazy_until = now + self.retry.max_delay
@@ -872,7 +880,6 @@ class TokenManager:
         """
         one_try = dataclasses.replace(self.retry, max_attempts=1)
         gap = min(self.grace_period * RESCUE_SHARE, RESCUE_MAX_GAP)
-        hint: float | None = None
         announced = False
         self._tried_at = max(self._tried_at, self._clock.monotonic())  # the first try waits too
         while self._open:
@@ -892,10 +899,11 @@ class TokenManager:
                 self._emit(EventKind.RECOVERING)
             # A whole gap after the last try of any kind: a caller's try (paced by the offline
             # pause) is as good as one of ours, and ours right after it would be a second
-            # request inside one gap. The last try goes just inside the window, even if
-            # Retry-After asked for more.
+            # request inside one gap. Not before the server's Retry-After either, but the
+            # last try goes just inside the window, even if Retry-After asked for more.
             tried = self._tried_at
-            wait = min(tried + max(gap, hint or 0.0) - self._clock.monotonic(), left - GRACE_GUARD)
+            due = max(tried + gap, self._not_before)
+            wait = min(due - self._clock.monotonic(), left - GRACE_GUARD)
             if not await self._pause(max(0.0, wait)):
                 return
             if wait > 0 and self._tried_at != tried:
@@ -903,8 +911,8 @@ class TokenManager:
             try:
                 await asyncio.shield(self._start_refresh(None, force=True, policy=one_try))
                 return
-            except (TransientError, ProtocolError, JournalError) as exc:
-                hint = exc.retry_after if isinstance(exc, RateLimited) else None
+            except (TransientError, ProtocolError, JournalError):
+                pass  # paced above: _refresh_done noted when, and any Retry-After
             except TokenJournalError:
                 return  # ended or signed out: nothing left to rescue
 

@@ -99,7 +99,9 @@ def transient_error(failure: Failure | None, detail: str) -> TransientError | Pr
         )
     if failure.kind is FailureKind.MALFORMED:
         return ProtocolError(f"the auth server answered {failure.status} with a malformed body")
-    return ServerError(f"the auth server keeps failing: {failure.code} ({failure.status})")
+    return ServerError(
+        f"the auth server keeps failing: {failure.code} ({failure.status})", failure.retry_after
+    )
 
 
 @dataclass(slots=True)
