@@ -429,3 +429,25 @@ async def test_a_retry_after_longer_than_the_pause_is_honoured(
         assert tm.state is tj.SessionState.VALID
     finally:
         await tm.close()
+
+
+async def test_a_retry_after_of_a_day_is_believed_up_to_the_longest_pause(
+    server: ReferenceServer, journal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile or misconfigured ``Retry-After: 86400`` must not lock the device out for a
+    day: it is honoured up to the offline pacing's longest pause (10 x max_delay)."""
+    monkeypatch.setattr(_manager.random, "random", lambda: 0.5)
+    clock = HeldClock()
+    tm = await _signed_in(server, journal_path, clock)
+    try:
+        server.set_faults([{"kind": "status", "status": 503, "retry_after": 86400, "count": 1}])
+        clock.advance(TTL + 1)
+        with pytest.raises(tj.TransientError):
+            await tm.access_token()  # the first caller's burst stops on the long hint
+        longest = OFFLINE_FACTOR * tm.retry.max_delay
+        assert tm._quiet_until - clock.monotonic() <= longest + OFFLINE_FLOOR * tm.retry.max_delay
+        clock.advance(longest + OFFLINE_FLOOR * tm.retry.max_delay + 1)
+        assert await tm.access_token()
+        assert tm.state is tj.SessionState.VALID
+    finally:
+        await tm.close()

@@ -817,8 +817,9 @@ class TokenManager:
             if exc.retry_after is not None:
                 # The server said when: no try sooner (the rescue's included), and callers'
                 # spread past it by a share of the floor, so a fleet told the same does not
-                # come back in one wave.
-                self._not_before = now + exc.retry_after
+                # come back in one wave. Believed up to the longest pause: a server that asks
+                # for a day does not lock a kiosk out for a day.
+                self._not_before = now + min(exc.retry_after, longest)
                 told = self._not_before + draw * floor
                 self._quiet_until = max(self._quiet_until, told)
                 self._lazy_until = max(self._lazy_until, told)
