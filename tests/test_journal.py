@@ -6,14 +6,16 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tokenjournal as tj
-from tokenjournal._journal import Busy, Holder, Stale, Started
+from tokenjournal._journal import Busy, Holder, Stale, Started, _Tx
 
 NOW = 1_800_000_000.0
 ME = Holder("host:1:me", os.getpid(), "host")
@@ -222,3 +224,171 @@ async def test_read_only_open_writes_nothing(tmp_path: Path) -> None:
 async def test_using_a_closed_journal_is_a_programming_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         await tj.SQLiteJournal(tmp_path / "x.db").load("a")
+
+
+async def test_a_taken_lease_or_a_newer_pair_is_seen_without_waiting_for_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """An expiry sends every process of a host to ``begin_refresh`` at once. Those that find
+    the lease taken, or the pair refreshed already, learn it from a read (WAL: no lock) and
+    go to the holder's bell; they used to queue for the write lock, where SQLite's busy wait
+    sleeps in steps of up to 10 ms, and the last in the queue heard of the commit tens of
+    milliseconds late. Here another connection holds the write lock throughout: the answers
+    come anyway (before, the calls failed with "locked" after the busy timeout)."""
+    journal = tj.SQLiteJournal(tmp_path / "t.db", busy_timeout=0.2)
+    await journal.open()
+    try:
+        generation = await journal.store_tokens("acct", pair(1), 0.0)
+        other, me = Holder("other", 1, "elsewhere"), Holder("me", 2, "here")
+        assert isinstance(await journal.begin_refresh("acct", other, generation, 0.0, 30), Started)
+        with sqlite3.connect(journal.path, isolation_level=None, timeout=0) as lock:
+            lock.execute("BEGIN IMMEDIATE")
+            busy = await journal.begin_refresh("acct", me, generation, 1.0, 30)
+            stale = await journal.begin_refresh("acct", me, generation - 1, 1.0, 30)
+            lock.execute("ROLLBACK")
+        assert isinstance(busy, Busy) and busy.lease.holder == "other"
+        assert isinstance(stale, Stale) and stale.record.generation == generation
+        # With the lease free, the read says nothing and the transaction decides: it waits
+        # for the lock like any write, and takes the lease once it can.
+        assert isinstance(await journal.begin_refresh("acct", me, generation, 31.0, 30), Started)
+    finally:
+        await journal.close()
+
+
+async def test_while_the_write_lock_is_busy_the_read_is_asked_again_each_millisecond(
+    tmp_path: Path,
+) -> None:
+    """The holder may be committing the very change a waiter's read looks for: while the
+    write lock stays busy, the read is asked again (every millisecond), and its answer ends
+    the wait. Without an answer the wait ends at ``busy_timeout``, as any write's does; a
+    free lock is taken at once. Either way SQLite's own busy wait is set back after."""
+    path = tmp_path / "t.db"
+    journal = tj.SQLiteJournal(path, busy_timeout=0.2)
+    await journal.open()  # creates the file and its tables
+    await journal.close()
+    with (
+        sqlite3.connect(path, isolation_level=None, timeout=0) as holder,
+        sqlite3.connect(path, isolation_level=None, timeout=0) as conn,
+    ):
+        conn.execute("PRAGMA busy_timeout = 25")
+        holder.execute("BEGIN IMMEDIATE")
+        answers = iter([None, None, "adopt"])
+        asked: list[bool] = []
+
+        def unless(tx: _Tx) -> str | None:
+            asked.append(tx.conn.in_transaction)
+            return next(answers)
+
+        assert journal._begin_unless(conn, unless, threading.Event()) == "adopt"
+        assert asked == [False, False, False]  # three reads, none inside a transaction
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            journal._begin_unless(conn, lambda tx: None, threading.Event())
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 25
+        holder.execute("ROLLBACK")
+        assert journal._begin_unless(conn, lambda tx: None, threading.Event()) is None
+        assert conn.in_transaction  # the lock is ours: the transaction goes on
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 25
+        conn.execute("ROLLBACK")
+
+
+async def test_a_lease_taken_between_the_read_and_the_lock_is_seen_by_the_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read without the lock is a hint: another process may take the lease between it
+    and our transaction, and the transaction, which reads again under the lock, decides."""
+    journal = tj.SQLiteJournal(tmp_path / "t.db")
+    await journal.open()
+    try:
+        generation = await journal.store_tokens("acct", pair(1), 0.0)
+        begin = journal._begin_unless
+
+        def raced(conn: sqlite3.Connection, unless: Any, abandoned: threading.Event) -> Any:
+            def read_then_lose_the_race(tx: _Tx) -> Any:
+                answer = unless(tx)  # the lease is free...
+                with contextlib.closing(sqlite3.connect(journal.path)) as other, other:
+                    other.execute(  # ...and another process takes it right after
+                        "INSERT INTO leases (account, holder, pid, host, expires_at) "
+                        "VALUES ('acct', 'other', 1, 'elsewhere', 100)"
+                    )
+                return answer
+
+            return begin(conn, read_then_lose_the_race, abandoned)
+
+        monkeypatch.setattr(journal, "_begin_unless", raced)
+        busy = await journal.begin_refresh("acct", ME, generation, 1.0, 30)
+        assert isinstance(busy, Busy) and busy.lease.holder == "other"
+    finally:
+        await journal.close()
+
+
+async def test_the_wait_for_the_lock_ends_at_once_when_abandoned_or_on_another_error(
+    tmp_path: Path,
+) -> None:
+    """A cancelled caller (``abandoned``) stops waiting at the first busy slice, and an error
+    other than "busy" is raised at once: neither reads again until ``busy_timeout``. A read
+    that finds the file busy itself (a checkpoint) is read again, like any read."""
+    path = tmp_path / "t.db"
+    journal = tj.SQLiteJournal(path, busy_timeout=0.5)
+    await journal.open()
+    await journal.close()
+    asked: list[int] = []
+
+    def unless(tx: _Tx) -> None:
+        asked.append(1)
+
+    with (
+        contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as holder,
+        contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as conn,
+    ):
+        holder.execute("BEGIN IMMEDIATE")
+        abandoned = threading.Event()
+        abandoned.set()
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            journal._begin_unless(conn, unless, abandoned)
+        assert len(asked) == 1
+        holder.execute("ROLLBACK")
+        conn.execute("BEGIN")  # BEGIN IMMEDIATE inside a transaction: not a "busy" error
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            journal._begin_unless(conn, unless, threading.Event())
+        assert len(asked) == 2
+        conn.execute("ROLLBACK")
+        locked = sqlite3.OperationalError("database is locked")
+        locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        reads = iter([locked, "adopt"])
+
+        def busy_once(tx: _Tx) -> str:
+            answer = next(reads)
+            if isinstance(answer, Exception):
+                raise answer
+            assert isinstance(answer, str)
+            return answer
+
+        assert journal._begin_unless(conn, busy_once, threading.Event()) == "adopt"
+
+
+def test_a_rollback_that_fails_does_not_hide_the_error_that_caused_it(tmp_path: Path) -> None:
+    """The body failed, and the rollback after it failed too (the disk went away): the
+    caller hears of the body's error, not of the rollback's."""
+
+    class RollbackFails:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.conn.in_transaction
+
+        def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+            if sql == "ROLLBACK":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.conn.execute(sql, params)
+
+    def body(tx: _Tx) -> None:
+        raise ValueError("the body's own error")
+
+    journal = tj.SQLiteJournal(tmp_path / "t.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "t.db", isolation_level=None)) as conn:
+        wrapped: Any = RollbackFails(conn)
+        with pytest.raises(ValueError, match="the body's own error"):
+            journal._in_transaction(wrapped, body, threading.Event())
+        conn.execute("ROLLBACK")

@@ -373,5 +373,7 @@ def test_mp_latency_bench_runs_and_counts_what_it_claims() -> None:
     assert result["refresh_requests_per_round"] == [1, 1]
     assert result["journal_ops_on_fresh_token"] == 0
     assert result["commit_to_each_waiting_process_ms"]["n"] == 2
+    assert result["began_after_the_commit"] in (0, 1, 2)  # the waiter, in each round
     assert result["server"] == {"rotations": 2, "grace_replays": 0, "reuse_detections": 0}
     assert "commit -> last waiting process" in format_table(result)
+    assert "began after the commit" in format_table(result)

@@ -55,6 +55,8 @@ BUSY_TIMEOUT_MS: Final = 5000
 #: SQLite's own busy wait cannot be interrupted; the journal waits in slices this long, so
 #: a call whose caller was cancelled stops waiting for the lock at the next slice.
 BUSY_SLICE_MS: Final = 25
+#: The slice of a wait for the write lock that another read may end sooner (``unless``).
+QUICK_BUSY_MS: Final = 1
 log = logging.getLogger("tokenjournal")
 IntentKind = Literal["refresh", "sign_out", "device_code"]
 _T = TypeVar("_T")
@@ -409,11 +411,9 @@ class MemoryJournal:
     ) -> BeginResult:
         """Take the lease, write the intent."""
         rec = await self.load(account)
-        if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
-            return Stale(rec)
-        if lease_is_live(rec.lease, holder, now):
-            assert rec.lease is not None
-            return Busy(rec.lease)
+        refused = _refused(rec, holder, expected_generation, now)
+        if refused is not None:
+            return refused
         intent = _kept_or_new_intent(rec, now)
         lease = Lease(holder.id, holder.pid, holder.host, now + lease_ttl)
         self._put(replace(rec, intent=intent, lease=lease))
@@ -688,6 +688,18 @@ def _make_room(line: list[tuple[int, int]], size: int, limits: OutboxLimits) -> 
 def _signing_out(rec: AccountRecord) -> bool:
     """A sign-out is journaled: no refresh may replace its intent (it would undo it)."""
     return rec.intent is not None and rec.intent.kind == "sign_out"
+
+
+def _refused(
+    rec: AccountRecord, holder: Holder, expected_generation: int, now: float
+) -> Stale | Busy | None:
+    """Why ``begin_refresh`` cannot take the lease on ``rec``, or ``None`` if it can."""
+    if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
+        return Stale(rec)
+    if lease_is_live(rec.lease, holder, now):
+        assert rec.lease is not None
+        return Busy(rec.lease)
+    return None
 
 
 def _kept_or_new_intent(rec: AccountRecord, now: float) -> Intent:
@@ -1019,6 +1031,32 @@ class SQLiteJournal:
                 if not _is_busy(exc) or abandoned.is_set() or time.monotonic() >= deadline:
                     raise
 
+    def _begin_unless(
+        self,
+        conn: sqlite3.Connection,
+        unless: Callable[[_Tx], _T | None],
+        abandoned: threading.Event,
+    ) -> _T | None:
+        """BEGIN IMMEDIATE, or ``unless``'s answer: asked first, then after each millisecond
+        the write lock stays busy, up to ``busy_timeout``. Its whole point is latency: the
+        process that holds the lock may be committing the very change ``unless`` looks for,
+        and SQLite's own busy wait would sleep through it in steps of up to 10 ms."""
+        deadline = time.monotonic() + self.busy_timeout
+        conn.execute(f"PRAGMA busy_timeout = {QUICK_BUSY_MS}")
+        try:
+            while True:
+                answer = self._patiently(lambda: unless(_Tx(conn)), abandoned)
+                if answer is not None:
+                    return answer
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return None
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or abandoned.is_set() or time.monotonic() >= deadline:
+                        raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
+
     async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         args = tuple(params)
 
@@ -1027,8 +1065,18 @@ class SQLiteJournal:
 
         return await self._run(job)
 
-    async def _transaction(self, body: Callable[[_Tx], _T], *, write: bool = True) -> _T:
-        """Run ``body`` in one BEGIN IMMEDIATE transaction, committed durably."""
+    async def _transaction(
+        self,
+        body: Callable[[_Tx], _T],
+        *,
+        write: bool = True,
+        unless: Callable[[_Tx], _T | None] | None = None,
+    ) -> _T:
+        """Run ``body`` in one BEGIN IMMEDIATE transaction, committed durably.
+
+        ``unless`` reads without the write lock (WAL readers take none); an answer from it
+        stands for the whole call, and it is asked again each time the lock is found busy.
+        """
         if self.read_only and write:
             raise JournalError(f"journal {self.path} was opened read-only")
 
@@ -1037,15 +1085,24 @@ class SQLiteJournal:
             return body(tx)
 
         return await self._run(
-            lambda conn, abandoned: self._in_transaction(conn, checked, abandoned)
+            lambda conn, abandoned: self._in_transaction(conn, checked, abandoned, unless)
         )
 
     def _in_transaction(
-        self, conn: sqlite3.Connection, body: Callable[[_Tx], _T], abandoned: threading.Event
+        self,
+        conn: sqlite3.Connection,
+        body: Callable[[_Tx], _T],
+        abandoned: threading.Event,
+        unless: Callable[[_Tx], _T | None] | None = None,
     ) -> _T:
         if abandoned.is_set():
             raise _Abandoned  # cancelled while queued behind another call: never started
-        self._patiently(lambda: conn.execute("BEGIN IMMEDIATE"), abandoned)
+        if unless is None:
+            self._patiently(lambda: conn.execute("BEGIN IMMEDIATE"), abandoned)
+        else:
+            answer = self._begin_unless(conn, unless, abandoned)
+            if answer is not None:
+                return answer
         tx = _Tx(conn)
         try:
             result = body(tx)
@@ -1548,15 +1605,24 @@ class SQLiteJournal:
     async def begin_refresh(
         self, account: str, holder: Holder, expected_generation: int, now: float, lease_ttl: float
     ) -> BeginResult:
-        """Take the lease and write the intent in one durable transaction."""
+        """Take the lease and write the intent in one durable transaction.
+
+        A read comes first (in WAL mode it takes no lock), and again while the write lock
+        is busy: when an expiry sends every process on a host here at once, those that find
+        the lease taken or the pair already refreshed go and wait on the holder's doorbell
+        without queuing for the write lock, where SQLite's busy wait sleeps in steps of up
+        to 10 ms and the last in the queue learnt of the holder's commit tens of
+        milliseconds late.
+        """
+
+        def unless(tx: _Tx) -> BeginResult | None:
+            return _refused(self._load_in(tx, account), holder, expected_generation, now)
 
         def body(tx: _Tx) -> BeginResult:
             rec = self._load_in(tx, account)
-            if rec.generation != expected_generation or rec.tokens is None or _signing_out(rec):
-                return Stale(rec)
-            if lease_is_live(rec.lease, holder, now):
-                assert rec.lease is not None
-                return Busy(rec.lease)
+            refused = _refused(rec, holder, expected_generation, now)
+            if refused is not None:
+                return refused
             intent = _kept_or_new_intent(rec, now)
             tx.execute(
                 "INSERT OR REPLACE INTO leases (account, holder, pid, host, expires_at) "
@@ -1579,7 +1645,7 @@ class SQLiteJournal:
                 )
             return Started(intent)
 
-        return await self._transaction(body)
+        return await self._transaction(body, unless=unless)
 
     async def renew_lease(self, account: str, holder: Holder, now: float, lease_ttl: float) -> bool:
         """Extend our lease; ``False`` if another holder took it over."""

@@ -46,6 +46,9 @@ from tokenjournal._tokens import fingerprint
 #: The repository root: worker programs run there.
 ROOT: Final = Path(__file__).resolve().parents[2]
 DEMO: Final = {"email": "demo@example.com", "password": "demo"}
+#: How far ahead of "now" the parent sets a round's common start: every worker must have
+#: read its command by then, even on a busy machine.
+START_LEAD: Final = 0.05
 #: How long the parent waits for one reply before it calls the worker stuck.
 REPLY_TIMEOUT: Final = 60.0
 _T = TypeVar("_T")
@@ -93,9 +96,15 @@ class CountingJournal(SQLiteJournal):
         self.reads += 1
         return await super()._read(sql, params)
 
-    async def _transaction(self, body: Callable[[_Tx], _T], *, write: bool = True) -> _T:
+    async def _transaction(
+        self,
+        body: Callable[[_Tx], _T],
+        *,
+        write: bool = True,
+        unless: Callable[[_Tx], _T | None] | None = None,
+    ) -> _T:
         self.transactions += 1
-        return await super()._transaction(body, write=write)
+        return await super()._transaction(body, write=write, unless=unless)
 
     async def begin_refresh(
         self, account: str, holder: Holder, expected_generation: int, now: float, lease_ttl: float
@@ -176,10 +185,17 @@ class Worker:
         self.clock.offset = offset
         return {}
 
-    async def op_tokens(self, callers: int) -> dict[str, Any]:
-        """``callers`` concurrent ``access_token()`` calls; which tokens came back, and when."""
+    async def op_tokens(self, callers: int, at: float | None = None) -> dict[str, Any]:
+        """``callers`` concurrent ``access_token()`` calls; which tokens came back, and when.
+
+        With ``at`` (a ``time.monotonic()`` instant, one clock for every process on the
+        host), the calls start then, so that every worker asks at the same moment.
+        """
         before = self._counters()
         self.committed_at = None
+        if at is not None:
+            await asyncio.sleep(at - time.monotonic())
+        started = time.monotonic()
 
         async def one() -> tuple[str, float]:
             token = await self.tm.access_token()
@@ -191,6 +207,7 @@ class Worker:
         return {
             "fps": dict(Counter(fp for fp, _ in done)),
             "errors": dict(Counter(errors)),
+            "started": started,
             "last": max((t for _, t in done), default=None),
             "committed_at": self.committed_at,
             **self._delta(before),
@@ -419,6 +436,7 @@ async def _measure(processes: int, callers: int, rounds: int, stderr: IO[bytes])
             per_process: list[float] = []
             last_process: list[float] = []
             fresh_ops = 0
+            late = 0
             requests: list[int] = []
             try:
                 offset = 0.0
@@ -427,15 +445,23 @@ async def _measure(processes: int, callers: int, rounds: int, stderr: IO[bytes])
                     await server.advance(ttl + 1)
                     await asyncio.gather(*(w.call("clock", offset=offset) for w in workers))
                     before = server.stats()["refresh_requests"]
+                    # Commands reach the workers one after another, and a worker busy
+                    # elsewhere reads its own late: without a common start, a worker that
+                    # asks after the holder's commit would count its own late start as the
+                    # doorbell's latency.
+                    at = time.monotonic() + START_LEAD
                     for w in workers:
-                        w.send("tokens", callers=callers)
+                        w.send("tokens", callers=callers, at=at)
                     replies = await asyncio.gather(*(w.reply() for w in workers))
                     requests.append(server.stats()["refresh_requests"] - before)
                     holders = [r for r in replies if r["committed_at"] is not None]
                     if len(holders) != 1 or any(r["errors"] for r in replies):
                         raise RuntimeError(f"round went wrong: {replies}")
                     commit = float(holders[0]["committed_at"])
-                    lags = [r["last"] - commit for r in replies if r is not holders[0]]
+                    others = [r for r in replies if r is not holders[0]]
+                    # From the commit, or from its own start if a worker began after it.
+                    lags = [r["last"] - max(commit, r["started"]) for r in others]
+                    late += sum(r["started"] > commit for r in others)
                     per_process += lags
                     last_process.append(max(lags, default=0.0))
                     fresh = await asyncio.gather(
@@ -451,6 +477,7 @@ async def _measure(processes: int, callers: int, rounds: int, stderr: IO[bytes])
         "rounds": rounds,
         "commit_to_each_waiting_process_ms": _summary(per_process),
         "commit_to_last_waiting_process_ms": _summary(last_process),
+        "began_after_the_commit": late,
         "refresh_requests_per_round": requests,
         "journal_ops_on_fresh_token": fresh_ops,
         "fresh_calls": processes * callers * rounds,
@@ -485,6 +512,10 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'latency (ms)':<34}{'median':>9}{'p99':>9}{'n':>5}",
     ]
     lines += [f"{name:<34}{v['median']:>9.1f}{v['p99']:>9.1f}{v['n']:>5}" for name, v in rows]
+    lines.append(
+        f"waiting processes that began after the commit: {result['began_after_the_commit']} "
+        f"of {each['n']} (counted from their own start)"
+    )
     lines.append(f"refresh requests per round (server): {result['refresh_requests_per_round']}")
     lines.append(
         f"journal round trips on a fresh token: {result['journal_ops_on_fresh_token']} "
