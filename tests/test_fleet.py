@@ -41,6 +41,11 @@ def test_short_fleet_run_loses_no_session_and_paces_every_device(tmp_path: Path)
             assert row["max_in_any_10s"] <= 1, (name, row)
         if name in ("outage", "long_outage"):  # the server is whole again: all come back
             assert row["all_valid_after"] < float("inf"), (name, row)
+            waited = row["waited_after_return"]  # those not usable at the return
+            assert waited["devices"] <= row["devices"], (name, row)
+            assert waited["p99"] <= row["all_valid_after"], (name, row)
+    long = rows["long_outage"]["waited_after_return"]
+    assert long["devices"] > 0 and 0 < long["mean"] <= rows["long_outage"]["all_valid_after"]
     assert rows["skew_kill"]["restarts"] == 1
     assert rows["overload"]["refused"] > 0  # the capacity limit was reached, and survived
 

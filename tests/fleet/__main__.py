@@ -80,6 +80,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttl", type=float, default=900.0, help="access token life (simulated)")
     p.add_argument("--only", default="", help="comma-separated scenario names")
     p.add_argument(
+        "--max-delay",
+        type=float,
+        default=None,
+        help="the devices' RetryPolicy.max_delay (default 30 s, scaled down for tokens shorter "
+        "than 15 minutes); the longest offline pause is 10x it",
+    )
+    p.add_argument(
         "--short",
         action="store_true",
         help="CI: 200 devices, 5-minute tokens, speed 40 (about three minutes)",
@@ -92,6 +99,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         # Not faster than 40: requests keep real-time timeouts, so at speed 100 a 3 s stall
         # of a loaded CI box already outlasts the (simulated) 5-minute grace window.
         ns.devices, ns.speed, ns.ttl = min(ns.devices, 200), 40.0, 300.0
+    if ns.max_delay is not None and not 0 < ns.max_delay <= 3600:
+        p.error("--max-delay must be above 0 and at most 3600 seconds")
     if ns.workers is None:
         ns.workers = max(2, -(-ns.devices // 1250))
     return ns
@@ -113,7 +122,7 @@ async def main(ns: argparse.Namespace) -> int:
         ns.workers,
         ns.speed,
         ttl=ns.ttl,
-        max_delay=30.0 * min(1.0, ns.ttl / 900.0),
+        max_delay=ns.max_delay or 30.0 * min(1.0, ns.ttl / 900.0),
         progress=progress,
     )
     chosen = [x for x in ns.only.split(",") if x]

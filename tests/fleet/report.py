@@ -78,6 +78,14 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
         out["recovery_peak_ratio"] = max(recovery) / steady_mean if steady_mean else math.nan
         waits = [_recovered_after(d, end) for d in devices]
         out["all_valid_after"] = max(waits) if waits else 0.0
+        # The price a device pays for the fleet's calm: how long those not usable when the
+        # server came back waited after its return.
+        late = sorted(w for w in waits if 0 < w < math.inf)
+        out["waited_after_return"] = {
+            "devices": len(late),
+            "mean": statistics.fmean(late) if late else 0.0,
+            "p99": late[int(0.99 * (len(late) - 1))] if late else 0.0,
+        }
         during = [[t for t in d["sent"] if start <= t < end] for d in devices]
         per_device = [len(sent) for sent in during]
         out["outage_seconds"] = end - start
