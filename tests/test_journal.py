@@ -241,7 +241,7 @@ async def test_a_taken_lease_or_a_newer_pair_is_seen_without_waiting_for_the_wri
         generation = await journal.store_tokens("acct", pair(1), 0.0)
         other, me = Holder("other", 1, "elsewhere"), Holder("me", 2, "here")
         assert isinstance(await journal.begin_refresh("acct", other, generation, 0.0, 30), Started)
-        with sqlite3.connect(journal.path, isolation_level=None, timeout=0) as lock:
+        with contextlib.closing(sqlite3.connect(journal.path, isolation_level=None)) as lock:
             lock.execute("BEGIN IMMEDIATE")
             busy = await journal.begin_refresh("acct", me, generation, 1.0, 30)
             stale = await journal.begin_refresh("acct", me, generation - 1, 1.0, 30)
@@ -267,8 +267,8 @@ async def test_while_the_write_lock_is_busy_the_read_is_asked_again_each_millise
     await journal.open()  # creates the file and its tables
     await journal.close()
     with (
-        sqlite3.connect(path, isolation_level=None, timeout=0) as holder,
-        sqlite3.connect(path, isolation_level=None, timeout=0) as conn,
+        contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as holder,
+        contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as conn,
     ):
         conn.execute("PRAGMA busy_timeout = 25")
         holder.execute("BEGIN IMMEDIATE")
