@@ -1041,19 +1041,16 @@ class SQLiteJournal:
         the write lock stays busy, up to ``busy_timeout``. Its whole point is latency: the
         process that holds the lock may be committing the very change ``unless`` looks for,
         and SQLite's own busy wait would sleep through it in steps of up to 10 ms."""
-        deadline = time.monotonic() + self.busy_timeout
+
+        def begin() -> _T | None:
+            answer = unless(_Tx(conn))
+            if answer is None:
+                conn.execute("BEGIN IMMEDIATE")
+            return answer
+
         conn.execute(f"PRAGMA busy_timeout = {QUICK_BUSY_MS}")
         try:
-            while True:
-                answer = self._patiently(lambda: unless(_Tx(conn)), abandoned)
-                if answer is not None:
-                    return answer
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return None
-                except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc) or abandoned.is_set() or time.monotonic() >= deadline:
-                        raise
+            return self._patiently(begin, abandoned)
         finally:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_SLICE_MS}")
 
