@@ -322,10 +322,42 @@ async def test_a_plain_process_cannot_write_after_another_sealed_the_journal(
     sealing = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
     await sealing.open()  # seals in place
     pair = tj.TokenSet("a2-0123456789abcdef", "r2-0123456789abcdef")
-    with pytest.raises(tj.JournalError, match=r"sealed .* by another process"):
+    with pytest.raises(tj.JournalError) as err:
         await plain.store_tokens("default", pair, 2.0)
+    assert str(err.value) == (
+        f"journal {journal_path} was sealed (key id {tj.Seal(KEY).key_id}) by another process "
+        "since this one opened it; open it with that seal"
+    )
     await plain.close()
     await sealing.close()
+    assert leaks(files(journal_path), secrets_of(pair)) == []
+
+
+async def test_a_process_whose_key_was_rotated_away_cannot_write_under_it(
+    journal_path: Path,
+) -> None:
+    """Another process rotated the journal to a key this one's seal does not hold: a write
+    under the old key would hide the row from every process on the new one. The error
+    names the key the journal now needs and the keys this seal holds."""
+    retired = tj.Seal(bytes(range(200, 232)))
+    old, new = tj.Seal(KEY, previous=[retired]), tj.Seal(NEW_KEY, previous=[tj.Seal(KEY)])
+    lagging = tj.SQLiteJournal(journal_path, seal=old)
+    await lagging.open()
+    first = tj.TokenSet("a-0123456789abcdef", "r-0123456789abcdef")
+    await lagging.store_tokens("default", first, 1.0)
+    rotating = tj.SQLiteJournal(journal_path, seal=new)
+    await rotating.open()  # re-seals every row under the new key
+    pair = tj.TokenSet("a2-0123456789abcdef", "r2-0123456789abcdef")
+    message = (
+        f"journal {journal_path} was sealed with key id {new.key_id} by another process "
+        f"since this one opened it; this seal holds {old.key_id}, {retired.key_id}"
+    )
+    with pytest.raises(tj.JournalError) as err:
+        await lagging.store_tokens("default", pair, 2.0)
+    assert str(err.value) == message
+    await lagging.close()
+    assert (await rotating.load("default")).tokens == first  # the refused write left no trace
+    await rotating.close()
     assert leaks(files(journal_path), secrets_of(pair)) == []
 
 
