@@ -11,6 +11,8 @@ import asyncio
 import html
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -87,6 +89,21 @@ def port_is_closed(url: str) -> bool:
 
 def redirect_uri_of(url: str) -> str:
     return parse_qs(urlsplit(url).query)["redirect_uri"][0]
+
+
+def test_import_tokenjournal_leaves_the_listeners_server_side_unloaded() -> None:
+    """aiohttp's server side (about 2 MiB of memory) is loaded by the first browser sign-in,
+    not by ``import tokenjournal``: an IoT box that never opens a browser never pays it."""
+    code = (
+        "import sys, tokenjournal, tokenjournal._browser\n"
+        "print(sorted(m for m in ('aiohttp.web', 'html') if m in sys.modules))\n"
+        "import tokenjournal._listener\n"
+        "print('aiohttp.web' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]
 
 
 async def test_a_person_who_allows_signs_the_app_in(journal_path: Path) -> None:

@@ -38,7 +38,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         {"adapters"},  # requests and httpx auth, over either manager
         {"sync"},  # the blocking manager
         {""},  # ``tokenjournal/__init__.py``: the public surface
-        {"_manager", "_middleware", "_device", "_discovery", "_browser"},
+        {"_manager", "_middleware", "_device", "_discovery", "_browser", "_listener"},
         # _outbox: its SQL is the journal's, the manager is seen through OutboxHost
         {"_journal", "_outbox", "_doorbell", "_transport", "_retry", "_events", "_faults"},
         {"_protocols"},
