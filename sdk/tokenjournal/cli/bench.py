@@ -19,8 +19,9 @@ absolute times:
   real ``fsync``/``fdatasync`` calls too when ``strace`` is available) and wall time per
   refresh, journal in ``--journal-dir`` against a refresh that stores nothing;
 * **footprint** - RSS of a process holding a signed-in manager minus a process that only
-  imported aiohttp and started an event loop (target <= 5 MiB), and the journal's size per
-  account;
+  imported aiohttp and started an event loop (target <= 5 MiB; it says so when the package
+  has no bytecode on disk and each process compiles it, which costs about 4 MiB more), and
+  the journal's size per account;
 * **blocking** - per-request cost for programs that are not asyncio ones: GETs of
   ``/api/me`` with ``requests`` taking its header from the sync manager, through
   ``RequestsAuth``, and with ``httpx`` through ``HttpxAuth``, each against the same bare
@@ -57,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -69,6 +71,7 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
+from .. import _journal as _journal_module
 from .._journal import Journal, MemoryJournal
 from .._manager import TokenManager
 from .._seal import Seal
@@ -1034,6 +1037,14 @@ async def _journal_sizes(url: str, folder: Path, accounts: int) -> tuple[int, in
     return sizes[0], sizes[1]
 
 
+def bytecode_cached(module: types.ModuleType) -> bool:
+    """Whether ``module`` has its compiled bytecode on disk. Without it (a source tree run
+    with PYTHONDONTWRITEBYTECODE, a read-only install) every process compiles the package at
+    import, and its RSS keeps about 4 MiB of the compiler's memory; an installed wheel has it."""
+    spec = module.__spec__
+    return spec is None or spec.cached is None or os.path.exists(spec.cached)
+
+
 async def bench_footprint(s: Settings, journal_dir: Path, progress: Progress) -> Result:
     """RSS of a signed-in manager's process over an aiohttp-only process; journal bytes."""
     async with _server() as server:
@@ -1058,6 +1069,7 @@ async def bench_footprint(s: Settings, journal_dir: Path, progress: Progress) ->
             "journal_bytes_accounts": s.accounts,
             "journal_bytes_many_accounts": many,
             "journal_bytes_per_account": (many - one) / (s.accounts - 1),
+            "bytecode_cached": bytecode_cached(_journal_module),
         }
 
 
@@ -1604,7 +1616,8 @@ def render(report: Result) -> str:
             (
                 "footprint: RSS over aiohttp alone",
                 f"{_bytes(f['extra_rss_bytes'])} ({_bytes(f['sdk_rss_bytes'])} vs "
-                f"{_bytes(f['aiohttp_rss_bytes'])})",
+                f"{_bytes(f['aiohttp_rss_bytes'])})"
+                + ("" if f["bytecode_cached"] else "; compiled at import: no bytecode on disk"),
                 *_verdict(checks, "extra RSS"),
             )
         )
