@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,3 +86,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> No
     while not predicate():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+def modules_loaded(steps: Sequence[str], watch: Sequence[str]) -> list[list[str]]:
+    """Run ``steps`` (Python statements) one after another in a fresh interpreter and say,
+    after each, which of the ``watch`` modules it has loaded: what an import costs an app
+    that never uses an optional part."""
+    report = f"print(json.dumps(sorted(m for m in {tuple(watch)!r} if m in sys.modules)))"
+    code = "\n".join(["import json, sys", *(f"{step}\n{report}" for step in steps)])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    return [json.loads(line) for line in out.splitlines()]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ import tokenjournal.sync as tjs
 from tokenjournal.adapters import HttpxAuth, RequestsAuth
 from tokenjournal.testing import FakeClock, reference_server
 
-from .conftest import DEMO
+from .conftest import DEMO, modules_loaded
 from .harness.threaded import Recorder, ThreadedReferenceServer
 
 
@@ -75,14 +73,8 @@ def bearer(tm: tjs.TokenManager) -> str:
 
 
 def test_importing_tokenjournal_imports_neither_requests_nor_httpx() -> None:
-    code = (
-        "import sys, tokenjournal, tokenjournal.sync, tokenjournal.adapters;"
-        "print(sorted(m for m in ('requests', 'httpx', 'httpx2') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert out.stdout.strip() == "[]"
+    steps = ["import tokenjournal, tokenjournal.sync, tokenjournal.adapters"]
+    assert modules_loaded(steps, ("requests", "httpx", "httpx2")) == [[]]
 
 
 def test_the_auth_classes_are_what_the_clients_expect() -> None:

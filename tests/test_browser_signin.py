@@ -11,8 +11,6 @@ import asyncio
 import html
 import re
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +24,8 @@ from aioresponses import aioresponses
 import tokenjournal as tj
 from tokenjournal.server import ReferenceServer, ServerConfig
 from tokenjournal.testing import FakeClock
+
+from .conftest import modules_loaded
 
 CLIENT = "tokenjournal-demo"
 HIDDEN = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
@@ -94,16 +94,9 @@ def redirect_uri_of(url: str) -> str:
 def test_import_tokenjournal_leaves_the_listeners_server_side_unloaded() -> None:
     """aiohttp's server side (about 2 MiB of memory) is loaded by the first browser sign-in,
     not by ``import tokenjournal``: an IoT box that never opens a browser never pays it."""
-    code = (
-        "import sys, tokenjournal, tokenjournal._browser\n"
-        "print(sorted(m for m in ('aiohttp.web', 'html') if m in sys.modules))\n"
-        "import tokenjournal._listener\n"
-        "print('aiohttp.web' in sys.modules)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.split("\n")[:2] == ["[]", "True"]
+    steps = ["import tokenjournal, tokenjournal._browser", "import tokenjournal._listener"]
+    watch = ("aiohttp.web", "html")
+    assert modules_loaded(steps, watch) == [[], ["aiohttp.web", "html"]]
 
 
 async def test_a_person_who_allows_signs_the_app_in(journal_path: Path) -> None:

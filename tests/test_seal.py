@@ -8,8 +8,6 @@ import os
 import pickle
 import resource
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -24,6 +22,8 @@ from keyring.backends.chainer import ChainerBackend
 
 import tokenjournal as tj
 from tokenjournal._seal import PREFIX, Unopenable, is_sealed, key_id_of
+
+from .conftest import modules_loaded
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -164,16 +164,8 @@ def test_fingerprints_are_keyed() -> None:
 
 
 def test_import_tokenjournal_loads_neither_cryptography_nor_keyring() -> None:
-    code = (
-        "import sys, tokenjournal\n"
-        "print(sorted(m for m in ('cryptography', 'keyring') if m in sys.modules))\n"
-        "tokenjournal.Seal(bytes(32))\n"
-        "print('cryptography' in sys.modules)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.split("\n")[:2] == ["[]", "True"]
+    steps = ["import tokenjournal", "tokenjournal.Seal(bytes(32))"]
+    assert modules_loaded(steps, ("cryptography", "keyring")) == [[], ["cryptography"]]
 
 
 # ----------------------------------------------------------------------------- key files
