@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.fleet.__main__ import NAMES, parse, scenarios
+from tests.fleet.model import main as model_main
 from tests.fleet.model import recovery
 from tests.fleet.report import _densest, _recovered_after
 
@@ -48,6 +52,42 @@ def test_short_fleet_run_loses_no_session_and_paces_every_device(tmp_path: Path)
     assert long["devices"] > 0 and 0 < long["mean"] <= rows["long_outage"]["all_valid_after"]
     assert rows["skew_kill"]["restarts"] == 1
     assert rows["overload"]["refused"] > 0  # the capacity limit was reached, and survived
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--only", "steady,stedy"], "--only: no scenario stedy; the scenarios: steady, outage"),
+        (["--devices", "0"], "--devices must be 1 to 100,000"),
+        (["--speed", "0"], "--speed must be above 0"),
+        (["--ttl", "-1"], "--ttl must be 120 s"),
+        (["--workers", "3", "--devices", "2"], "--workers must be 1 to the number of devices"),
+        (["--max-delay", "0"], "--max-delay must be above 0"),
+    ],
+)
+def test_the_fleet_run_refuses_what_it_cannot_run(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--outage", "-5"], ["--cap", "0"], ["--least", "-1"]])
+def test_the_model_refuses_what_it_cannot_price(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        model_main(argv)
+    assert exit_.value.code == 2
+    assert "must be above 0" in capsys.readouterr().err
+
+
+def test_the_fleet_runs_every_scenario_it_names() -> None:
+    assert tuple(sc.name for sc in scenarios(900.0, 300.0, False, 10)) == NAMES
+    assert parse(["--devices", "1"]).workers == 1  # not more processes than devices
+    assert parse(["--only", "outage,long_outage"]).only == "outage,long_outage"
 
 
 def test_recovery_is_measured_from_the_last_return_to_a_usable_state() -> None:

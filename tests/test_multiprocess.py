@@ -30,6 +30,9 @@ from tests.harness.mpbench import (
     start_workers,
     worker_args,
 )
+from tests.harness.mpbench import (
+    main as mpbench_main,
+)
 from tokenjournal import SessionState, TokenManager, fingerprint
 from tokenjournal._journal import AccountRecord, Holder, SQLiteJournal, Started
 from tokenjournal.server import ReferenceServer
@@ -377,3 +380,13 @@ def test_mp_latency_bench_runs_and_counts_what_it_claims() -> None:
     assert result["server"] == {"rotations": 2, "grace_replays": 0, "reuse_detections": 0}
     assert "commit -> last waiting process" in format_table(result)
     assert "began after the commit" in format_table(result)
+
+
+@pytest.mark.parametrize("argv", [["--processes", "1"], ["--callers", "0"], ["--rounds", "-1"]])
+def test_the_bench_refuses_sizes_it_cannot_measure(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        mpbench_main(argv)
+    assert exit_.value.code == 2
+    assert "need at least 2 processes, 1 caller and 1 round" in capsys.readouterr().err

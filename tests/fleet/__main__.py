@@ -20,6 +20,8 @@ from .run import Event, Scenario, Settings, run_scenario
 
 #: Simulated seconds a capacity-limited server holds each refresh it admits (scenario 3).
 SERVICE = 2.0
+#: The scenarios, in the order they run (``--only`` picks some).
+NAMES = ("steady", "outage", "long_outage", "overload", "skew_kill")
 
 
 def scenarios(ttl: float, grace: float, short: bool, devices: int) -> list[Scenario]:
@@ -68,7 +70,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "  python -m tests.fleet --devices 10000 --plot docs/fleet.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--devices", type=int, default=10_000)
+    p.add_argument(
+        "--devices", type=int, default=10_000, help="devices to simulate (default 10,000)"
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -76,9 +80,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="device processes (default: one per 1,250 devices, at least 2: each device holds "
         "its journal, -wal and -shm open, and a socket or two while it refreshes)",
     )
-    p.add_argument("--speed", type=float, default=20.0, help="simulated seconds per second")
-    p.add_argument("--ttl", type=float, default=900.0, help="access token life (simulated)")
-    p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument(
+        "--speed", type=float, default=20.0, help="simulated seconds per second (default 20)"
+    )
+    p.add_argument(
+        "--ttl", type=float, default=900.0, help="access token life, simulated seconds (900)"
+    )
+    p.add_argument("--only", default="", help=f"comma-separated scenarios, of: {', '.join(NAMES)}")
     p.add_argument(
         "--max-delay",
         type=float,
@@ -101,8 +109,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ns.devices, ns.speed, ns.ttl = min(ns.devices, 200), 40.0, 300.0
     if ns.max_delay is not None and not 0 < ns.max_delay <= 3600:
         p.error("--max-delay must be above 0 and at most 3600 seconds")
+    if not 1 <= ns.devices <= 100_000:
+        p.error("--devices must be 1 to 100,000")
+    if not 0 < ns.speed <= 200:
+        p.error("--speed must be above 0 and at most 200 (requests keep real-time timeouts)")
+    if not 120 <= ns.ttl <= 86_400:
+        p.error("--ttl must be 120 s (twice the refresh margin) to a day")
+    unknown = sorted(set(ns.only.split(",")) - set(NAMES) - {""})
+    if unknown:
+        p.error(f"--only: no scenario {', '.join(unknown)}; the scenarios: {', '.join(NAMES)}")
     if ns.workers is None:
-        ns.workers = max(2, -(-ns.devices // 1250))
+        ns.workers = min(ns.devices, max(2, -(-ns.devices // 1250)))
+    if not 1 <= ns.workers <= ns.devices:
+        p.error("--workers must be 1 to the number of devices")
     return ns
 
 

@@ -71,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--growth", type=float, default=3.0)
     p.add_argument("--least", type=float, default=10.0, help="the jitter's floor (0: full)")
     ns = p.parse_args(argv)
+    if any(x <= 0 for x in [*(ns.outage or []), *(ns.cap or []), ns.growth]) or ns.least < 0:
+        p.error("--outage, --cap and --growth must be above 0, --least at least 0")
     print("outage  cap    peak  wait mean  wait p99")
     for outage in ns.outage or [240.0, 600.0]:
         for cap in ns.cap or [300.0]:

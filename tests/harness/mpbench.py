@@ -535,11 +535,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m tests.harness.mpbench",
         description="latency from one process's refresh commit to every other process using it",
     )
-    parser.add_argument("--processes", type=int, default=8)
-    parser.add_argument("--callers", type=int, default=200, help="concurrent callers per process")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--processes", type=int, default=8, help="processes sharing the journal (default 8)"
+    )
+    parser.add_argument(
+        "--callers", type=int, default=200, help="concurrent callers per process (default 200)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="refreshes measured, one per round (default 5)"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
     args = parser.parse_args(argv)
+    if args.processes < 2 or args.callers < 1 or args.rounds < 1:
+        parser.error("need at least 2 processes, 1 caller and 1 round")
     result = run_mp_latency(args.processes, args.callers, args.rounds)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
