@@ -8,6 +8,7 @@ the expiry boundary) and what a stored pair reads back as.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -31,6 +32,7 @@ from tokenjournal._journal import (
     BUSY_TIMEOUT_MS,
     MAX_LIFETIME,
     SCHEMA_VERSION,
+    SQLITE_PATH_BYTES,
     Busy,
     Holder,
     Intent,
@@ -471,6 +473,182 @@ def test_the_log_filter_keeps_other_arguments() -> None:
 def test_sqlite_errors_read_as_what_happened(message: str, expected: str) -> None:
     text = _describe(sqlite3.OperationalError(message), "/j/tokens.db")
     assert text.startswith("journal /j/tokens.db") and expected in text
+
+
+async def test_a_path_too_long_for_sqlite_is_named_as_such(tmp_path: Path) -> None:
+    """Linux takes 4,096 bytes, SQLite 504: the error says the length, not "missing folder
+    or no permission" (the folders were there, and writable)."""
+    folder = tmp_path
+    while len(os.fsencode(folder)) < SQLITE_PATH_BYTES:
+        folder = folder / ("f" * 100)
+    path = folder / "tokens.db"
+    size = len(os.fsencode(path))
+    journal = tj.SQLiteJournal(path)
+    with pytest.raises(tj.JournalError) as err:
+        await journal.open()
+    assert str(err.value) == (
+        f"journal {path} cannot be opened: its full path is {size} bytes long, and SQLite "
+        f"takes at most {SQLITE_PATH_BYTES}; choose a shorter one"
+    )
+    fits = tmp_path
+    while len(os.fsencode(fits)) < SQLITE_PATH_BYTES - 101:
+        fits = fits / ("f" * 100)
+    fits = fits / ("t" * (SQLITE_PATH_BYTES - len(os.fsencode(fits)) - 1))
+    assert len(os.fsencode(fits)) == SQLITE_PATH_BYTES
+    journal = tj.SQLiteJournal(fits)
+    await journal.open()  # the longest path SQLite takes still opens
+    await journal.close()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_name_the_system_refuses_is_a_journal_error(
+    tmp_path: Path, read_only: bool
+) -> None:
+    """A file name over 255 bytes: the error says what the system said, as a JournalError
+    (it escaped as an OSError from a stat)."""
+    too_long = tmp_path / ("n" * 300)
+    with pytest.raises(tj.JournalError) as err:
+        await tj.SQLiteJournal(too_long, read_only=read_only).open()
+    assert str(err.value) == f"cannot open journal {too_long}: File name too long"
+
+
+async def test_a_folder_opened_read_only_is_said_to_be_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(tj.JournalError) as err:
+        await tj.SQLiteJournal(tmp_path, read_only=True).open()
+    assert str(err.value) == f"journal {tmp_path} is a folder, not a journal file"
+
+
+def test_a_seal_that_is_not_a_seal_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(TypeError) as err:
+        tj.SQLiteJournal(tmp_path / "t.db", seal=b"0" * 32)  # type: ignore[arg-type]
+    assert str(err.value) == "seal must be a tokenjournal.Seal or None"
+
+
+async def test_close_survives_a_write_group_cancelled_under_it(tmp_path: Path) -> None:
+    """A group commit cancelled before it ran (the loop shutting down): its writer hears
+    "journal closed", and close() still closes instead of raising the cancellation."""
+    journal = tj.SQLiteJournal(tmp_path / "t.db")
+    await journal.open()
+    item = OutboxItem("id-1", "POST", "https://api.example.com/r", (), b"{}", NOW)
+    writing = asyncio.ensure_future(journal.outbox_add("a", "box", item, OutboxLimits()))
+    await asyncio.sleep(0)  # the write joined a group; the group's flush is queued
+    assert journal._batch_flush is not None
+    journal._batch_flush.cancel()
+    await journal.close()
+    with pytest.raises(tj.JournalError, match="journal closed"):
+        await writing
+    with pytest.raises(RuntimeError, match="the journal is not open"):
+        await journal.load("default")
+
+
+def test_only_a_path_over_the_limit_is_blamed_on_its_length() -> None:
+    at_limit = "/" + "x" * (SQLITE_PATH_BYTES - 1)
+    text = _describe(sqlite3.OperationalError("unable to open database file"), at_limit)
+    assert text == f"journal {at_limit} cannot be opened (missing folder or no permission)"
+    over = at_limit + "x"
+    text = _describe(sqlite3.OperationalError("unable to open database file"), over)
+    assert f"its full path is {SQLITE_PATH_BYTES + 1} bytes long" in text
+
+
+@pytest.mark.parametrize(
+    "error", [sqlite3.OperationalError("disk I/O error"), ValueError("Connection closed")]
+)
+async def test_a_connection_that_fails_to_close_is_closed_quietly(error: Exception) -> None:
+    """What SQLite or aiosqlite raise while closing a connection being given up (an open
+    that failed, a close) is swallowed: the error that led there is the one to report.
+    Anything else is a bug and goes through."""
+
+    class Dying:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        async def close(self) -> None:
+            raise self.error
+
+    await tj.SQLiteJournal._close_quietly(Dying(error))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        await tj.SQLiteJournal._close_quietly(Dying(RuntimeError("a bug")))  # type: ignore[arg-type]
+
+
+async def test_a_journal_locked_at_open_waits_and_its_wait_can_be_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Another program holds a write lock on the file while it is still in rollback mode:
+    switching it to WAL waits for the lock, up to the busy timeout, then says so; an open
+    cancelled during that wait ends at once, and its thread stops waiting."""
+    path = tmp_path / "t.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(tj.JournalError) as err:
+            await tj.SQLiteJournal(path, busy_timeout=0.05).open()
+        assert (
+            str(err.value) == f"journal {path} is locked by another process beyond the busy timeout"
+        )
+        journal = tj.SQLiteJournal(path, busy_timeout=60)
+        opening = asyncio.ensure_future(journal.open())
+        await asyncio.sleep(0.05)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        other.execute("ROLLBACK")
+    await journal.open()  # the abandoned wait left nothing behind
+    await journal.store_tokens("default", pair(1), NOW)
+    await journal.close()
+
+
+async def test_a_busy_read_of_the_sealing_at_open_is_read_again(tmp_path: Path) -> None:
+    journal = tj.SQLiteJournal(tmp_path / "t.db")
+    reads = []
+
+    def needed_keys(conn: sqlite3.Connection) -> set[str]:
+        reads.append(conn)
+        if len(reads) == 1:
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY  # what SQLite sets on a real one
+            raise busy
+        return set()
+
+    journal._needed_keys = needed_keys  # type: ignore[method-assign]
+    await journal.open()
+    assert len(reads) == 2
+    await journal.close()
+
+
+async def test_the_journal_is_created_private_not_made_private_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is created 0600 and each folder 0700 by the call that creates them: a file
+    created readable and chmod-ed after could be opened by another user in between, and
+    an open file stays readable to them whatever its mode becomes."""
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
+    monkeypatch.setattr(os, "fchmod", lambda *args, **kwargs: None)
+    old = os.umask(0)
+    try:
+        path = tmp_path / "made" / "tokens.db"
+        tj.SQLiteJournal(path)._prepare_file()
+    finally:
+        os.umask(old)
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_close_commits_the_writes_it_accepted_before(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    journal = tj.SQLiteJournal(path)
+    await journal.open()
+    items = [
+        OutboxItem(f"id-{n}", "POST", "https://api.example.com/r", (), b"{}", NOW) for n in range(5)
+    ]
+    adds = [
+        asyncio.ensure_future(journal.outbox_add("a", "box", item, OutboxLimits()))
+        for item in items
+    ]
+    await asyncio.sleep(0)  # every write joined a group; none is committed yet
+    await journal.close()
+    assert await asyncio.gather(*adds) == [0] * 5
+    await journal.open()
+    assert (await journal.outbox_stats("a", "box", NOW)).pending == 5
+    await journal.close()
 
 
 def test_sqlite_journal_repr_names_its_file(tmp_path: Path) -> None:

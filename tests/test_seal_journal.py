@@ -333,6 +333,48 @@ async def test_a_plain_process_cannot_write_after_another_sealed_the_journal(
     assert leaks(files(journal_path), secrets_of(pair)) == []
 
 
+async def test_a_read_only_open_with_the_wrong_key_is_refused(journal_path: Path) -> None:
+    """Read-only opens have no probe (they write nothing): the connection's check refuses a
+    seal that does not hold the journal's key, before any row is read."""
+    sealed = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await sealed.open()
+    await sealed.store_tokens("default", tj.TokenSet("a-0123456789abcdef", "r-0123456789"), 1.0)
+    await sealed.close()
+    other = tj.Seal(NEW_KEY)
+    with pytest.raises(tj.JournalError) as err:
+        await tj.SQLiteJournal(journal_path, seal=other, read_only=True).open()
+    assert str(err.value).startswith(
+        f"journal {journal_path} is sealed with key id {tj.Seal(KEY).key_id}, which this seal "
+        f"(key id {other.key_id}) does not hold"
+    )
+
+
+async def test_a_sealing_only_the_wal_knows_is_refused_at_open(
+    journal_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader held its snapshot while another process sealed the journal in place, so the
+    sealing could not be checkpointed: the main file still reads plain, and the probe at
+    open (which reads the main file alone) finds nothing. The check on the real connection
+    sees the WAL and refuses a process without the key."""
+    await plain_journal(journal_path)
+    with contextlib.closing(sqlite3.connect(journal_path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM accounts").fetchall()
+        sealing = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY), busy_timeout=0.1)
+        with caplog.at_level(logging.WARNING, logger="tokenjournal"):
+            await sealing.open()  # sealed in the WAL; the checkpoint waits for the reader
+        plain = tj.SQLiteJournal(journal_path)
+        try:
+            with pytest.raises(tj.JournalError) as err:
+                await plain.open()
+        finally:
+            reader.execute("COMMIT")
+            await sealing.close()
+    assert str(err.value).startswith(
+        f"journal {journal_path} is sealed (key id {tj.Seal(KEY).key_id}); open it with that key"
+    )
+
+
 async def test_a_process_whose_key_was_rotated_away_cannot_write_under_it(
     journal_path: Path,
 ) -> None:

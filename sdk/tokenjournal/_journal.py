@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -57,6 +58,9 @@ BUSY_TIMEOUT_MS: Final = 5000
 BUSY_SLICE_MS: Final = 25
 #: The slice of a wait for the write lock that another read may end sooner (``unless``).
 QUICK_BUSY_MS: Final = 1
+#: The longest full path SQLite opens: its Unix VFS keeps 512 bytes and room for the
+#: "-journal" suffix (measured with SQLite 3.40: 504 bytes open, 505 do not).
+SQLITE_PATH_BYTES: Final = 504
 log = logging.getLogger("tokenjournal")
 IntentKind = Literal["refresh", "sign_out", "device_code"]
 _T = TypeVar("_T")
@@ -878,6 +882,12 @@ def _describe(exc: sqlite3.Error, path: str) -> str:
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return f"journal {path} is corrupt or not a tokenjournal file; it was left untouched"
     if "unable to open" in text:
+        size = len(os.fsencode(os.path.abspath(path)))
+        if size > SQLITE_PATH_BYTES:
+            return (
+                f"journal {path} cannot be opened: its full path is {size} bytes long, and "
+                f"SQLite takes at most {SQLITE_PATH_BYTES}; choose a shorter one"
+            )
         return f"journal {path} cannot be opened (missing folder or no permission)"
     return f"journal {path}: {exc}"
 
@@ -1227,15 +1237,23 @@ class SQLiteJournal:
         async with self._life:
             if self._db is not None:
                 return
+            try:
+                found: os.stat_result | None = self.path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                found = None  # _prepare_file names the folder it cannot make
+            except OSError as exc:  # a name too long, a loop of links, no permission
+                raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from exc
             if self.read_only:
-                if not self.path.exists():
+                if found is None:
                     raise JournalError(f"journal {self.path} does not exist")
+                if stat.S_ISDIR(found.st_mode):  # SQLite would only say "disk I/O error"
+                    raise JournalError(f"journal {self.path} is a folder, not a journal file")
                 # Quoted: a '?', '#' or '%' in the path would otherwise be URI syntax, and
                 # SQLite would read (and create!) another file.
                 uri = self.path.absolute().as_uri() + "?mode=ro"
                 connecting = _connect(uri, uri=True)
             else:
-                if self.path.is_file() and self.path.stat().st_size:
+                if found is not None and stat.S_ISREG(found.st_mode) and found.st_size:
                     await self._probe()
                 self._prepare_file()
                 connecting = _connect(str(self.path))
