@@ -475,25 +475,25 @@ def test_sqlite_errors_read_as_what_happened(message: str, expected: str) -> Non
     assert text.startswith("journal /j/tokens.db") and expected in text
 
 
+def path_of(base: Path, size: int) -> Path:
+    """A path under ``base`` exactly ``size`` bytes long, of names the system takes."""
+    path = base
+    while len(os.fsencode(path)) < size - 101:
+        path = path / ("f" * 100)
+    return path / ("t" * (size - len(os.fsencode(path)) - 1))
+
+
 async def test_a_path_too_long_for_sqlite_is_named_as_such(tmp_path: Path) -> None:
     """Linux takes 4,096 bytes, SQLite 504: the error says the length, not "missing folder
     or no permission" (the folders were there, and writable)."""
-    folder = tmp_path
-    while len(os.fsencode(folder)) < SQLITE_PATH_BYTES:
-        folder = folder / ("f" * 100)
-    path = folder / "tokens.db"
-    size = len(os.fsencode(path))
-    journal = tj.SQLiteJournal(path)
+    over = path_of(tmp_path, SQLITE_PATH_BYTES + 1)
     with pytest.raises(tj.JournalError) as err:
-        await journal.open()
+        await tj.SQLiteJournal(over).open()
     assert str(err.value) == (
-        f"journal {path} cannot be opened: its full path is {size} bytes long, and SQLite "
-        f"takes at most {SQLITE_PATH_BYTES}; choose a shorter one"
+        f"journal {over} cannot be opened: its full path is {SQLITE_PATH_BYTES + 1} bytes "
+        f"long, and SQLite takes at most {SQLITE_PATH_BYTES}; choose a shorter one"
     )
-    fits = tmp_path
-    while len(os.fsencode(fits)) < SQLITE_PATH_BYTES - 101:
-        fits = fits / ("f" * 100)
-    fits = fits / ("t" * (SQLITE_PATH_BYTES - len(os.fsencode(fits)) - 1))
+    fits = path_of(tmp_path, SQLITE_PATH_BYTES)
     assert len(os.fsencode(fits)) == SQLITE_PATH_BYTES
     journal = tj.SQLiteJournal(fits)
     await journal.open()  # the longest path SQLite takes still opens
@@ -614,7 +614,7 @@ async def test_a_busy_read_of_the_sealing_at_open_is_read_again(tmp_path: Path) 
     await journal.close()
 
 
-async def test_the_journal_is_created_private_not_made_private_later(
+def test_the_journal_is_created_private_not_made_private_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The file is created 0600 and each folder 0700 by the call that creates them: a file

@@ -493,9 +493,14 @@ def run_mp_latency(processes: int = 8, callers: int = 200, rounds: int = 5) -> d
     the server saw per round (1 is right), and the journal round trips made by the fresh-token
     bursts (0 is right). Workers' logs go to stderr.
     """
+    check_sizes(processes, callers, rounds)
+    return asyncio.run(_measure(processes, callers, rounds, sys.stderr.buffer))
+
+
+def check_sizes(processes: int, callers: int, rounds: int) -> None:
+    """Raise ValueError for a run that measures nothing (one process has nobody to wake)."""
     if processes < 2 or callers < 1 or rounds < 1:
         raise ValueError("need at least 2 processes, 1 caller and 1 round")
-    return asyncio.run(_measure(processes, callers, rounds, sys.stderr.buffer))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -546,8 +551,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
     args = parser.parse_args(argv)
-    if args.processes < 2 or args.callers < 1 or args.rounds < 1:
-        parser.error("need at least 2 processes, 1 caller and 1 round")
+    try:
+        check_sizes(args.processes, args.callers, args.rounds)
+    except ValueError as exc:
+        parser.error(str(exc))
     result = run_mp_latency(args.processes, args.callers, args.rounds)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
