@@ -258,6 +258,47 @@ async def test_release_gives_back_the_named_leases(journal: tj.Journal) -> None:
     assert await claim(journal, OTHER, NOW + 2, outbox="other") == []  # not released
 
 
+async def attempts_after_release(journal: tj.Journal) -> dict[str, int]:
+    """Each pending item's ``attempts`` before the claim that reads them (which counts one)."""
+    await journal.outbox_release("a", "box", ME, None)
+    return {i.id: i.attempts - 1 for i in await claim(journal, THIRD, NOW + 2)}
+
+
+async def test_a_retry_counts_its_try_when_the_lease_is_renewed(journal: tj.Journal) -> None:
+    """An item tried three times under one lease and given back shows 3: a retry's try is
+    counted durably as its lease is renewed (once, and only on the item named, only for its
+    holder), so a release or a crash does not lose it."""
+    await fill(journal, 1, 2, 3)
+    assert ids(await claim(journal, ME, limit=2)) == ["id-1", "id-2"]
+    assert ids(await claim(journal, OTHER)) == ["id-3"]
+    assert await journal.outbox_renew("a", "box", ME, NOW + 1, TTL, tried="id-1") == {
+        "id-1",
+        "id-2",
+    }
+    await journal.outbox_renew("a", "box", ME, NOW + 1, TTL, tried="id-1")
+    await journal.outbox_renew("a", "box", ME, NOW + 1, TTL, tried="id-3")  # OTHER's: no
+    await journal.outbox_renew("a", "box", ME, NOW + 1, TTL)
+    await journal.outbox_renew("a", "box", OTHER, NOW + 1, TTL, tried="id-2")  # mine: no
+    await journal.outbox_release("a", "box", OTHER, None)
+    assert await attempts_after_release(journal) == {"id-1": 3, "id-2": 1, "id-3": 1}
+
+
+async def test_a_release_of_untried_items_takes_back_their_claims_try(
+    journal: tj.Journal,
+) -> None:
+    """Items claimed and given back before they were sent (a close, a pause) count no try;
+    items sent and given back keep theirs."""
+    await fill(journal, 1, 2, 3)
+    await claim(journal, ME)
+    await journal.outbox_release("a", "box", ME, ["id-1", "id-2"], untried=True)
+    await journal.outbox_release("a", "box", ME, ["id-1"], untried=True)  # not held: no
+    await journal.outbox_release("a", "box", OTHER, ["id-3"], untried=True)  # not OTHER's
+    assert await attempts_after_release(journal) == {"id-1": 0, "id-2": 0, "id-3": 1}
+    await journal.outbox_release("a", "box", THIRD, None, untried=True)
+    await journal.outbox_release("a", "box", THIRD, None)  # nothing held: nothing changes
+    assert await attempts_after_release(journal) == {"id-1": 0, "id-2": 0, "id-3": 1}
+
+
 async def test_release_by_another_holder_changes_nothing(journal: tj.Journal) -> None:
     await fill(journal, 1)
     await claim(journal)
@@ -638,8 +679,8 @@ async def test_a_sealed_item_in_a_journal_without_a_key_is_refused_by_name(
     finally:
         await journal.close()
     assert str(err.value) == (
-        "journal account 'id-1': column outbox.body is sealed and this journal has no key to "
-        "open it; fix or delete the row (the file was left untouched)"
+        "journal outbox item 'id-1': column outbox.body is sealed and this journal has no key "
+        "to open it; fix or delete the row (the file was left untouched)"
     )
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT attempts, holder FROM outbox").fetchall() == [(0, None)]

@@ -225,8 +225,10 @@ async def test_leases_given_back_are_exactly_those_asked_and_a_failure_is_logged
 ) -> None:
     calls: list[Any] = []
 
-    async def outbox_release(account: str, name: str, holder: Any, ids: Any) -> None:
-        calls.append((account, name, holder.id, ids))
+    async def outbox_release(
+        account: str, name: str, holder: Any, ids: Any, *, untried: bool
+    ) -> None:
+        calls.append((account, name, holder.id, ids, untried))
         if len(calls) > 1:
             raise tj.JournalError("disk I/O error")
 
@@ -234,8 +236,8 @@ async def test_leases_given_back_are_exactly_those_asked_and_a_failure_is_logged
     outbox = fake_outbox(FakeHost(FakeClock(), SimpleNamespace(outbox_release=outbox_release)))
     await outbox._release(["a", "b"])
     assert not caplog.records
-    await outbox._release(["c"])  # the lease lapses on its own: logged, not raised
-    assert calls == [("acct", "box", "h", ["a", "b"]), ("acct", "box", "h", ["c"])]
+    await outbox._release(["c"], untried=True)  # the lease lapses on its own: logged
+    assert calls == [("acct", "box", "h", ["a", "b"], False), ("acct", "box", "h", ["c"], True)]
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.INFO, "outbox box: could not release leases: disk I/O error")
     ]
@@ -604,15 +606,15 @@ async def test_an_answer_that_comes_while_a_failed_commit_is_handled_is_still_co
             raise tj.JournalError("disk full")
         return [True] * len(group)
 
-    async def outbox_release(account: str, name: str, holder: Any, ids: Any) -> None:
-        released.append(ids)
+    async def outbox_release(account: str, name: str, holder: Any, ids: Any, **kw: Any) -> None:
+        released.append((ids, kw))
 
     journal = SimpleNamespace(outbox_settle=outbox_settle, outbox_release=outbox_release)
     outbox = fake_outbox(FakeHost(FakeClock(), journal))
     outbox._queue_settle(Settle("a", 200))
     await settles(outbox._settled_all())
     assert groups == [["a"], ["b"]]
-    assert released == [["a"]]
+    assert released == [(["a"], {"untried": False})]  # tried: their tries stay counted
     assert outbox._to_settle == []
     assert warnings_with(caplog, "not committed") == [
         "outbox box: 1 settle(s) not committed: disk full"

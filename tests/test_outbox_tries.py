@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from email.utils import formatdate
@@ -26,6 +27,7 @@ from aiohttp.test_utils import TestServer
 
 import tokenjournal as tj
 from tokenjournal import _faults, _outbox
+from tokenjournal._journal import Holder
 from tokenjournal._outbox import Outbox, OutboxItem, Settle, _NoAnswer, dead_reason
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock
@@ -39,8 +41,9 @@ URL = "http://127.0.0.1:9/api/readings"  # never contacted: _send is scripted
 
 
 class Host(FakeHost):
-    """A host whose journal records renewals, releases and settles. ``kept``: the item ids
-    a renewal finds still ours (``None``: every one we hold)."""
+    """A host whose journal records renewals (with the item whose try each counts),
+    releases (``("untried", ids)`` when their claims' tries are taken back) and settles.
+    ``kept``: the item ids a renewal finds still ours (``None``: every one we hold)."""
 
     def __init__(self, clock: FakeClock | None = None) -> None:
         journal = SimpleNamespace(
@@ -48,7 +51,7 @@ class Host(FakeHost):
         )
         super().__init__(clock or FakeClock(NOW), journal)
         self.renews: list[tuple[Any, ...]] = []
-        self.released: list[list[str] | None] = []
+        self.released: list[Any] = []
         self.settled: list[Settle] = []
         self.kept: set[str] | None = None
         self.renew_error: Exception | None = None
@@ -58,16 +61,20 @@ class Host(FakeHost):
     def bearer_allowed(self, url: str) -> bool:
         return self.allowed
 
-    async def _renew(self, account: str, name: str, holder: Any, now: float, ttl: float) -> Any:
-        self.renews.append((account, name, holder.id, now, ttl))
+    async def _renew(
+        self, account: str, name: str, holder: Any, now: float, ttl: float, *, tried: Any
+    ) -> Any:
+        self.renews.append((account, name, holder.id, now, ttl, tried))
         if self.renew_error is not None:
             raise self.renew_error
         assert self.outbox is not None
         return set(self.outbox._held) if self.kept is None else self.kept
 
-    async def _release(self, account: str, name: str, holder: Any, ids: Any) -> None:
+    async def _release(
+        self, account: str, name: str, holder: Any, ids: Any, *, untried: bool
+    ) -> None:
         assert (account, name, holder.id) == ("acct", "box", "h")
-        self.released.append(ids)
+        self.released.append(("untried", ids) if untried else ids)
 
     async def _settle(self, account: str, name: str, group: Any) -> list[bool]:
         assert (account, name) == ("acct", "box")
@@ -146,7 +153,7 @@ async def test_a_settle_says_the_status_the_verdict_and_how_many_tries_it_took(
     assert await deliver(outbox, item) is True
     assert host.settled == [Settle(item.id, *settle)]
     assert sent == [item.id] * len(answers)
-    assert len(host.renews) == len(answers) - 1
+    assert [renew[-1] for renew in host.renews] == [item.id] * (len(answers) - 1)
 
 
 async def test_each_failed_try_is_logged_with_what_failed_and_the_next_try(
@@ -282,8 +289,8 @@ async def test_a_first_try_renews_only_a_lease_half_spent(left: float, renews: i
     host = Host()
     outbox, _ = scripted(host, [])
     outbox._held = {"a": NOW + left}
-    assert await outbox._still_ours("a", renew=False) is True
-    assert host.renews == [("acct", "box", "h", NOW, 30.0)] * renews
+    assert await outbox._still_ours("a", retry=False) is True
+    assert host.renews == [("acct", "box", "h", NOW, 30.0, None)] * renews  # counts no try
 
 
 async def test_a_renewal_extends_every_lease_we_keep_and_forgets_the_others() -> None:
@@ -291,12 +298,12 @@ async def test_a_renewal_extends_every_lease_we_keep_and_forgets_the_others() ->
     outbox, _ = scripted(host, [])
     outbox._held = {"a": NOW + 29.0, "b": NOW + 1.0, "c": NOW + 2.0}
     host.kept = {"a", "b"}
-    assert await outbox._still_ours("a", renew=True) is True  # fresh, but asked to renew
-    assert host.renews == [("acct", "box", "h", NOW, 30.0)]
+    assert await outbox._still_ours("a", retry=True) is True  # fresh, but a retry renews
+    assert host.renews == [("acct", "box", "h", NOW, 30.0, "a")]
     host.clock.advance(1.0)
-    assert await outbox._still_ours("b", renew=False) is True  # renewed with "a": no call
-    assert await outbox._still_ours("c", renew=False) is False  # lost: no call either
-    assert await outbox._still_ours("zz", renew=True) is False  # never ours
+    assert await outbox._still_ours("b", retry=False) is True  # renewed with "a": no call
+    assert await outbox._still_ours("c", retry=False) is False  # lost: no call either
+    assert await outbox._still_ours("zz", retry=True) is False  # never ours
     assert len(host.renews) == 1
     assert outbox._held == {"a": NOW + 30.0, "b": NOW + 30.0}
 
@@ -306,8 +313,8 @@ async def test_giving_back_every_lease_at_the_end_logs_a_journal_failure(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tokenjournal")
 
-    async def outbox_release(account: str, name: str, holder: Any, ids: Any) -> None:
-        assert (account, name, holder.id, ids) == ("acct", "box", "h", None)
+    async def outbox_release(account: str, name: str, holder: Any, ids: Any, **kw: Any) -> None:
+        assert (account, name, holder.id, ids, kw) == ("acct", "box", "h", None, {})
         raise tj.JournalError("disk I/O error")
 
     outbox = fake_outbox(FakeHost(FakeClock(), SimpleNamespace(outbox_release=outbox_release)))
@@ -332,7 +339,7 @@ async def test_a_lost_session_pauses_delivery_and_the_rest_of_the_line_goes_back
     await asyncio.wait_for(outbox._deliver_in_order([first, second]), BOUND)
     assert outbox.paused
     assert sent == [first.id]  # the next item is not tried without a session
-    assert host.released == [[first.id], [first.id, second.id]]
+    assert host.released == [[first.id], ("untried", [second.id])]
     assert host.settled == []
     assert messages(caplog, logging.INFO) == [
         "outbox box paused: no session; it resumes after the next sign-in"
@@ -349,7 +356,7 @@ async def test_a_journal_failure_puts_the_item_back_in_line_and_says_so(
     host.renew_error = tj.JournalError("database is locked")
     await asyncio.wait_for(outbox._deliver_in_order([first, second]), BOUND)
     assert sent == [first.id]
-    assert host.released == [[first.id], [first.id, second.id]]
+    assert host.released == [[first.id], ("untried", [second.id])]
     assert messages(caplog, logging.WARNING) == [
         f"outbox box: item {first.id} back in line: database is locked"
     ]
@@ -386,7 +393,7 @@ async def test_a_close_during_a_try_stops_the_line_there() -> None:
     first, second = claimed(outbox, "a"), claimed(outbox, "b")
     await asyncio.wait_for(outbox._deliver_in_order([first, second]), BOUND)
     assert sent == [first.id]
-    assert host.released == [[first.id], [first.id, second.id]]
+    assert host.released == [[first.id], ("untried", [second.id])]
 
 
 async def test_an_idle_deliverer_wakes_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -527,20 +534,21 @@ async def test_leases_are_renewed_before_a_retry_and_not_before_a_first_try(
     server.set_api_faults([{"kind": "status", "status": 503}])
     async with manager(server, journal_path, clock=FakeClock()) as tm:
         original = tm.journal.outbox_renew
-        renewed: list[set[str]] = []
+        renewed: list[tuple[set[str], str | None]] = []
 
-        async def outbox_renew(*args: Any) -> Any:
-            renewed.append(await original(*args))
-            return renewed[-1]
+        async def outbox_renew(*args: Any, tried: str | None = None) -> Any:
+            kept = await original(*args, tried=tried)
+            renewed.append((kept, tried))
+            return kept
 
         tm.journal.outbox_renew = outbox_renew  # type: ignore[method-assign]
         outbox = tm.outbox("readings")
         first = await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "a"})
         await outbox.drain(timeout=60)  # 503, then delivered
-        assert renewed == [{first}]
+        assert renewed == [({first}, first)]  # the retry's try counted on its item
         await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "b"})
         await outbox.drain(timeout=60)  # delivered at the first try
-        assert renewed == [{first}]
+        assert renewed == [({first}, first)]
 
 
 async def test_close_with_a_request_out_gives_its_lease_back(
@@ -560,6 +568,50 @@ async def test_close_with_a_request_out_gives_its_lease_back(
     finally:
         await journal.close()
     assert (stats.pending, stats.in_flight) == (1, 0)
+
+
+class PausingClock(FakeClock):
+    """A fake clock whose sleeps of the outbox's backoff (under a minute) never end after the
+    ``tries``-th: the deliverer is caught waiting between tries."""
+
+    def __init__(self, tries: int) -> None:
+        super().__init__()
+        self.tries, self.backoffs = tries, 0
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds < 60:
+            self.backoffs += 1
+            if self.backoffs >= self.tries:
+                await asyncio.Event().wait()
+        await super().sleep(seconds)
+
+
+async def test_an_items_tries_and_the_untried_rest_are_counted_across_a_close(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    """Regression: the first item of a line, refused three times (503) and still waiting
+    when the app closed, came back with ``attempts`` 1 (the claim's count: the retries were
+    lost with the lease), and the items behind it, never sent, with 1 each. The retries are
+    counted as they go out, and the untried items' counts are taken back."""
+    server.set_api_faults([{"kind": "status", "status": 503}] * 3)
+    clock = PausingClock(tries=3)
+    async with manager(server, journal_path, clock=clock) as tm:
+        outbox = tm.outbox("readings")
+        keys = [
+            await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": uid})
+            for uid in "abc"
+        ]
+        await wait_until(lambda: clock.backoffs >= 3)
+        account = tm.account
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    try:
+        holder = Holder("elsewhere:1:x", os.getpid(), "elsewhere")
+        taken = await journal.outbox_claim(account, "readings", holder, NOW, 30.0, 10, True)
+    finally:
+        await journal.close()
+    assert [(i.id, i.attempts) for i in taken] == [(keys[0], 3 + 1), (keys[1], 1), (keys[2], 1)]
+    assert server.stats()["items_applied"] == 0
 
 
 async def test_an_item_in_flight_here_is_not_sent_twice_when_its_lease_lapses(

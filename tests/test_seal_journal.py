@@ -772,27 +772,38 @@ async def test_outbox_bodies_and_headers_are_sealed_and_still_delivered(
 
 
 async def test_a_sealed_body_copied_to_another_item_does_not_open(journal_path: Path) -> None:
+    """The error names the outbox item the body was copied to (by its id), on a claim and on
+    the re-seal of a key rotation, which changes nothing."""
     from tokenjournal._journal import Holder
     from tokenjournal._outbox import OutboxLimits, build_item
 
     journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
     await journal.open()
-    for n in range(2):
-        item = build_item("POST", "https://api.example/r", json={"n": n}, now=1.0)
+    items = [build_item("POST", "https://api.example/r", json={"n": n}, now=1.0) for n in (0, 1)]
+    for item in items:
         await journal.outbox_add("default", "readings", item, OutboxLimits())
     await journal.close()
     with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
         first = db.execute("SELECT body FROM outbox ORDER BY seq LIMIT 1").fetchone()[0]
         db.execute("UPDATE outbox SET body = ? WHERE seq = (SELECT max(seq) FROM outbox)", (first,))
+    with contextlib.closing(sqlite3.connect(journal_path)) as db:
+        before = db.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+    expected = rf"^journal outbox item '{items[1].id}': column outbox\.body does not open"
     journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
     await journal.open()
     try:
-        with pytest.raises(tj.JournalError, match=r"outbox\.body"):
+        with pytest.raises(tj.JournalError, match=expected):
             await journal.outbox_claim(
                 "default", "readings", Holder.for_this_process(), 2.0, 30.0, 10, False
             )
     finally:
         await journal.close()
+    rotated = tj.SQLiteJournal(journal_path, seal=tj.Seal(NEW_KEY, previous=[tj.Seal(KEY)]))
+    with pytest.raises(tj.JournalError, match=expected):
+        await rotated.open()
+    with contextlib.closing(sqlite3.connect(journal_path)) as db:
+        after = db.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+    assert after == before
 
 
 async def test_a_plain_outbox_is_sealed_in_place_when_a_seal_first_opens_it(

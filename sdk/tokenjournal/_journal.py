@@ -312,15 +312,32 @@ class Journal(Protocol):
         ...
 
     async def outbox_renew(
-        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        *,
+        tried: str | None = None,
     ) -> set[str]:
-        """Extend every lease ``holder`` has in this outbox; returns the ids still held."""
+        """Extend every lease ``holder`` has in this outbox; returns the ids still held.
+        ``tried``: also count a try on that item, if ``holder`` still has it (a retry is
+        about to go out), so an item's ``attempts`` survives a release or a crash."""
         ...
 
     async def outbox_release(
-        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        ids: list[str] | None,
+        *,
+        untried: bool = False,  # pragma: no mutate (a mutant here is a Protocol member)
     ) -> None:
-        """Give up ``holder``'s leases on ``ids`` (``None``: all of them): back in line."""
+        """Give up ``holder``'s leases on ``ids`` (``None``: all of them): back in line.
+        ``untried``: none of them was sent under this lease, so the try their claim counted
+        is taken back."""
         ...
 
     async def outbox_settle(
@@ -550,24 +567,41 @@ class MemoryJournal:
         return taken
 
     async def outbox_renew(
-        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        *,
+        tried: str | None = None,
     ) -> set[str]:
-        """Extend our leases."""
+        """Extend our leases (and count a try on ``tried``)."""
         kept: set[str] = set()
         for m in self._line(account, outbox):
             if m.lease is not None and m.lease.holder == holder.id and not m.dead:
                 m.lease = replace(m.lease, expires_at=now + lease_ttl)
                 kept.add(m.item.id)
+                if m.item.id == tried:
+                    m.item = replace(m.item, attempts=m.item.attempts + 1)
         return kept
 
     async def outbox_release(
-        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        ids: list[str] | None,
+        *,
+        untried: bool = False,
     ) -> None:
-        """Give up our leases."""
+        """Give up our leases (taking back the claim's try on ``untried`` items)."""
         for m in self._line(account, outbox):
             mine = m.lease is not None and m.lease.holder == holder.id
             if mine and (ids is None or m.item.id in ids):
                 m.lease = None
+                if untried:
+                    m.item = replace(m.item, attempts=m.item.attempts - 1)
 
     async def outbox_settle(
         self, account: str, outbox: str, settles: Sequence[Settle]
@@ -793,6 +827,8 @@ class SecretTable:
     columns: tuple[str, ...]
     #: Per column, the column that keeps its keyed fingerprint (for ``status``), or None.
     fingerprints: tuple[str | None, ...]
+    #: What the owner column names, for errors: "account", or "outbox item" (its id).
+    noun: str = "account"
 
 
 #: Every secret column of the journal, in one place (table and column names in the SQL
@@ -810,7 +846,7 @@ SECRET_TABLES: Final = (
     SecretTable("intents", "account", "generation", ("payload",), (None,)),
     # An item is bound to its own id (the Idempotency-Key) and place in line: a body copied
     # to another item does not open. The body is kept as base64 text when sealed.
-    SecretTable("outbox", "id", "seq", ("body", "headers"), (None, None)),
+    SecretTable("outbox", "id", "seq", ("body", "headers"), (None, None), "outbox item"),
 )
 
 
@@ -1363,7 +1399,7 @@ class SQLiteJournal:
             for rowid, owner, generation, sealed_by, *values in rows:
                 if sealed_by == seal.key_id or all(v is None for v in values):
                     continue
-                r = _Row(str(owner))
+                r = _Row(str(owner), t.noun)
                 if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
                     values = [_b64(v) if isinstance(v, bytes) else v for v in values]
                 plain = [
@@ -1946,15 +1982,23 @@ class SQLiteJournal:
         return False
 
     async def outbox_renew(
-        self, account: str, outbox: str, holder: Holder, now: float, lease_ttl: float
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        now: float,
+        lease_ttl: float,
+        *,
+        tried: str | None = None,
     ) -> set[str]:
-        """Extend our leases; the ids still ours."""
+        """Extend our leases (and count a try on ``tried``); the ids still ours."""
 
         def body(tx: _Tx) -> set[str]:
             tx.execute(
-                "UPDATE outbox SET lease_expires = ? "
+                "UPDATE outbox SET lease_expires = ?, "
+                "attempts = attempts + (id IS ?) "
                 "WHERE account = ? AND name = ? AND holder = ? AND dead = 0",
-                (now + lease_ttl, account, outbox, holder.id),
+                (now + lease_ttl, tried, account, outbox, holder.id),
             )
             rows = tx.execute(
                 "SELECT id FROM outbox WHERE account = ? AND name = ? AND holder = ? AND dead = 0",
@@ -1965,20 +2009,28 @@ class SQLiteJournal:
         return await self._transaction(body)
 
     async def outbox_release(
-        self, account: str, outbox: str, holder: Holder, ids: list[str] | None
+        self,
+        account: str,
+        outbox: str,
+        holder: Holder,
+        ids: list[str] | None,
+        *,
+        untried: bool = False,
     ) -> None:
-        """Give up our leases (all of them with ``ids=None``)."""
+        """Give up our leases (all of them with ``ids=None``; taking back the claim's try
+        with ``untried``)."""
         clear = (
-            "UPDATE outbox SET holder = NULL, pid = NULL, host = NULL, lease_expires = NULL "
-            "WHERE account = ? AND name = ? AND holder = ?"
+            "UPDATE outbox SET holder = NULL, pid = NULL, host = NULL, lease_expires = NULL, "
+            "attempts = attempts - ? WHERE account = ? AND name = ? AND holder = ?"
         )
+        back = int(untried)
 
         def body(tx: _Tx) -> None:
             if ids is None:
-                tx.execute(clear, (account, outbox, holder.id))
+                tx.execute(clear, (back, account, outbox, holder.id))
             else:
                 tx.conn.executemany(
-                    clear + " AND id = ?", [(account, outbox, holder.id, i) for i in ids]
+                    clear + " AND id = ?", [(back, account, outbox, holder.id, i) for i in ids]
                 )
 
         if ids == []:
@@ -2157,7 +2209,7 @@ def _item(row: Any, seal: Seal | None, *, attempts_delta: int) -> OutboxItem:
     plus ``attempts_delta`` (a claim counts the try it is about to make)."""
     raw_headers, body = row["headers"], row["body"]
     if row["sealed_by"] is not None:
-        r, seq = _Row(str(row["id"])), int(row["seq"])
+        r, seq = _Row(str(row["id"]), "outbox item"), int(row["seq"])
         raw_headers = _opened(r, seal, "outbox", "headers", seq, raw_headers)
         opened = _opened(r, seal, "outbox", "body", seq, body)
         if seal is None or raw_headers is None or opened is None:
@@ -2187,16 +2239,17 @@ class _Row:
     """Reads one row's columns, each checked for the type this module writes.
 
     A row edited by hand (or by a buggy tool) must give a :class:`JournalError` that names
-    the account and the column, or a clamped value, never a raw TypeError/OverflowError
-    from deep inside a refresh. The file itself is never touched.
+    the row (its account, or an outbox item's id) and the column, or a clamped value, never
+    a raw TypeError/OverflowError from deep inside a refresh. The file itself is never
+    touched.
     """
 
-    def __init__(self, account: str) -> None:
-        self.account = account
+    def __init__(self, owner: str, noun: str = "account") -> None:
+        self.owner, self.noun = owner, noun
 
     def bad(self, column: str, why: str) -> JournalError:
         return JournalError(
-            f"journal account {self.account!r}: column {column} {why}; "
+            f"journal {self.noun} {self.owner!r}: column {column} {why}; "
             "fix or delete the row (the file was left untouched)"
         )
 
@@ -2254,7 +2307,7 @@ def _opened(
     if not isinstance(generation, int):
         raise r.bad(f"{table}.{column}", "is sealed in a row without a generation")
     try:
-        return seal.open(text, account=r.account, column=f"{table}.{column}", generation=generation)
+        return seal.open(text, account=r.owner, column=f"{table}.{column}", generation=generation)
     except Unopenable as exc:
         raise r.bad(f"{table}.{column}", str(exc)) from None
 

@@ -469,8 +469,7 @@ class Outbox:
         try:
             while self._host.is_open:
                 if self._paused and self._backlog:
-                    await self._release([i.id for i in self._backlog])
-                    self._backlog.clear()
+                    await self._release_backlog()
                 if self._paused:
                     if not await self._idle(paused=True):
                         return
@@ -516,6 +515,8 @@ class Outbox:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             await asyncio.shield(self._settled_all())
+            if self._backlog:
+                await asyncio.shield(self._release_backlog())
             await asyncio.shield(self._release_all())
 
     def _start_tasks(self) -> None:
@@ -532,11 +533,15 @@ class Outbox:
             log.warning("outbox %s: a delivery failed: %s", self.name, task.exception())
 
     async def _deliver_in_order(self, items: list[Any]) -> None:
+        # The batch waits in the backlog, so what was never sent goes back untried however
+        # this ends (paused, closed, cancelled).
+        self._backlog.extend(items)
         try:
-            for index, item in enumerate(items):
-                if not await self._deliver_one(item):
-                    # Paused or closed: the rest of the batch goes back in line, in order.
-                    await self._release([i.id for i in items[index:]])
+            while self._backlog:
+                if not await self._deliver_one(self._backlog.popleft()):
+                    # Paused or closed: the rest of the batch goes back in line, in order
+                    # (this item's delivery gave its own lease back).
+                    await self._release_backlog()
                     return
         finally:
             # The next claim must see this batch settled, or it would wait for our leases.
@@ -596,7 +601,7 @@ class Outbox:
                 policy, self._host.clock.monotonic, self._pause, what=f"outbox {self.name}"
             )
             async for attempt in loop:
-                if not await self._still_ours(item.id, renew=attempt.number > 1):
+                if not await self._still_ours(item.id, retry=attempt.number > 1):
                     return False  # another process took it over: it is theirs to settle
                 _faults.crash_point("before_send")
                 tries += 1
@@ -690,17 +695,23 @@ class Outbox:
         while self._settler is not None and not self._settler.done():
             await asyncio.wait({self._settler})
 
-    async def _still_ours(self, item_id: str, *, renew: bool) -> bool:
-        """Renew our leases when asked or when they are half spent; whether ``item_id`` is
-        still ours (a process paused past its lease may have lost it)."""
+    async def _still_ours(self, item_id: str, *, retry: bool) -> bool:
+        """Renew our leases before a retry (counting its try on the item: the claim counted
+        only the first) or when they are half spent; whether ``item_id`` is still ours (a
+        process paused past its lease may have lost it)."""
         now = self._host.clock.time()
         expires = self._held.get(item_id)
         if expires is None:
             return False
-        if not renew and expires - now > self._host.lease_ttl / 2:
+        if not retry and expires - now > self._host.lease_ttl / 2:
             return True
         kept = await self._host.journal.outbox_renew(
-            self._host.account, self.name, self._host.holder, now, self._host.lease_ttl
+            self._host.account,
+            self.name,
+            self._host.holder,
+            now,
+            self._host.lease_ttl,
+            tried=item_id if retry else None,
         )
         self._held = {held: now + self._host.lease_ttl for held in self._held if held in kept}
         return item_id in self._held
@@ -734,15 +745,22 @@ class Outbox:
             if not self._sending:
                 self._settle_wake.set()  # nothing out: commit what is waiting
 
-    async def _release(self, ids: list[str]) -> None:
+    async def _release(self, ids: list[str], *, untried: bool = False) -> None:
         for item_id in ids:
             self._held.pop(item_id, None)
         try:
             await self._host.journal.outbox_release(
-                self._host.account, self.name, self._host.holder, ids
+                self._host.account, self.name, self._host.holder, ids, untried=untried
             )
         except (TokenJournalError, RuntimeError) as exc:  # the leases lapse on their own
             log.info("outbox %s: could not release leases: %s", self.name, exc)
+
+    async def _release_backlog(self) -> None:
+        """Give back the items claimed and never sent: the try their claim counted is taken
+        back, so ``attempts`` counts requests made."""
+        ids = [i.id for i in self._backlog]
+        self._backlog.clear()
+        await self._release(ids, untried=True)
 
     async def _release_all(self) -> None:
         self._held.clear()
