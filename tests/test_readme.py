@@ -92,10 +92,10 @@ async def test_oauth_device_quickstart_signs_in_once_then_reads_the_journal(tmp_
 
 
 def not_using_asyncio() -> str:
-    """The three snippets of "Not using asyncio?", run one after the other."""
+    """The four snippets of "Not using asyncio?", run one after the other."""
     section = README.read_text().split("## Not using asyncio?", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 3, "the section shows the sync manager, requests and httpx"
+    assert len(blocks) == 4, "the section shows the sync manager, its outbox, requests, httpx"
     return "\n".join(blocks)
 
 
@@ -113,6 +113,8 @@ def test_not_using_asyncio_snippets_run_as_written(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stdout + out.stderr
             assert out.stdout.count("demo@example.com") == 3, out.stdout
         assert server.stats()["signins"] == 1  # the second run used the journal
+        readings = server.run(server.server.readings)
+        assert [r["body"] for r in readings] == [{"t": 21.5}] * 2  # one per run
 
 
 def outbox_snippet() -> str:

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import logging
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tokenjournal as tj
 import tokenjournal.sync as tjs
+from tokenjournal import sync as sync_module
 from tokenjournal.testing import FakeClock, reference_server
 
 from .conftest import DEMO
 from .harness.threaded import ThreadedReferenceServer
+from .test_browser_signin import CLIENT, Browser
 
 
 @pytest.fixture
@@ -39,13 +46,39 @@ def test_same_constructor_arguments_as_the_async_manager() -> None:
     ]
 
 
+#: The async manager's public names with no blocking twin, and why: an aiohttp session and
+#: an async iterator have no blocking use (``subscribe`` is the events' twin), and
+#: ``access_token`` answers a fresh token without a thread hop already.
+NO_TWIN = {"client_session", "events", "fresh_token"}
+
+
+def public(cls: type) -> dict[str, Any]:
+    return {n: v for n, v in vars(cls).items() if not n.startswith("_")}
+
+
 def test_every_public_method_has_a_blocking_twin() -> None:
-    for name in ("sign_in", "sign_in_device", "set_tokens", "access_token", "refresh"):
-        assert "timeout" in inspect.signature(getattr(tjs.TokenManager, name)).parameters
-    for name in ("sign_out", "refresh_for", "open", "close"):
-        assert "timeout" in inspect.signature(getattr(tjs.TokenManager, name)).parameters
-    assert isinstance(tjs.TokenManager.tokens, property)
-    assert isinstance(tjs.TokenManager.state, property)
+    """Every public name of the async manager (and of its outbox) has a twin here, a method
+    taking ``timeout`` or a property; regression: ``outbox`` and ``sign_in_browser`` had
+    none (the list of twins was written by hand, so a new async method went unnoticed)."""
+    for theirs, ours, skip in (
+        (tj.TokenManager, tjs.TokenManager, NO_TWIN),
+        (tj.Outbox, tjs.Outbox, {"start"}),  # the manager starts delivery
+    ):
+        names = set(public(theirs)) - skip
+        assert names <= set(public(ours)), sorted(names - set(public(ours)))
+        for name in names:
+            twin = public(ours)[name]
+            if isinstance(public(theirs)[name], property):
+                assert isinstance(twin, property), name
+            elif name != "subscribe":  # it waits for nothing
+                assert "timeout" in inspect.signature(twin).parameters, name
+    assert set(inspect.signature(tjs.TokenManager.outbox).parameters) == {
+        *inspect.signature(tj.TokenManager.outbox).parameters,
+        "timeout",
+    }
+    assert inspect.signature(tjs.TokenManager.sign_in_browser).parameters.keys() == (
+        inspect.signature(tj.TokenManager.sign_in_browser).parameters.keys()
+    )
 
 
 def test_sign_in_token_sign_out_and_the_same_error_classes(
@@ -345,3 +378,109 @@ async def test_fresh_token_answers_only_what_access_token_would_answer_without_a
             await tm.sign_out()
             assert tm.fresh_token() is None
         assert tm.fresh_token() is None
+
+
+# ----------------------------------------------------------------------------- the outbox
+
+
+def test_the_outbox_from_many_threads_delivers_each_call_once(
+    server: ThreadedReferenceServer, journal_path: Path
+) -> None:
+    """A threaded app's offline writes: 8 threads enqueue 5 calls each, every call arrives
+    once; a refused one is a dead letter, put back in line and cleared like the async one."""
+    api = server.url + "/api/readings"
+    with tjs.TokenManager(server.url, journal_path) as tm:
+        tm.sign_in(**DEMO, timeout=10)
+        outbox = tm.outbox("readings", ordered=False, timeout=10)
+        assert (outbox.name, outbox.paused, repr(outbox)) == (
+            "readings",
+            False,
+            "sync.Outbox('readings')",
+        )
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(
+                pool.map(
+                    lambda n: outbox.enqueue("POST", api, json={"n": n}, timeout=10), range(40)
+                )
+            )
+        outbox.drain(timeout=30)
+        assert len(set(ids)) == 40
+        stats = outbox.stats(timeout=10)
+        assert (stats.delivered, stats.pending, stats.dead) == (40, 0, 0)
+        applied = server.run(server.server.readings)
+        assert sorted(r["body"]["n"] for r in applied) == list(range(40))
+
+        server.run(lambda: server.server.set_api_faults([{"kind": "status", "status": 422}]))
+        refused = outbox.enqueue("POST", api, json={"n": 40})
+        outbox.drain(timeout=30)
+        assert [d.id for d in outbox.dead_letters(timeout=10)] == [refused]
+        assert outbox.retry_dead(timeout=10) == 1
+        outbox.drain(timeout=30)  # the fault was used up: delivered this time
+        assert outbox.stats().delivered == 41
+        assert tm.outbox("readings", ordered=False).outbox is outbox.outbox  # the same one
+        with pytest.raises(ValueError, match="other options"):
+            tm.outbox("readings")  # ordered: not what it was made with
+        assert outbox.clear(timeout=10) == 0  # nothing left to delete
+    with pytest.raises(RuntimeError, match="closed"):
+        outbox.stats()
+
+
+def test_an_enqueue_that_times_out_is_still_journaled_not_cancelled(
+    server: ThreadedReferenceServer, journal_path: Path
+) -> None:
+    """An app whose enqueue gave up waiting (the journal held by another program) must not
+    be left unsure whether to send the call again (twice would mean two keys, two calls):
+    the error says the enqueue goes on, and the call is delivered once. Regression: the
+    enqueue was cancelled like any call that times out ("no answer within 0.1 s"), and a
+    cancelled enqueue may or may not have stored its item."""
+    with tjs.TokenManager(server.url, journal_path) as tm:
+        tm.sign_in(**DEMO, timeout=10)
+        outbox = tm.outbox("readings")
+        with contextlib.closing(sqlite3.connect(journal_path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # a backup tool holding the write lock
+            with pytest.raises(TimeoutError, match="the call goes on"):
+                outbox.enqueue("POST", server.url + "/api/readings", json={"n": 1}, timeout=0.1)
+            other.execute("ROLLBACK")
+        outbox.drain(timeout=30)
+        assert outbox.stats().delivered == 1
+    assert [r["body"] for r in server.run(server.server.readings)] == [{"n": 1}]
+
+
+def test_an_enqueue_that_timed_out_and_then_failed_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failed: Future[str] = Future()
+    failed.set_exception(tj.OutboxFull("outbox 'readings' is full (max_items=1)"))
+    cut: Future[str] = Future()
+    cut.cancel()
+    done: Future[str] = Future()
+    done.set_result("id-1")
+    with caplog.at_level(logging.WARNING, logger="tokenjournal"):
+        for future in (failed, cut, done):
+            sync_module._log_late_enqueue("readings", future)
+    assert [r.getMessage() for r in caplog.records] == [
+        "outbox readings: an enqueue that timed out failed: outbox 'readings' is full "
+        "(max_items=1)",
+        "outbox readings: an enqueue that timed out was cut by close()",
+    ]
+
+
+# ----------------------------------------------------------------------------- browser sign-in
+
+
+def test_browser_sign_in_has_a_blocking_twin(tmp_path: Path) -> None:
+    """A desktop app that is not an asyncio app signs in through the browser too (here the
+    browser is aiohttp filling in the reference server's form, on the manager's thread)."""
+    with ThreadedReferenceServer() as server:
+        protocol = asyncio.run(
+            tj.OAuth2Protocol.discover(server.url, client_id=CLIENT, scope="openid offline_access")
+        )
+        browser = Browser()
+        with tjs.TokenManager(protocol.token_url, tmp_path / "t.db", protocol=protocol) as tm:
+            tokens = tm.sign_in_browser(open_browser=browser, timeout=60)
+            assert tm.state is tj.SessionState.VALID and tm.tokens == tokens
+            assert tm.access_token() == tokens.access_token
+            with pytest.raises(tj.SignInFailed):
+                tm.sign_in_browser(open_browser=Browser(action="deny"), timeout=60)
+        assert len(browser.urls) == 1
+        assert server.stats()["signins"] == 1

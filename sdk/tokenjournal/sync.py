@@ -15,7 +15,8 @@ public method a blocking twin, callable from any thread::
 The thread model is docs/architecture.md section 1.9: a blocking call hands its coroutine to the
 loop thread and waits for the answer; ``timeout`` stops the wait (``TimeoutError``) and cancels
 only that caller's coroutine, never the refresh other callers share (invariant 7). A fresh token
-is answered without a trip to the loop thread.
+is answered without a trip to the loop thread. ``tm.outbox(name)`` gives the durable outbox with
+blocking methods (:class:`Outbox`), ``tm.sign_in_browser()`` the browser sign-in.
 """
 
 from __future__ import annotations
@@ -23,24 +24,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import webbrowser
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from yarl import URL
 
+from ._browser import OpenBrowser
 from ._clock import Clock
 from ._events import Callback, SessionState, TokenEvent
 from ._journal import Journal
 from ._manager import TokenManager as AsyncTokenManager
+from ._outbox import MAX_BACKOFF, DeadLetter, OutboxStats, WhenFull
+from ._outbox import Outbox as AsyncOutbox
 from ._protocols import AuthProtocol, DeviceCode
 from ._retry import RetryPolicy
 from ._seal import Seal
 from ._tokens import TokenSet
 
-__all__ = ["Deliver", "TokenManager"]
+__all__ = ["Deliver", "Outbox", "TokenManager"]
+
+log = logging.getLogger("tokenjournal")
 
 T = TypeVar("T")
 
@@ -49,6 +58,9 @@ T = TypeVar("T")
 CLOSE_TIMEOUT: Final = 30.0
 #: How long a close() that timed out waits for what it cancels to finish its cleanup.
 LEFTOVER_WAIT: Final = 2.0
+
+#: Called with the future of a call that timed out but was left to finish, once it is done.
+Keep = Callable[[concurrent.futures.Future[T]], object]
 
 #: Hands a callback and its event to the app's own thread: ``root.after_idle`` for Tk,
 #: ``lambda f, e: QTimer.singleShot(0, lambda: f(e))`` for Qt.
@@ -237,6 +249,55 @@ class TokenManager:
         and must not call this manager (show the code, hand it to your UI thread)."""
         return self._call(lambda: self.manager.sign_in_device(on_code), timeout)
 
+    def sign_in_browser(
+        self,
+        *,
+        open_browser: OpenBrowser = webbrowser.open,
+        port: int = 0,
+        timeout: float = 300,
+        prompt: str | None = None,
+    ) -> TokenSet:
+        """Sign in through the system browser (authorization code with PKCE and a loopback
+        redirect); the async ``sign_in_browser``'s arguments. ``timeout`` is its own: how long
+        to wait for the browser to come back (:class:`~tokenjournal.SignInFailed` when it
+        passes), and this call waits no longer than that flow. ``open_browser`` runs on the
+        manager's thread. Call it from a worker thread in a GUI app: it blocks until the
+        person has answered in the browser."""
+        return self._call(
+            lambda: self.manager.sign_in_browser(
+                open_browser=open_browser, port=port, timeout=timeout, prompt=prompt
+            ),
+            None,  # the flow ends on its own: its timeout, then the exchange's retry policy
+        )
+
+    def outbox(
+        self,
+        name: str,
+        *,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+        when_full: WhenFull = "reject",
+        ordered: bool = True,
+        concurrency: int = 4,
+        max_backoff: float = MAX_BACKOFF,
+        timeout: float | None = None,
+    ) -> Outbox:
+        """The durable outbox ``name`` of this account, with blocking methods; the async
+        ``outbox``'s arguments and rules (delivery runs on the manager's thread)."""
+
+        async def made() -> AsyncOutbox:
+            return self.manager.outbox(
+                name,
+                max_items=max_items,
+                max_bytes=max_bytes,
+                when_full=when_full,
+                ordered=ordered,
+                concurrency=concurrency,
+                max_backoff=max_backoff,
+            )
+
+        return Outbox(self, self._call(made, timeout))
+
     def sign_out(self, *, timeout: float | None = None) -> None:
         """Tell the server (journaled first), then clear. Once journaled, the sign-out
         finishes even if this call times out."""
@@ -274,7 +335,13 @@ class TokenManager:
                 "subscribe(), or use the async manager (`.manager`) there"
             )
 
-    def _call(self, start: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
+    def _call(
+        self,
+        start: Callable[[], Coroutine[Any, Any, T]],
+        timeout: float | None,
+        *,
+        keep: Keep[T] | None = None,
+    ) -> T:
         """Run ``start()`` on the loop thread and wait up to ``timeout`` for its result."""
         self._check_caller()
         loop = self._loop
@@ -284,7 +351,7 @@ class TokenManager:
                 if not self._closed
                 else "the sync TokenManager is closed"
             )
-        return _wait(loop, start, timeout)
+        return _wait(loop, start, timeout, keep=keep)
 
     def submit(self, start: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
         """Run ``start()`` (a coroutine of :attr:`manager`) on the loop thread; its future.
@@ -301,8 +368,12 @@ def _wait(
     loop: asyncio.AbstractEventLoop,
     start: Callable[[], Coroutine[Any, Any, T]],
     timeout: float | None,
+    *,
+    keep: Keep[T] | None = None,
 ) -> T:
-    """Run ``start()`` on ``loop`` (another thread's) and wait up to ``timeout`` for it."""
+    """Run ``start()`` on ``loop`` (another thread's) and wait up to ``timeout`` for it; when
+    it passes, the coroutine is cancelled, or, with ``keep``, left to finish and ``keep``
+    called with its future when it is done."""
     future = asyncio.run_coroutine_threadsafe(start(), loop)
     try:
         return future.result(timeout)
@@ -310,10 +381,91 @@ def _wait(
         # Only close() cancels a caller's coroutine (a timeout has stopped waiting already).
         raise RuntimeError("the sync TokenManager was closed while this call waited") from None
     except concurrent.futures.TimeoutError:
+        if keep is not None:
+            future.add_done_callback(keep)
+            raise TimeoutError(f"no answer within {timeout} s (the call goes on)") from None
         # Cancels this caller's coroutine only: the async manager awaits its shared refresh
         # through asyncio.shield, so the other callers still get it (invariant 7).
         future.cancel()
         raise TimeoutError(f"no answer within {timeout} s") from None
+
+
+class Outbox:
+    """The blocking twin of :class:`tokenjournal.Outbox` (from :meth:`TokenManager.outbox`):
+    the same methods and errors, callable from any thread, each with ``timeout``."""
+
+    def __init__(self, tm: TokenManager, outbox: AsyncOutbox) -> None:
+        self._tm = tm
+        #: The async outbox, for code running on the manager's thread.
+        self.outbox = outbox
+
+    def __repr__(self) -> str:
+        return f"sync.Outbox({self.name!r})"
+
+    @property
+    def name(self) -> str:
+        """The outbox's name."""
+        return self.outbox.name
+
+    @property
+    def paused(self) -> bool:
+        """Whether delivery waits for a sign-in (a read, no wait)."""
+        return self.outbox.paused
+
+    def enqueue(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Journal one call; it is durable when this returns its id (the ``Idempotency-Key``).
+
+        When ``timeout`` passes first (a journal busy for that long) this raises
+        ``TimeoutError`` but the enqueue is not cancelled: the call is still journaled and
+        delivered unless the outbox is full or the journal fails (then it is logged), so do
+        not enqueue it again, or it is sent twice under two keys.
+        """
+
+        async def enqueued() -> str:
+            return await self.outbox.enqueue(method, url, json=json, data=data, headers=headers)
+
+        late: Keep[str] = functools.partial(_log_late_enqueue, self.name)
+        return self._tm._call(enqueued, timeout, keep=late)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every item pending when called is delivered or dead-lettered; raises
+        ``TimeoutError`` when ``timeout`` seconds (on the manager's clock) pass first."""
+        # The async drain keeps its own deadline (and says how many items are left).
+        self._tm._call(lambda: self.outbox.drain(timeout), None)
+
+    def stats(self, *, timeout: float | None = None) -> OutboxStats:
+        """The outbox's figures."""
+        return self._tm._call(self.outbox.stats, timeout)
+
+    def dead_letters(self, *, timeout: float | None = None) -> list[DeadLetter]:
+        """The items the server refused for good, oldest first."""
+        return self._tm._call(self.outbox.dead_letters, timeout)
+
+    def retry_dead(self, *, timeout: float | None = None) -> int:
+        """Put every dead letter back in line (same id, same key); returns how many."""
+        return self._tm._call(self.outbox.retry_dead, timeout)
+
+    def clear(self, *, timeout: float | None = None) -> int:
+        """Delete every item of this outbox, pending and dead, and its counters; returns how
+        many items were deleted."""
+        return self._tm._call(self.outbox.clear, timeout)
+
+
+def _log_late_enqueue(name: str, future: concurrent.futures.Future[str]) -> None:
+    """How an enqueue whose caller stopped waiting ended, when it failed."""
+    if future.cancelled():
+        log.warning("outbox %s: an enqueue that timed out was cut by close()", name)
+    elif future.exception() is not None:
+        log.warning("outbox %s: an enqueue that timed out failed: %s", name, future.exception())
 
 
 async def _cancel_the_rest() -> None:
