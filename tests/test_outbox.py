@@ -591,6 +591,108 @@ async def test_an_enqueue_cancelled_before_its_group_commit_stores_nothing(
         await journal.close()
 
 
+@contextlib.asynccontextmanager
+async def journal_thread_held(journal: tj.Journal) -> Any:
+    """The journal's worker thread busy until the block ends: writes queue meanwhile."""
+    import threading
+
+    hold = threading.Event()
+    blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        hold.set()
+        await blocker
+
+
+async def test_a_cancelled_enqueue_still_journals_and_delivers_its_call(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    """Regression: an enqueue cancelled before its group commit started (a timeout around
+    it, an app shutting down) stored nothing, one cancelled later stored its item: the
+    caller could not tell, and enqueuing again could send the call twice. Now the write
+    always runs to its end, and the call is delivered once."""
+    async with manager(server, tj.SQLiteJournal(journal_path)) as tm:
+        outbox = tm.outbox("readings")
+        async with journal_thread_held(tm.journal):
+            enqueue = asyncio.ensure_future(
+                outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "a"})
+            )
+            for _ in range(3):
+                await asyncio.sleep(0)  # its write is queued behind the busy thread
+            enqueue.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await enqueue
+        await outbox.drain(timeout=LONG)
+        assert (await outbox.stats()).delivered == 1
+    assert_once(server, 1)
+
+
+async def test_a_close_right_after_a_cancelled_enqueue_waits_for_its_write(
+    server: ReferenceServer, journal_path: Path
+) -> None:
+    """An app shutting down cancels its tasks, then closes the manager: the write of an
+    enqueue cancelled before it even started is still made before the journal closes."""
+    async with manager(server, tj.SQLiteJournal(journal_path), sign_in=False) as tm:
+        outbox = tm.outbox("readings")
+        enqueue = asyncio.ensure_future(
+            outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "a"})
+        )
+        await asyncio.sleep(0)  # it ran up to its first await; its write has not started
+        enqueue.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await enqueue
+    async with manager(server, tj.SQLiteJournal(journal_path), sign_in=False) as tm:
+        assert (await tm.outbox("readings").stats()).pending == 1
+
+
+async def test_a_cancelled_enqueue_that_fails_says_so_in_the_log(
+    server: ReferenceServer, journal_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its caller is gone, so a full outbox (or a failed journal) is logged: nobody else
+    would hear of it, and no "exception was never retrieved" is left behind."""
+    caplog.set_level(logging.WARNING, logger="tokenjournal")
+    async with manager(server, tj.SQLiteJournal(journal_path), sign_in=False) as tm:
+        outbox = tm.outbox("readings", max_items=1)
+        await outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "a"})
+        async with journal_thread_held(tm.journal):
+            enqueue = asyncio.ensure_future(
+                outbox.enqueue("POST", server.url + "/api/readings", json={"uid": "b"})
+            )
+            await asyncio.sleep(0)
+            enqueue.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await enqueue
+        await wait_until(lambda: bool(caplog.records))
+        assert (await outbox.stats()).pending == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "outbox readings: the write of a cancelled enqueue failed: outbox 'readings' is full "
+        "(max_items=1)"
+    ]
+
+
+async def test_how_an_unawaited_enqueue_write_ended_is_logged_only_when_it_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cut short (the loop shut down under it), failed, or stored: only the first two say
+    anything, since the item was not stored."""
+    from .test_outbox_delivery import FakeHost, fake_outbox
+
+    caplog.set_level(logging.INFO, logger="tokenjournal")
+    outbox = fake_outbox(FakeHost(FakeClock()))
+    loop = asyncio.get_running_loop()
+    cut, failed, stored = loop.create_future(), loop.create_future(), loop.create_future()
+    cut.cancel()
+    failed.set_exception(tj.JournalError("disk I/O error"))
+    stored.set_result("id-1")
+    for write in (cut, failed, stored):
+        outbox._log_unawaited(write)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "outbox box: the write of a cancelled enqueue was cut short"),
+        (logging.WARNING, "outbox box: the write of a cancelled enqueue failed: disk I/O error"),
+    ]
+
+
 async def test_a_401_to_an_origin_without_the_bearer_is_a_dead_letter(
     server: ReferenceServer, journal_path: Path
 ) -> None:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
-import logging
 import os
 import threading
 import webbrowser
@@ -49,8 +47,6 @@ from ._tokens import TokenSet
 
 __all__ = ["Deliver", "Outbox", "TokenManager"]
 
-log = logging.getLogger("tokenjournal")
-
 T = TypeVar("T")
 
 #: How long ``close()`` waits for the loop thread to finish the async ``close()`` (which itself
@@ -58,9 +54,6 @@ T = TypeVar("T")
 CLOSE_TIMEOUT: Final = 30.0
 #: How long a close() that timed out waits for what it cancels to finish its cleanup.
 LEFTOVER_WAIT: Final = 2.0
-
-#: Called with the future of a call that timed out but was left to finish, once it is done.
-Keep = Callable[[concurrent.futures.Future[T]], object]
 
 #: Hands a callback and its event to the app's own thread: ``root.after_idle`` for Tk,
 #: ``lambda f, e: QTimer.singleShot(0, lambda: f(e))`` for Qt.
@@ -335,13 +328,7 @@ class TokenManager:
                 "subscribe(), or use the async manager (`.manager`) there"
             )
 
-    def _call(
-        self,
-        start: Callable[[], Coroutine[Any, Any, T]],
-        timeout: float | None,
-        *,
-        keep: Keep[T] | None = None,
-    ) -> T:
+    def _call(self, start: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
         """Run ``start()`` on the loop thread and wait up to ``timeout`` for its result."""
         self._check_caller()
         loop = self._loop
@@ -351,7 +338,7 @@ class TokenManager:
                 if not self._closed
                 else "the sync TokenManager is closed"
             )
-        return _wait(loop, start, timeout, keep=keep)
+        return _wait(loop, start, timeout)
 
     def submit(self, start: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
         """Run ``start()`` (a coroutine of :attr:`manager`) on the loop thread; its future.
@@ -368,12 +355,8 @@ def _wait(
     loop: asyncio.AbstractEventLoop,
     start: Callable[[], Coroutine[Any, Any, T]],
     timeout: float | None,
-    *,
-    keep: Keep[T] | None = None,
 ) -> T:
-    """Run ``start()`` on ``loop`` (another thread's) and wait up to ``timeout`` for it; when
-    it passes, the coroutine is cancelled, or, with ``keep``, left to finish and ``keep``
-    called with its future when it is done."""
+    """Run ``start()`` on ``loop`` (another thread's) and wait up to ``timeout`` for it."""
     future = asyncio.run_coroutine_threadsafe(start(), loop)
     try:
         return future.result(timeout)
@@ -381,9 +364,6 @@ def _wait(
         # Only close() cancels a caller's coroutine (a timeout has stopped waiting already).
         raise RuntimeError("the sync TokenManager was closed while this call waited") from None
     except concurrent.futures.TimeoutError:
-        if keep is not None:
-            future.add_done_callback(keep)
-            raise TimeoutError(f"no answer within {timeout} s (the call goes on)") from None
         # Cancels this caller's coroutine only: the async manager awaits its shared refresh
         # through asyncio.shield, so the other callers still get it (invariant 7).
         future.cancel()
@@ -425,16 +405,21 @@ class Outbox:
         """Journal one call; it is durable when this returns its id (the ``Idempotency-Key``).
 
         When ``timeout`` passes first (a journal busy for that long) this raises
-        ``TimeoutError`` but the enqueue is not cancelled: the call is still journaled and
-        delivered unless the outbox is full or the journal fails (then it is logged), so do
-        not enqueue it again, or it is sent twice under two keys.
+        ``TimeoutError``, but the write goes on, as for a cancelled async ``enqueue``: the
+        call is journaled and delivered (a full outbox or a failed journal is then logged),
+        so do not enqueue it again, or it is sent twice under two keys.
         """
 
         async def enqueued() -> str:
             return await self.outbox.enqueue(method, url, json=json, data=data, headers=headers)
 
-        late: Keep[str] = functools.partial(_log_late_enqueue, self.name)
-        return self._tm._call(enqueued, timeout, keep=late)
+        try:
+            return self._tm._call(enqueued, timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no answer within {timeout} s; the call goes on (it is journaled and "
+                "delivered): do not enqueue it again"
+            ) from None
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every item pending when called is delivered or dead-lettered; raises
@@ -458,14 +443,6 @@ class Outbox:
         """Delete every item of this outbox, pending and dead, and its counters; returns how
         many items were deleted."""
         return self._tm._call(self.outbox.clear, timeout)
-
-
-def _log_late_enqueue(name: str, future: concurrent.futures.Future[str]) -> None:
-    """How an enqueue whose caller stopped waiting ended, when it failed."""
-    if future.cancelled():
-        log.warning("outbox %s: an enqueue that timed out was cut by close()", name)
-    elif future.exception() is not None:
-        log.warning("outbox %s: an enqueue that timed out failed: %s", name, future.exception())
 
 
 async def _cancel_the_rest() -> None:
