@@ -541,6 +541,27 @@ async def test_close_survives_a_write_group_cancelled_under_it(tmp_path: Path) -
         await journal.load("default")
 
 
+async def test_a_cancelled_writer_whose_group_never_ran_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same with the writer cancelled too: nobody is left to hear "journal closed", so
+    the log says it (the write was not made)."""
+    caplog.set_level(logging.INFO, logger="tokenjournal")
+    journal = tj.SQLiteJournal(tmp_path / "t.db")
+    await journal.open()
+    item = OutboxItem("id-1", "POST", "https://api.example.com/r", (), b"{}", NOW)
+    writing = asyncio.ensure_future(journal.outbox_add("a", "box", item, OutboxLimits()))
+    await asyncio.sleep(0)
+    assert journal._batch_flush is not None
+    journal._batch_flush.cancel()
+    writing.cancel()
+    await journal.close()
+    assert writing.cancelled()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {journal.path}: a write whose caller was cancelled failed: journal closed"
+    ]
+
+
 def test_only_a_path_over_the_limit_is_blamed_on_its_length() -> None:
     at_limit = "/" + "x" * (SQLITE_PATH_BYTES - 1)
     text = _describe(sqlite3.OperationalError("unable to open database file"), at_limit)

@@ -33,6 +33,7 @@ WORKER = [sys.executable, "-m", "tests.harness.outbox_worker"]
 #: A drain that must finish: a bound against a hang, never reached. On a FakeClock each of
 #: drain's polls moves the clock on, so the bound is long in fake seconds too.
 LONG = 3600.0
+URL0 = "http://127.0.0.1:1/r"  # never contacted
 
 
 def readings(server: ReferenceServer) -> list[dict[str, Any]]:
@@ -554,41 +555,72 @@ async def test_a_close_right_after_enqueue_stops_delivery_quietly(
     assert not [r for r in caplog.records if "failed" in r.getMessage()]
 
 
-async def test_an_enqueue_cancelled_before_its_group_commit_stores_nothing(
-    journal_path: Path,
+async def test_a_write_cancelled_before_its_group_commit_is_still_committed(
+    journal_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Group commit and cancellation: a caller cancelled while its write waits for the next
-    group is left out of it; the writes of the callers that stayed are committed."""
+    group still has it committed, in the same group as the callers that stayed (it used to
+    be left out, while one cancelled a moment later was kept: the caller could not tell).
+    What it can no longer hear is logged: a drop here."""
     import threading
 
     from tokenjournal._outbox import OutboxLimits, build_item
 
+    caplog.set_level(logging.INFO, logger="tokenjournal")
+    journal = tj.SQLiteJournal(journal_path)
+    await journal.open()
+    try:
+        await journal.outbox_add("acct", "box", build_item("POST", URL0, now=0.0), OutboxLimits())
+        hold = threading.Event()
+        # Keep the worker thread busy, so the writes below queue for the next group.
+        blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))
+        items = [build_item("POST", URL0, json={"n": n}, now=0.0) for n in "ab"]
+        one = OutboxLimits(max_items=2, when_full="drop_oldest")
+        adds = [asyncio.ensure_future(journal.outbox_add("acct", "box", i, one)) for i in items]
+        for _ in range(3):
+            await asyncio.sleep(0)  # both writes are queued now
+        adds[1].cancel()
+        before = journal.durable_commits
+        hold.set()
+        await blocker
+        assert await adds[0] == 0
+        assert adds[1].cancelled()  # it made room by dropping the first item: logged
+        assert journal.durable_commits == before + 1  # one group, with both
+        left, _ = await journal.outbox_waiting("acct", "box", None)
+        assert left == 2
+    finally:
+        await journal.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "outbox box of account acct full: dropped the 1 oldest item(s)"
+    ]
+
+
+async def test_a_failed_write_whose_caller_was_cancelled_is_logged(
+    journal_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    caplog.set_level(logging.INFO, logger="tokenjournal")
     journal = tj.SQLiteJournal(journal_path)
     await journal.open()
     try:
         hold = threading.Event()
-        # Keep the worker thread busy, so the writes below queue for the next group.
         blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))
-        items = [build_item("POST", "http://127.0.0.1:1/r", json={"n": n}, now=0.0) for n in "ab"]
-        adds = [
-            asyncio.ensure_future(journal.outbox_add("acct", "box", item, OutboxLimits()))
-            for item in items
-        ]
-        for _ in range(3):
-            await asyncio.sleep(0)  # both writes are queued now
-        adds[0].cancel()
-        before = journal.durable_commits
+
+        def fails(tx: Any) -> None:
+            raise tj.JournalError("disk full")
+
+        write = asyncio.ensure_future(journal._batched(fails))
+        await asyncio.sleep(0)
+        write.cancel()
         hold.set()
         await blocker
-        assert await adds[1] == 0
-        assert adds[0].cancelled()
-        assert journal.durable_commits == before + 1  # one group, with the one that stayed
-        left, _ = await journal.outbox_waiting("acct", "box", None)
-        assert left == 1
-        stats = await journal.outbox_stats("acct", "box", 0.0)
-        assert stats.pending == 1
+        await wait_until(lambda: bool(caplog.records))
     finally:
         await journal.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {journal_path}: a write whose caller was cancelled failed: disk full"
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -666,30 +698,7 @@ async def test_a_cancelled_enqueue_that_fails_says_so_in_the_log(
         await wait_until(lambda: bool(caplog.records))
         assert (await outbox.stats()).pending == 1
     assert [r.getMessage() for r in caplog.records] == [
-        "outbox readings: the write of a cancelled enqueue failed: outbox 'readings' is full "
-        "(max_items=1)"
-    ]
-
-
-async def test_how_an_unawaited_enqueue_write_ended_is_logged_only_when_it_failed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Cut short (the loop shut down under it), failed, or stored: only the first two say
-    anything, since the item was not stored."""
-    from .test_outbox_delivery import FakeHost, fake_outbox
-
-    caplog.set_level(logging.INFO, logger="tokenjournal")
-    outbox = fake_outbox(FakeHost(FakeClock()))
-    loop = asyncio.get_running_loop()
-    cut, failed, stored = loop.create_future(), loop.create_future(), loop.create_future()
-    cut.cancel()
-    failed.set_exception(tj.JournalError("disk I/O error"))
-    stored.set_result("id-1")
-    for write in (cut, failed, stored):
-        outbox._log_unawaited(write)
-    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.WARNING, "outbox box: the write of a cancelled enqueue was cut short"),
-        (logging.WARNING, "outbox box: the write of a cancelled enqueue failed: disk I/O error"),
+        "outbox readings of account default is full: a cancelled enqueue stored nothing"
     ]
 
 

@@ -293,7 +293,9 @@ class Journal(Protocol):
     ) -> int | None:
         """Store ``item`` durably (concurrent calls may share one commit). Returns how many
         oldest items ``drop_oldest`` dropped to make room, or ``None`` when the outbox is full
-        and ``limits.when_full`` is ``reject`` (nothing was stored)."""
+        and ``limits.when_full`` is ``reject`` (nothing was stored). A call cancelled once
+        it has started still stores the item (its caller cannot tell otherwise, and would
+        enqueue the call twice), and logs what it could not return."""
         ...
 
     async def outbox_claim(
@@ -1008,7 +1010,7 @@ class SQLiteJournal:
         self._device_id: str | None = None
         # Group commit: writes that arrive while a commit is being synced wait here and
         # share the next transaction (see _batched).
-        self._batch: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        self._batch: list[_Write] = []
         self._batch_lock = threading.Lock()
         #: The flush that will take the queued group (None: the next write starts one).
         self._batch_flush: asyncio.Task[None] | None = None
@@ -1164,40 +1166,41 @@ class SQLiteJournal:
             self._scrub(conn)
         return result
 
-    async def _batched(self, body: Callable[[_Tx], _T]) -> _T:
+    async def _batched(
+        self, body: Callable[[_Tx], _T], unheard: Callable[[_T], object] | None = None
+    ) -> _T:
         """Run ``body`` in the next group commit: one BEGIN IMMEDIATE ... COMMIT for every
         write that arrived while the previous one was being synced (aiosqlite runs one job
         at a time, so a queue forms exactly while the disk is busy). Durable on return, like
         :meth:`_transaction`. ``body`` must not raise for an expected outcome (return it):
-        an exception rolls back the whole group. A caller cancelled before its group starts
-        is left out; one cancelled later may still see its write committed.
+        an exception rolls back the whole group. A queued write is committed even when its
+        caller is cancelled (an outbox item is then never in doubt): ``unheard`` gets the
+        result that caller cannot, and a failure it cannot hear is logged.
         """
         if self.read_only:
             raise JournalError(f"journal {self.path} was opened read-only")
         self._conn()
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         with self._batch_lock:
-            self._batch.append((body, future))
+            self._batch.append(_Write(body, future, unheard))
             if self._batch_flush is None:
                 self._batch_flush = task = asyncio.ensure_future(self._flush())
                 self._flushes.add(task)
                 task.add_done_callback(self._flush_ended)
+        # A cancelled caller cancels only this future: the write is made all the same
+        # (_Write.done).
         return await future
 
     async def _flush(self) -> None:
-        taken: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
-        included: list[asyncio.Future[Any]] = []
+        taken: list[_Write] = []
 
         def job(conn: sqlite3.Connection, abandoned: threading.Event) -> list[Any]:
             with self._batch_lock:  # whatever queued until now, and nothing after
                 if abandoned.is_set():
                     return []  # the flush was cancelled before this ran: _flush_ended fails it
                 self._take_batch(taken)
-            bodies = []
-            for body, future in taken:
-                if not future.cancelled():
-                    bodies.append(body)
-                    included.append(future)
+            # Every queued write, its caller cancelled or not (see _batched).
+            bodies = [write.body for write in taken]
             if not bodies:
                 return []
             return self._in_transaction(conn, lambda tx: [b(tx) for b in bodies], abandoned)
@@ -1207,17 +1210,14 @@ class SQLiteJournal:
         except BaseException as exc:
             with self._batch_lock:  # the job took the group, or never will (see _flush_ended)
                 group = list(taken)
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(
-                        exc if isinstance(exc, Exception) else JournalError("journal closed")
-                    )
+            failure = exc if isinstance(exc, Exception) else JournalError("journal closed")
+            for write in group:
+                write.failed(failure, self.path)
             if not isinstance(exc, Exception):
                 raise
             return
-        for future, result in zip(included, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for write, result in zip(taken, results, strict=True):
+            write.done(result)
 
     def _flush_ended(self, task: asyncio.Task[None]) -> None:
         """A flush that ended without taking its group fails it: else its writers would wait
@@ -1225,15 +1225,14 @@ class SQLiteJournal:
         its job ran on the journal's thread, or before its first step (an app cancelling
         every task at shutdown): its coroutine never ran, so no except clause of it can."""
         self._flushes.discard(task)
-        group: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]] = []
+        group: list[_Write] = []
         with self._batch_lock:
             if self._batch_flush is task:
                 self._take_batch(group)
-        for _, future in group:
-            if not future.done():
-                future.set_exception(JournalError("journal closed"))
+        for write in group:
+            write.failed(JournalError("journal closed"), self.path)
 
-    def _take_batch(self, into: list[tuple[Callable[[_Tx], Any], asyncio.Future[Any]]]) -> None:
+    def _take_batch(self, into: list[_Write]) -> None:
         """Move the queued writes into ``into``; the next write starts a new group. Call with
         ``_batch_lock`` held."""
         into.extend(self._batch)
@@ -1913,7 +1912,22 @@ class SQLiteJournal:
                 )
             return len(dropped)
 
-        return await self._batched(body)
+        def unheard(dropped: int | None) -> None:
+            if dropped is None:
+                log.warning(
+                    "outbox %s of account %s is full: a cancelled enqueue stored nothing",
+                    outbox,
+                    account,
+                )
+            elif dropped:
+                log.warning(
+                    "outbox %s of account %s full: dropped the %d oldest item(s)",
+                    outbox,
+                    account,
+                    dropped,
+                )
+
+        return await self._batched(body, unheard)
 
     async def outbox_claim(
         self,
@@ -2233,6 +2247,34 @@ _EPOCH_MIN: Final = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 _EPOCH_MAX: Final = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
 #: Generations are SQLite INTEGERs that get + 1: anything past this was not written by us.
 _MAX_GENERATION: Final = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A write waiting for a group commit (:meth:`SQLiteJournal._batched`): its ``body``,
+    the ``future`` its caller awaits, and ``unheard``, which gets the result when that caller
+    was cancelled (the write is made all the same)."""
+
+    body: Callable[[_Tx], Any]
+    future: asyncio.Future[Any]
+    unheard: Callable[[Any], object] | None = None
+
+    # Each write is ended once: by the flush that took it, or by _flush_ended when none did.
+
+    def done(self, result: Any) -> None:
+        """Committed: the result to the caller, or to ``unheard`` when it was cancelled."""
+        if not self.future.cancelled():
+            self.future.set_result(result)
+        elif self.unheard is not None:
+            self.unheard(result)
+
+    def failed(self, failure: Exception, path: Path) -> None:
+        """Not committed: the error to the caller, or, when it was cancelled, to the log
+        (nobody else would hear of it)."""
+        if not self.future.cancelled():
+            self.future.set_exception(failure)
+        else:
+            log.warning("journal %s: a write whose caller was cancelled failed: %s", path, failure)
 
 
 class _Row:

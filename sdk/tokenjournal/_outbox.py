@@ -378,7 +378,7 @@ class Outbox:
         Cancelling it (a timeout around it, an app shutting down) does not stop the write:
         once ``enqueue`` has checked its arguments the call is journaled and delivered (a full
         outbox or a failed journal is then logged), so never enqueue it again after a
-        cancel, or it is sent twice under two keys.
+        cancel, or it is sent twice under two keys (:meth:`Journal.outbox_add`).
         """
         self._require_open()
         item = build_item(
@@ -386,21 +386,15 @@ class Outbox:
         )
         if self.limits.max_bytes is not None and item.size > self.limits.max_bytes:
             raise OutboxFull(f"outbox {self.name!r}: one item is larger than max_bytes")
-        # A cancelled caller would otherwise not know whether its item was stored (a group
-        # commit already under way keeps it, one not yet started leaves it out), and an app
-        # that enqueues again sends the call twice: the write always runs to its end.
-        adding = asyncio.ensure_future(self._add(item))
-        self._host.spawn(asyncio.wait([adding]))  # close() waits for it too
         try:
-            return await asyncio.shield(adding)
+            dropped = await self._host.journal.outbox_add(
+                self._host.account, self.name, item, self.limits
+            )
         except asyncio.CancelledError:
-            adding.add_done_callback(self._log_unawaited)
+            # The journal commits a write it queued even for a cancelled caller (and logs a
+            # full outbox): the deliverer looks for it now.
+            self._wake.set()
             raise
-
-    async def _add(self, item: OutboxItem) -> str:
-        dropped = await self._host.journal.outbox_add(
-            self._host.account, self.name, item, self.limits
-        )
         if dropped is None:
             raise OutboxFull(f"outbox {self.name!r} is full ({self._limits_text()})")
         if dropped:
@@ -408,17 +402,6 @@ class Outbox:
             self._host.emit_event(EventKind.OUTBOX_DROPPED, self.name)
         self._wake.set()
         return item.id
-
-    def _log_unawaited(self, adding: asyncio.Future[str]) -> None:
-        """How the write of a cancelled ``enqueue`` ended, when nobody else can hear it fail."""
-        if adding.cancelled():
-            log.warning("outbox %s: the write of a cancelled enqueue was cut short", self.name)
-        elif adding.exception() is not None:
-            log.warning(
-                "outbox %s: the write of a cancelled enqueue failed: %s",
-                self.name,
-                adding.exception(),
-            )
 
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the API)
         """Wait until every item pending when called (left by earlier runs too) is delivered
