@@ -555,6 +555,20 @@ async def test_a_close_right_after_enqueue_stops_delivery_quietly(
     assert not [r for r in caplog.records if "failed" in r.getMessage()]
 
 
+@contextlib.asynccontextmanager
+async def journal_thread_held(journal: tj.Journal) -> Any:
+    """The journal's worker thread busy until the block ends: writes queue meanwhile."""
+    import threading
+
+    hold = threading.Event()
+    blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        hold.set()
+        await blocker
+
+
 async def test_a_write_cancelled_before_its_group_commit_is_still_committed(
     journal_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -562,8 +576,6 @@ async def test_a_write_cancelled_before_its_group_commit_is_still_committed(
     group still has it committed, in the same group as the callers that stayed (it used to
     be left out, while one cancelled a moment later was kept: the caller could not tell).
     What it can no longer hear is logged: a drop here."""
-    import threading
-
     from tokenjournal._outbox import OutboxLimits, build_item
 
     caplog.set_level(logging.INFO, logger="tokenjournal")
@@ -571,18 +583,14 @@ async def test_a_write_cancelled_before_its_group_commit_is_still_committed(
     await journal.open()
     try:
         await journal.outbox_add("acct", "box", build_item("POST", URL0, now=0.0), OutboxLimits())
-        hold = threading.Event()
-        # Keep the worker thread busy, so the writes below queue for the next group.
-        blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))
         items = [build_item("POST", URL0, json={"n": n}, now=0.0) for n in "ab"]
         one = OutboxLimits(max_items=2, when_full="drop_oldest")
-        adds = [asyncio.ensure_future(journal.outbox_add("acct", "box", i, one)) for i in items]
-        for _ in range(3):
-            await asyncio.sleep(0)  # both writes are queued now
-        adds[1].cancel()
-        before = journal.durable_commits
-        hold.set()
-        await blocker
+        async with journal_thread_held(journal):
+            adds = [asyncio.ensure_future(journal.outbox_add("acct", "box", i, one)) for i in items]
+            for _ in range(3):
+                await asyncio.sleep(0)  # both writes are queued now
+            adds[1].cancel()
+            before = journal.durable_commits
         assert await adds[0] == 0
         assert adds[1].cancelled()  # it made room by dropping the first item: logged
         assert journal.durable_commits == before + 1  # one group, with both
@@ -598,43 +606,24 @@ async def test_a_write_cancelled_before_its_group_commit_is_still_committed(
 async def test_a_failed_write_whose_caller_was_cancelled_is_logged(
     journal_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import threading
-
     caplog.set_level(logging.INFO, logger="tokenjournal")
     journal = tj.SQLiteJournal(journal_path)
     await journal.open()
     try:
-        hold = threading.Event()
-        blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))
 
         def fails(tx: Any) -> None:
             raise tj.JournalError("disk full")
 
-        write = asyncio.ensure_future(journal._batched(fails))
-        await asyncio.sleep(0)
-        write.cancel()
-        hold.set()
-        await blocker
+        async with journal_thread_held(journal):
+            write = asyncio.ensure_future(journal._batched(fails))
+            await asyncio.sleep(0)
+            write.cancel()
         await wait_until(lambda: bool(caplog.records))
     finally:
         await journal.close()
     assert [r.getMessage() for r in caplog.records] == [
         f"journal {journal_path}: a write whose caller was cancelled failed: disk full"
     ]
-
-
-@contextlib.asynccontextmanager
-async def journal_thread_held(journal: tj.Journal) -> Any:
-    """The journal's worker thread busy until the block ends: writes queue meanwhile."""
-    import threading
-
-    hold = threading.Event()
-    blocker = asyncio.ensure_future(journal._run(lambda conn, abandoned: hold.wait(10)))  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        hold.set()
-        await blocker
 
 
 async def test_a_cancelled_enqueue_still_journals_and_delivers_its_call(
@@ -660,11 +649,12 @@ async def test_a_cancelled_enqueue_still_journals_and_delivers_its_call(
     assert_once(server, 1)
 
 
-async def test_a_close_right_after_a_cancelled_enqueue_waits_for_its_write(
+async def test_a_close_right_after_a_cancelled_enqueue_keeps_its_write(
     server: ReferenceServer, journal_path: Path
 ) -> None:
     """An app shutting down cancels its tasks, then closes the manager: the write of an
-    enqueue cancelled before it even started is still made before the journal closes."""
+    enqueue cancelled before its group commit started is still made before the journal
+    closes."""
     async with manager(server, tj.SQLiteJournal(journal_path), sign_in=False) as tm:
         outbox = tm.outbox("readings")
         enqueue = asyncio.ensure_future(
