@@ -207,6 +207,32 @@ def test_requests_an_upgrade_redirect_requests_would_keep_the_bearer_on_loses_it
             assert ("Authorization" in response.request.headers) is kept
 
 
+def test_requests_a_redirect_answering_the_replay_gets_the_fresh_token_and_the_rule(
+    tm: tjs.TokenManager, recorder: Recorder, foreign: Recorder
+) -> None:
+    """requests builds the next hop from the original request and runs no hook on the
+    replay's answer: the hop used to carry the rejected token (a second 401 and a second
+    replay) and, to another origin, skip the redirect rule."""
+    with requests.Session() as session:
+        session.auth = RequestsAuth(tm)
+        first = bearer(tm)
+        recorder.script = [(401, None), (302, "/after")]
+        assert session.get(recorder.url + "/scripted").status_code == 200
+        second = bearer(tm)
+        recorder.script = [(401, None), (302, foreign.url + "/elsewhere")]
+        assert session.get(recorder.url + "/scripted").status_code == 200
+    third = bearer(tm)
+    assert len({first, second, third}) == 3
+    assert [(p, a) for p, a, _ in recorder.seen] == [
+        ("/scripted", first),
+        ("/scripted", second),
+        ("/after", second),
+        ("/scripted", second),
+        ("/scripted", third),
+    ]
+    assert [(p, a) for p, a, _ in foreign.seen] == [("/elsewhere", None)]
+
+
 def test_requests_no_bearer_over_plain_http_to_a_remote_host(
     server: ThreadedReferenceServer, journal_path: Path
 ) -> None:
@@ -286,6 +312,50 @@ def test_httpx_sync_401_refresh_replay_and_foreign_redirects(
     ]
     assert bearer(tm) != newer  # the stream's 401 still moved the token on
     assert server.stats()["rotations"] == 3
+
+
+@pytest.mark.parametrize("httpx", HTTPX)
+def test_httpx_a_request_sent_again_gets_a_fresh_token(
+    httpx: ModuleType, server: ThreadedReferenceServer, tm: tjs.TokenManager
+) -> None:
+    """A retry loop around client.send(request): the header the auth set on the first send
+    used to pass for the caller's own on the next, so the rejected token went out again and
+    again, with no refresh."""
+    with httpx.Client(auth=HttpxAuth(tm)) as client:
+        request = client.build_request("GET", server.url + "/api/me")
+        assert client.send(request).status_code == 200
+        server.advance(901)  # the server says the token is dead; the client clock does not
+        assert [client.send(request).status_code for _ in range(3)] == [200, 200, 200]
+        assert request.headers["Authorization"] == bearer(tm)
+        own = client.build_request("GET", server.url + "/api/me", headers={"Authorization": "x"})
+        assert client.send(own).status_code == 401  # a caller's header is still left alone
+    stats = server.stats()
+    assert (stats["rotations"], stats["api_401"]) == (1, 2)
+
+
+@pytest.mark.parametrize("httpx", HTTPX)
+async def test_httpx_a_small_form_is_replayed_a_large_one_streamed(
+    httpx: ModuleType,
+    tm: tjs.TokenManager,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx streams a multipart form (files=) from its parts, and the flow replayed only a
+    body already read: every form upload got its 401 back, where requests replays it."""
+    files = {"f": ("a.txt", b"hello")}
+    with httpx.Client(auth=HttpxAuth(tm)) as client:
+        first = bearer(tm)
+        assert client.post(recorder.url + "/401", files=files).status_code == 401
+    async with httpx.AsyncClient(auth=HttpxAuth(tm)) as aclient:
+        second = bearer(tm)
+        assert (await aclient.post(recorder.url + "/401", files=files)).status_code == 401
+        third = bearer(tm)
+        monkeypatch.setattr("tokenjournal.adapters.FORM_BUFFER", len(recorder.seen[0][2]) - 1)
+        assert (await aclient.post(recorder.url + "/401", files=files)).status_code == 401
+    fourth = bearer(tm)
+    assert len({first, second, third, fourth}) == 4
+    seen = [(a, b"hello" in body) for _, a, body in recorder.seen]
+    assert seen == [(first, True), (second, True), (second, True), (third, True), (third, True)]
 
 
 @pytest.mark.parametrize("httpx", HTTPX)

@@ -40,6 +40,24 @@ async def test_fresh_token_comes_from_memory_with_no_io(
         assert server.stats()["refresh_requests"] == 0
 
 
+async def test_a_closed_manager_gives_no_token_even_a_fresh_one(
+    server: ReferenceServer, journal_path: Path, clock: FakeClock
+) -> None:
+    """It used to answer from memory after close(): an httpx client built on it kept sending
+    a token nothing would refresh, and only its first 401 said the manager was closed. The
+    blocking twin and fresh_token() already refused."""
+    tm = manager(server, journal_path, clock)
+    async with tm:
+        await tm.sign_in(**DEMO)
+        assert await tm.access_token() == tm.fresh_token()
+    assert tm.fresh_token() is None
+    with pytest.raises(RuntimeError, match="not open"):
+        await tm.access_token()
+    with pytest.raises(RuntimeError, match="not open"):  # inside the margin too
+        clock.advance(850)
+        await tm.access_token()
+
+
 async def test_1000_concurrent_callers_on_a_stale_token_make_one_refresh(
     server: ReferenceServer, journal_path: Path, clock: FakeClock
 ) -> None:

@@ -471,7 +471,7 @@ class TokenManager:
     async def access_token(self) -> str:
         """A valid access token: from memory when fresh, else from the one shared refresh."""
         tokens = self._tokens
-        if tokens is not None:
+        if tokens is not None and self._open:  # closed: _join says so, as fresh_token() does
             now = self._clock.monotonic()  # a wall-clock step cannot expire or storm anything
             if now < self._refresh_at:
                 return tokens.access_token

@@ -14,8 +14,15 @@ the manager's allowed origins, https unless loopback or allowed), never to a red
 on another origin, and on a 401 for the token they sent refresh keyed on that token
 (invariant 10: if the account already moved past it, no new refresh) and replay the request
 once; a body that cannot be sent again (a generator, a file) gets its 401 back, the token
-having moved on. A request that already has an ``Authorization`` header is left alone. They
-log nothing.
+having moved on (httpx: a multipart form up to 1 MiB is read into memory first, so it is
+replayed, as requests does with every form). A request that already has an
+``Authorization`` header is left alone (httpx: unless this auth set it, on an earlier send
+of the same ``Request``). They log nothing.
+
+One redirect no auth object can police: httpx follows redirects inside the auth flow and
+keeps ``Authorization`` from ``http://host`` (port 80) to ``https://host`` (port 443) even
+when that origin is not allowed. The token goes then to the same host, over TLS; list
+``https://`` origins (the default rule) and the case never arises.
 
 ``requests`` and ``httpx`` are optional (extras ``tokenjournal[requests]``,
 ``tokenjournal[httpx]``): each is imported the first time its adapter is used, and
@@ -104,12 +111,7 @@ class _RequestsFlow:
             return r
         token = sent.removeprefix(BEARER)
         if r.is_redirect:
-            # requests builds the next hop from a copy of this request. Its own rule strips
-            # the header on a change of host; ours is the middleware's (exact origin, https),
-            # applied here before the copy is made.
-            target = r.headers.get("location", "")
-            if not _allows(self.tm, urljoin(request.url or "", target)):
-                del request.headers[AUTHORIZATION]
+            self._redirect_rule(r, request)
             return r
         if r.status_code != 401 or not _sent_by_us(request.headers, token):
             return r
@@ -131,7 +133,21 @@ class _RequestsFlow:
         again = r.connection.send(replay, **kwargs)
         again.history.append(r)
         again.request = replay
+        # requests follows a redirect of this answer from `request`, not from `replay`, and
+        # runs no hook on `again`: `request` gets the fresh token (not the rejected one,
+        # which would cost a second 401) and the redirect rule, here.
+        request.headers[AUTHORIZATION] = replay.headers[AUTHORIZATION]
+        if again.is_redirect:
+            self._redirect_rule(again, request)
         return again
+
+    def _redirect_rule(self, r: requests.Response, request: requests.PreparedRequest) -> None:
+        """``r`` redirects; requests builds the next hop from a copy of ``request``. Its own
+        rule strips the header on a change of host; ours is the middleware's (exact origin,
+        https), applied here before the copy is made."""
+        target = r.headers.get("location", "")
+        if not _allows(self.tm, urljoin(r.request.url or "", target)):
+            del request.headers[AUTHORIZATION]
 
 
 def _replayable(body: object) -> bool:
@@ -169,17 +185,19 @@ class _HttpxFlow:
                 "httpx.Client is blocking: give HttpxAuth a tokenjournal.sync.TokenManager "
                 "(a tokenjournal.TokenManager serves httpx.AsyncClient)"
             )
-        if AUTHORIZATION in request.headers or not _allows(tm, str(request.url)):
+        if not _ours(request) or not _allows(tm, str(request.url)):
             yield request
             return
+        if _small_form(request):
+            request.read()
         token = tm.access_token(timeout=self.timeout)
-        request.headers[AUTHORIZATION] = BEARER + token
+        _bear(request, token)
         response = yield request
         if not self._rejected(response, token):
             return
         fresh = tm.refresh_for(token, timeout=self.timeout)
         if _httpx_replayable(request):
-            request.headers[AUTHORIZATION] = BEARER + fresh.access_token
+            _bear(request, fresh.access_token)
             yield request
 
     async def async_auth_flow(
@@ -187,17 +205,19 @@ class _HttpxFlow:
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         """The flow for ``httpx.AsyncClient``: the async manager on the same loop, or the
         sync one (awaited without blocking the loop)."""
-        if AUTHORIZATION in request.headers or not _allows(self.tm, str(request.url)):
+        if not _ours(request) or not _allows(self.tm, str(request.url)):
             yield request
             return
+        if _small_form(request):
+            await request.aread()
         token = await self._access_token()
-        request.headers[AUTHORIZATION] = BEARER + token
+        _bear(request, token)
         response = yield request
         if not self._rejected(response, token):
             return
         fresh = await self._refresh_for(token)
         if _httpx_replayable(request):
-            request.headers[AUTHORIZATION] = BEARER + fresh.access_token
+            _bear(request, fresh.access_token)
             yield request
 
     @staticmethod
@@ -224,6 +244,38 @@ class _HttpxFlow:
         return await asyncio.wait_for(
             asyncio.wrap_future(tm.submit(lambda: tm.manager.refresh_for(token))), self.timeout
         )
+
+
+#: Where HttpxAuth notes, in ``Request.extensions``, the header value it set (transports
+#: ignore keys they do not know).
+BEARER_SET: Final = "tokenjournal.bearer"
+#: A multipart form up to this size is read into memory before its first send, so that a
+#: 401 can replay it (requests always builds a form in memory); a larger one stays streamed.
+FORM_BUFFER: Final = 1 << 20
+
+
+def _ours(request: httpx.Request) -> bool:
+    """Whether the bearer is ours to set: no ``Authorization`` (or the one this flow set
+    when the same ``Request`` was sent before: a caller's retry loop around
+    ``client.send(request)`` must get a fresh token, not the one the server rejected)."""
+    header = request.headers.get(AUTHORIZATION)
+    return header is None or header == request.extensions.get(BEARER_SET)
+
+
+def _bear(request: httpx.Request, token: str) -> None:
+    request.headers[AUTHORIZATION] = request.extensions[BEARER_SET] = BEARER + token
+
+
+def _small_form(request: httpx.Request) -> bool:
+    """A multipart upload (``files=``) of known length up to :data:`FORM_BUFFER`: httpx
+    streams it from the caller's parts, which a 401 replay could not trust to be readable
+    twice, so it is read first."""
+    length = request.headers.get("content-length", "")
+    return (
+        request.headers.get("content-type", "").startswith("multipart/")
+        and length.isdigit()
+        and int(length) <= FORM_BUFFER
+    )
 
 
 def _httpx_replayable(request: httpx.Request) -> bool:

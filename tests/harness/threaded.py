@@ -67,11 +67,13 @@ class ThreadedReferenceServer:
 class Recorder:
     """A plain HTTP server on 127.0.0.1 that records each request's path and Authorization.
 
-    ``/redirect?to=URL`` answers 302 to URL; ``/401`` always answers 401; anything else 200.
+    ``/redirect?to=URL`` answers 302 to URL; ``/401`` always answers 401; ``/scripted``
+    answers the next ``(status, Location or None)`` of :attr:`script`; anything else 200.
     """
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str | None, bytes]] = []
+        self.script: list[tuple[int, str | None]] = []
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,7 +83,13 @@ class Recorder:
                 if self.headers.get("Transfer-Encoding") == "chunked":
                     body = _read_chunked(self.rfile)
                 recorder.seen.append((self.path, self.headers.get("Authorization"), body))
-                if self.path.startswith("/redirect?to="):
+                if self.path == "/scripted":
+                    status, location = recorder.script.pop(0)
+                    self.send_response(status)
+                    if location is not None:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                elif self.path.startswith("/redirect?to="):
                     self.send_response(302)
                     self.send_header("Location", self.path.removeprefix("/redirect?to="))
                     self.send_header("Content-Length", "0")
@@ -92,7 +100,7 @@ class Recorder:
                     self.send_response(200)
                     self.send_header("Content-Length", "2")
                 self.end_headers()
-                if self.path not in ("/401",) and not self.path.startswith("/redirect"):
+                if self.path not in ("/401", "/scripted") and not self.path.startswith("/redirect"):
                     self.wfile.write(b"ok")
 
             do_GET = do_POST = do_PUT = _answer
