@@ -448,3 +448,64 @@ async def test_a_refusal_of_a_poll_never_prints_control_characters_or_the_device
         assert "\x1b" not in text and "\x07" not in text
         assert secret not in text
     assert len(error.code) <= 64
+
+
+async def test_a_wall_clock_step_does_not_expire_a_code_being_approved() -> None:
+    """A box without a real-time clock steps its wall clock at its first NTP sync, which is
+    when it runs its device sign-in: the code's life was measured on the wall clock, so a
+    year's step ended an approved sign-in with expired_token."""
+    clock = ServerClock(None)
+
+    async def ntp(sleeps_so_far: int) -> None:
+        if sleeps_so_far == 1:
+            clock.jump(365 * 86400)
+
+    clock.before_sleep = ntp
+    tm = tj.TokenManager(MOCK, tj.MemoryJournal(), protocol=protocol(MOCK), clock=clock)
+    async with tm:
+        with aioresponses() as mock:
+            mock.post(MOCK + "/oauth/device_authorization", payload=AUTHORIZATION)
+            mock.post(MOCK + "/oauth/token", status=400, payload={"error": "authorization_pending"})
+            mock.post(MOCK + "/oauth/token", payload=TOKENS)
+            tokens = await tm.sign_in_device(Shown())
+        assert tokens.access_token == "a1" and tm.state is tj.SessionState.VALID
+        assert clock.sleeps == [5.0, 5.0]
+
+
+class HeldStore(tj.MemoryJournal):
+    """A journal whose store of a sign-in waits until told, so a cancel can land in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+
+    async def store_tokens(self, *args: Any, **kwargs: Any) -> int:
+        self.entered.set()
+        await self.go.wait()
+        return await super().store_tokens(*args, **kwargs)
+
+
+async def test_a_sign_in_cancelled_while_its_pair_is_stored_keeps_the_pair() -> None:
+    """The server issued the pair and the device code is single use: a cancel (an app's
+    timeout, a Cancel button) that landed in the store used to drop the pair and leave the
+    spent code journaled, so the next sign-in polled it, got invalid_grant, and the person
+    had to approve again. The store now runs to its end as the manager's own work."""
+    journal = HeldStore()
+    tm = tj.TokenManager(MOCK, journal, protocol=protocol(MOCK), clock=ServerClock(None))
+    signed_in = asyncio.Event()
+    async with tm:
+        tm.subscribe(lambda event: event.kind is tj.EventKind.SIGNED_IN and signed_in.set())
+        with aioresponses() as mock:
+            mock.post(MOCK + "/oauth/device_authorization", payload=AUTHORIZATION)
+            mock.post(MOCK + "/oauth/token", payload=TOKENS)
+            flow = asyncio.ensure_future(tm.sign_in_device(Shown()))
+            await asyncio.wait_for(journal.entered.wait(), 5)
+            flow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await flow
+            journal.go.set()
+            await asyncio.wait_for(signed_in.wait(), 5)
+        assert tm.tokens is not None and tm.tokens.access_token == "a1"
+        assert tm.state is tj.SessionState.VALID
+        record = await journal.load(tm.account)
+        assert record.tokens == tm.tokens and record.intent is None  # the code is gone

@@ -445,6 +445,39 @@ def test_device_authorization_without_a_required_field_is_malformed(missing: str
     assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.MALFORMED
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("user_code", "\x1b[2J\x1b[HBCDF-GHJK\x1b]0;title\x07"),
+        ("user_code", "BCDF\u202eKJHG"),  # a right-to-left override reorders what is shown
+        ("verification_uri", "https://x/device\x1b[8m"),
+        ("verification_uri", "javascript:alert(1)"),
+        ("verification_uri", "https://x/a b"),
+        ("verification_uri", "/device"),
+        ("verification_uri_complete", "https://x/\x1b]8;;https://evil/\x07"),
+    ],
+)
+def test_device_authorization_that_a_terminal_could_not_show_safely_is_malformed(
+    field: str, value: str
+) -> None:
+    """The app shows user_code and the URIs to a person, often on a terminal: a hostile
+    server could clear a kiosk's screen, retitle it or hide part of the address."""
+    body = {
+        "device_code": "dc",
+        "user_code": "BCDF-GHJK",
+        "verification_uri": "https://x/device",
+        "expires_in": 600,
+    }
+    good = proto().parse_device_authorization(200, {}, json.dumps(body).encode(), NOW)
+    assert isinstance(good, tj.DeviceCode)
+    body[field] = value
+    failure = proto().parse_device_authorization(200, {}, json.dumps(body).encode(), NOW)
+    assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.MALFORMED
+    assert failure.message == (
+        "user_code must be printable ASCII and verification_uri an http(s) URL"
+    )
+
+
 def test_device_authorization_errors() -> None:
     p = proto()
     bad = p.parse_device_authorization(401, {}, b'{"error":"invalid_client"}', NOW)

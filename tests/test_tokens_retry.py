@@ -295,6 +295,11 @@ def test_a_malformed_answer_spends_the_budget_as_a_protocol_error() -> None:
     error = transient_error(malformed, "malformed_body")
     assert isinstance(error, tj.ProtocolError)
     assert str(error) == "the auth server answered 200 with a malformed body"
+    # What was wrong goes with it: the caller of a device sign-in used to see only the above.
+    why = Failure(FailureKind.MALFORMED, "malformed_body", 200, "expires_in is required")
+    assert str(transient_error(why, "malformed_body")) == (
+        "the auth server answered 200 with a malformed body: expires_in is required"
+    )
 
 
 def test_without_jitter_the_delay_is_the_bare_curve() -> None:

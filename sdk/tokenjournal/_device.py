@@ -6,7 +6,8 @@ during the wait resumes polling the same code (and shows it again) until it expi
 
 What cannot be recovered: a crash after the server issued the tokens but before the
 journal stored them. The device code is single use, so the next poll gets
-``invalid_grant`` and the person has to approve a new code.
+``invalid_grant`` and the person has to approve a new code. (A cancelled caller is not a
+crash: the manager's store of the pair runs to its end.)
 """
 
 from __future__ import annotations
@@ -105,15 +106,16 @@ async def _authorize(io: DeviceIO, protocol: OAuth2Protocol) -> DeviceCode:
     raise SignInFailed(parsed.code, description=parsed.description)
 
 
-def _poll_policy(retry: RetryPolicy, code: DeviceCode, now: float) -> RetryPolicy:
+def _poll_policy(retry: RetryPolicy, code: DeviceCode, left: float) -> RetryPolicy:
     """Failed polls (no answer, 5xx, 429, malformed) back off as RFC 8628 3.5 asks: the
     wait doubles from twice the interval up to the interval plus ``MAX_EXTRA_WAIT``, with no
-    jitter (the standard fixes the pace), and the code's remaining life is the budget."""
+    jitter (the standard fixes the pace), and the code's remaining life (``left``
+    seconds) is the budget."""
     interval = max(code.interval, MIN_INTERVAL)
     return replace(
         retry,
         max_attempts=sys.maxsize,
-        max_elapsed=max(code.expires_at - now, MIN_INTERVAL),
+        max_elapsed=max(left, MIN_INTERVAL),
         base_delay=2 * interval,
         max_delay=interval + MAX_EXTRA_WAIT,
         jitter=False,
@@ -150,6 +152,11 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
     """
     clock = io.clock
     code = await _pending_code(io, protocol)
+    # The code's life runs on the monotonic clock from here on (the journal keeps the wall
+    # time, all a restart has): a box without a real-time clock steps its wall clock at its
+    # first NTP sync, which is when a device sign-in runs, and that must not expire a code
+    # the person is approving (docs/architecture.md 1.4: lifetimes are monotonic).
+    deadline = clock.monotonic() + (code.expires_at - clock.time())
     shown = on_code(code)
     if inspect.isawaitable(shown):
         await shown
@@ -157,13 +164,14 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
     while True:
         # A Retry-After or slow_down is honoured, but never past the code's expiry: a
         # server asking for a day must not keep the flow asleep long after the code died.
-        left = code.expires_at - clock.time()
+        left = deadline - clock.monotonic()
         if not await io.pause(min(max(code.interval, extra), max(0.0, left))):
             raise RuntimeError(
                 "the TokenManager was closed during the device sign-in; the code stays "
                 "journaled and the next sign_in_device resumes it"
             )
-        if clock.time() >= code.expires_at:
+        left = deadline - clock.monotonic()
+        if left <= 0:
             raise await _give_up(io, "expired_token", "the device code expired unapproved")
         extra = 0.0
         try:
@@ -172,7 +180,7 @@ async def run_device_flow(io: DeviceIO, protocol: OAuth2Protocol, on_code: OnCod
                 lambda status, headers, body: protocol.parse_tokens(
                     status, headers, body, clock.time(), None
                 ),
-                policy=_poll_policy(io.retry, code, clock.time()),
+                policy=_poll_policy(io.retry, code, left),
                 secrets=(code.device_code,),
                 what="device poll",
             )

@@ -693,8 +693,16 @@ class TokenManager:
         return True
 
     async def _store_sign_in(self, tokens: TokenSet, *, fresh: bool = True) -> None:
-        """Store a pair as a sign-in; ``fresh``: the server just sent it (not the app)."""
+        """Store a pair as a sign-in; ``fresh``: the server just sent it (not the app).
+
+        The store runs to its end as the manager's own work even if the caller is cancelled
+        (an app's timeout, a Cancel button): the server has issued the pair, and a device or
+        browser code is single use, so a pair dropped here costs the person a new approval.
+        """
         self._require_open()
+        await asyncio.shield(self._spawn(self._stored(tokens, fresh=fresh)))
+
+    async def _stored(self, tokens: TokenSet, *, fresh: bool) -> None:
         generation = await self.journal.store_tokens(self.account, tokens, self._clock.time())
         self._use(tokens, fresh=fresh, wide=True)
         self._generation, self._ended_code = generation, None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from ._clock import Clock
 from ._numbers import MAX_SECONDS, epoch_seconds, http_date, positive_seconds, retry_after
@@ -187,6 +187,14 @@ def _nonempty_str(data: Mapping[str, Any], key: str) -> str | None:
 def _visible_ascii(text: str) -> bool:
     """RFC 6749's VSCHAR (``%x20-7E``): what a token may be made of."""
     return text.isascii() and text.isprintable()
+
+
+def _web_address(text: str) -> bool:
+    """An absolute http(s) URL of printable ASCII, with no space: one a person may be shown."""
+    if not _visible_ascii(text) or " " in text:
+        return False
+    parts = urlsplit(text)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _description(data: Mapping[str, Any] | None, key: str) -> str | None:
@@ -799,11 +807,24 @@ class OAuth2Protocol:
                 status,
                 "device_code, user_code, verification_uri and expires_in are required",
             )
+        complete = _nonempty_str(data, "verification_uri_complete")
+        # The app shows these to a person, often on a terminal: an escape sequence in them
+        # would clear a kiosk's screen or hide part of the address. RFC 8628 6.1 codes are
+        # ASCII letters and digits; a URI is printable ASCII (RFC 3986).
+        if not _visible_ascii(user_code) or not all(
+            _web_address(u) for u in (uri, complete) if u is not None
+        ):
+            return Failure(
+                FailureKind.MALFORMED,
+                "malformed_body",
+                status,
+                "user_code must be printable ASCII and verification_uri an http(s) URL",
+            )
         return DeviceCode(
             device_code,
             user_code,
             uri,
-            _nonempty_str(data, "verification_uri_complete"),
+            complete,
             received_at + expires_in,
             max(
                 MIN_INTERVAL,

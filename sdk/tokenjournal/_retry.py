@@ -98,7 +98,11 @@ def transient_error(failure: Failure | None, detail: str) -> TransientError | Pr
             f"the auth server keeps rate limiting ({failure.status})", failure.retry_after
         )
     if failure.kind is FailureKind.MALFORMED:
-        return ProtocolError(f"the auth server answered {failure.status} with a malformed body")
+        # The message says what was wrong ("expires_in is required"), never a token.
+        why = f": {failure.message}" if failure.message else ""
+        return ProtocolError(
+            f"the auth server answered {failure.status} with a malformed body{why}"
+        )
     return ServerError(
         f"the auth server keeps failing: {failure.code} ({failure.status})", failure.retry_after
     )
