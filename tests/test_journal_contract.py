@@ -361,6 +361,13 @@ def test_checking_a_holder_sends_it_no_signal() -> None:
     assert pid_alive(DEAD_PID) is False
 
 
+@pytest.mark.parametrize("pid", [0, -1, 2**31, 2**63])
+def test_what_names_no_one_process_is_no_holder(pid: int) -> None:
+    """kill(0, 0) asks about our own process group, kill(-1, 0) about every process: an
+    edited lease's pid 0 passed for alive; a pid past pid_t raised OverflowError."""
+    assert pid_alive(pid) is False
+
+
 def test_a_holder_we_may_not_signal_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another user's process (EPERM) exists: its lease is respected."""
 
@@ -975,7 +982,7 @@ async def test_an_account_row_without_an_access_token_has_no_pair(tmp_path: Path
             "UPDATE leases SET expires_at = 'later'",
             "column leases.expires_at holds a str, not a number",
         ),
-        ("UPDATE leases SET pid = 2147483649", "column leases.pid is out of range (2147483649)"),
+        ("UPDATE leases SET pid = 2147483648", "column leases.pid is out of range (2147483648)"),
         (
             f"UPDATE intents SET generation = {_MAX_GENERATION + 1}",
             f"column intents.generation is out of range ({_MAX_GENERATION + 1})",
@@ -990,8 +997,10 @@ async def test_more_edited_rows_name_the_column(tmp_path: Path, sql: str, proble
 
 
 async def test_the_largest_pid_is_read(tmp_path: Path) -> None:
-    record = await loaded_after(tmp_path, "UPDATE leases SET pid = 2147483648")
-    assert record.lease is not None and record.lease.pid == 2**31
+    """pid_t's largest; one more used to be read too, and then os.kill raised OverflowError
+    out of status and out of a refresh."""
+    record = await loaded_after(tmp_path, "UPDATE leases SET pid = 2147483647")
+    assert record.lease is not None and record.lease.pid == 2**31 - 1
 
 
 # --------------------------------------------------------------------------- opening

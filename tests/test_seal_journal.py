@@ -20,8 +20,10 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -903,3 +905,52 @@ async def test_opening_a_journal_already_sealed_under_the_key_writes_nothing(
         assert rotated.durable_commits == 1
     finally:
         await rotated.close()
+
+
+class HeldSeal(tj.Seal):
+    """A seal whose third ``seal()`` call waits until told, and that counts its calls."""
+
+    def __init__(self, key: bytes, **kwargs: Any) -> None:
+        super().__init__(key, **kwargs)
+        self.calls = 0
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def seal(self, value: str, *, account: str, column: str, generation: int) -> str:
+        self.calls += 1
+        if self.calls == 3:
+            self.started.set()
+            self.go.wait(10)
+        return super().seal(value, account=account, column=column, generation=generation)
+
+
+async def test_a_cancelled_rotation_stops_at_the_next_row_and_keeps_the_old_seal(
+    journal_path: Path,
+) -> None:
+    """A Ctrl-C during `tokenjournal reseal` used to wait until every row was sealed anew,
+    then roll it all back (30,000 rows: 5 s after the signal, silent). The sealing now stops
+    at its next row; the journal stays as it was, under the old key."""
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    pairs = {
+        f"acct-{i}": tj.TokenSet(f"a-{i:04d}-0123456789", f"r-{i:04d}-0123456789")
+        for i in range(40)
+    }
+    for account, pair in pairs.items():
+        await journal.store_tokens(account, pair, 1.0)
+    await journal.close()
+
+    held = HeldSeal(NEW_KEY, previous=[tj.Seal(KEY)])
+    rotating = tj.SQLiteJournal(journal_path, seal=held)
+    opening = asyncio.ensure_future(rotating.open())
+    assert await asyncio.to_thread(held.started.wait, 10)
+    opening.cancel()
+    held.go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await rotating.close()
+    assert held.calls <= 4  # the row in hand (two columns) and no further: not 80 calls
+    old = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await old.open()
+    assert await old.sealed_by() == tj.Seal(KEY).key_id
+    assert {a: (await old.load(a)).tokens for a in pairs} == pairs
+    await old.close()

@@ -163,8 +163,19 @@ class Stale:
 BeginResult = Started | Busy | Stale
 
 
+#: The largest process id (``pid_t`` is a signed 32-bit integer).
+MAX_PID: Final = 2**31 - 1
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host (a dead lease holder can be skipped)."""
+    """Whether a process with ``pid`` exists on this host (a dead lease holder can be skipped).
+
+    Only a positive ``pid_t`` names one process: ``kill(0, 0)`` asks about our own process
+    group and ``kill(-1, 0)`` about every process we may signal, so either would call an
+    edited lease's holder alive; one past ``pid_t`` would raise ``OverflowError``.
+    """
+    if not 0 < pid <= MAX_PID:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -957,6 +968,9 @@ class _Tx:
     scrub: bool = False
     #: A crash point to pass between the commit and the scrub (the sealing's steps).
     point: str | None = None
+    #: Set when nobody waits for this transaction any more: a long body (sealing every row)
+    #: stops at its next step instead of finishing work the rollback throws away.
+    abandoned: threading.Event | None = None
 
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -1148,7 +1162,7 @@ class SQLiteJournal:
             answer = self._begin_unless(conn, unless, abandoned)
             if answer is not None:
                 return answer
-        tx = _Tx(conn)
+        tx = _Tx(conn, abandoned=abandoned)
         try:
             result = body(tx)
             if abandoned.is_set():
@@ -1398,6 +1412,8 @@ class SQLiteJournal:
             for rowid, owner, generation, sealed_by, *values in rows:
                 if sealed_by == seal.key_id or all(v is None for v in values):
                     continue
+                if tx.abandoned is not None and tx.abandoned.is_set():
+                    raise _Abandoned  # a Ctrl-C: roll back now, not after every row
                 r = _Row(str(owner), t.noun)
                 if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
                     values = [_b64(v) if isinstance(v, bytes) else v for v in values]
@@ -2440,7 +2456,7 @@ def _record(account: str, row: tuple[Any, ...], seal: Seal | None = None) -> Acc
     if l_holder is not None:
         lease = Lease(
             r.required_text("leases.holder", l_holder),
-            r.integer("leases.pid", l_pid, 2**31),
+            r.integer("leases.pid", l_pid, MAX_PID),
             r.required_text("leases.host", l_host),
             r.required_number("leases.expires_at", l_exp),
         )
