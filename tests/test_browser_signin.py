@@ -8,9 +8,13 @@ listener. tests/test_browser_chromium.py does the same with a real Chromium.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
+import math
 import re
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -138,18 +142,88 @@ async def test_a_denial_is_sign_in_failed_access_denied_and_stores_nothing(
     assert port_is_closed(redirect_uri_of(browser.urls[0]))
 
 
-async def test_a_redirect_with_another_state_is_refused_before_any_exchange(
+def forge(query: dict[str, list[str]]) -> None:
+    query["state"] = ["someone-elses-state"]
+
+
+async def test_a_redirect_with_another_state_is_never_believed_nor_ends_the_wait(
     journal_path: Path,
 ) -> None:
-    def forge(query: dict[str, list[str]]) -> None:
-        query["state"] = ["someone-elses-state"]
+    """A redirect with another state (a stale tab of an earlier try, or a web page or a
+    program that knows the port) used to be taken as the answer: the sign-in failed with
+    state_mismatch and the person's real redirect that followed was thrown away. It is
+    refused with a 400 page, its code never sent, and the wait goes on."""
+    genuine = Browser()
+    stray_pages: list[tuple[int, str]] = []
+
+    async def stray_then_genuine(url: str) -> None:
+        callback = redirect_uri_of(url)
+        stray = {"code": "c", "state": "x"}
+        async with aiohttp.ClientSession() as http, http.get(callback, params=stray) as page:
+            stray_pages.append((page.status, await page.text()))
+        await genuine(url)
 
     async with signed_in_setup(journal_path) as (server, tm):
+        tokens = await tm.sign_in_browser(open_browser=stray_then_genuine)
+        assert tm.tokens == tokens and server.stats()["signins"] == 1
+    ((status, page),) = stray_pages
+    assert status == 400 and "another sign-in" in page
+    assert "Signed in" in genuine.final_page
+
+
+async def test_only_redirects_of_another_sign_in_end_in_state_mismatch(
+    journal_path: Path,
+) -> None:
+    clock = FakeClock()
+    browser = Browser(tamper=forge)
+    async with signed_in_setup(journal_path, clock=clock) as (server, tm):
         with pytest.raises(tj.SignInFailed) as caught:
-            await tm.sign_in_browser(open_browser=Browser(tamper=forge))
+            await tm.sign_in_browser(open_browser=browser, timeout=120)
         assert server.stats()["signins"] == 0  # the code was never sent
         assert tm.tokens is None
     assert caught.value.code == "state_mismatch"
+    assert caught.value.description == (
+        "within 120 s only redirects of another sign-in came back (1), none of this one"
+    )
+    assert 120 in clock.sleeps and "Not this sign-in" in browser.final_page
+
+
+async def test_a_redirect_without_iss_from_a_server_that_always_sends_it_is_refused(
+    journal_path: Path,
+) -> None:
+    """RFC 9207 2.4: the reference server says (authorization_response_iss_parameter_
+    supported) that its redirects name it, so one without iss is a mix-up attempt that
+    dropped it; it used to be believed."""
+
+    def drop_iss(query: dict[str, list[str]]) -> None:
+        del query["iss"]
+
+    async with signed_in_setup(journal_path) as (server, tm):
+        assert isinstance(tm.protocol, tj.OAuth2Protocol) and tm.protocol.iss_in_redirects
+        with pytest.raises(tj.SignInFailed) as caught:
+            await tm.sign_in_browser(open_browser=Browser(tamper=drop_iss))
+        assert server.stats()["signins"] == 0
+    assert caught.value.code == "issuer_mismatch"
+
+
+async def test_a_redirects_error_reaches_the_exception_printable_and_short(
+    journal_path: Path,
+) -> None:
+    """The redirect's error is the only server text that reaches SignInFailed by no
+    exchange: a CR/LF in it forged a second log line, an escape sequence reached the
+    terminal, 5,000 characters made the message."""
+    code = "access_denied\r\n2026-01-01 INFO tokenjournal: signed in\x1b[2J\u202e" + "x" * 5000
+
+    def hostile(query: dict[str, list[str]]) -> None:
+        query.pop("code", None)
+        query["error"] = [code]
+
+    async with signed_in_setup(journal_path) as (_, tm):
+        with pytest.raises(tj.SignInFailed) as caught:
+            await tm.sign_in_browser(open_browser=Browser(tamper=hostile))
+    assert len(caught.value.code) <= 64 and caught.value.code.isprintable()
+    assert caught.value.code.startswith("access_denied\\x0d\\x0a2026-01-01")
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
 
 
 async def test_a_redirect_naming_another_issuer_is_refused(journal_path: Path) -> None:
@@ -270,3 +344,95 @@ async def test_browser_sign_in_needs_an_oauth_protocol_with_an_authorization_url
         async with tj.TokenManager(server.url, tj.MemoryJournal(), protocol=protocol) as tm:
             with pytest.raises(ValueError, match="authorization_url"):
                 await tm.sign_in_browser(open_browser=lambda url: True)
+
+
+async def test_a_plain_opener_that_blocks_runs_beside_the_listener(journal_path: Path) -> None:
+    """webbrowser.open waits for a console browser (lynx, w3m) to exit; called on the event
+    loop, it kept the listener from answering the redirect it waited for: the browser hung
+    and so did the sign-in, past its timeout."""
+    answered: list[int] = []
+
+    def console_browser(url: str) -> bool:  # blocks until the listener answers it
+        stray = redirect_uri_of(url) + "?state=x"
+        try:
+            urllib.request.urlopen(stray, timeout=10)
+        except urllib.error.HTTPError as refused:
+            answered.append(refused.code)
+        return True
+
+    clock = FakeClock()
+    async with signed_in_setup(journal_path, clock=clock) as (_, tm):
+        with pytest.raises(tj.SignInFailed) as caught:
+            await tm.sign_in_browser(open_browser=console_browser, timeout=120)
+    assert answered == [400] and caught.value.code == "state_mismatch"
+
+
+async def test_close_and_the_timeout_end_an_opener_that_never_returns(journal_path: Path) -> None:
+    """A webview or a desktop portal that never returns held the flow and its port past the
+    timeout, and past close(): the opener was awaited before the wait began."""
+    called = asyncio.Event()
+    urls: list[str] = []
+
+    async def stuck(url: str) -> None:
+        urls.append(url)
+        called.set()
+        await asyncio.Event().wait()
+
+    async with signed_in_setup(journal_path) as (_, tm):
+        with pytest.raises(tj.SignInFailed) as caught:
+            await tm.sign_in_browser(open_browser=stuck, timeout=0.05)
+        assert caught.value.description == "the browser opener did not return within 0.05 s"
+        assert port_is_closed(redirect_uri_of(urls[0]))
+        called.clear()
+        flow = asyncio.ensure_future(tm.sign_in_browser(open_browser=stuck))
+        await asyncio.wait_for(called.wait(), 10)
+        await asyncio.wait_for(tm.close(), 10)
+        with pytest.raises(RuntimeError, match="closed during the browser sign-in"):
+            await asyncio.wait_for(flow, 10)
+    assert port_is_closed(redirect_uri_of(urls[1]))
+
+
+async def test_a_cancel_while_the_listener_starts_leaves_no_port_bound(journal_path: Path) -> None:
+    """aiohttp's site serves before its start returns: a cancel landing there lost the
+    server with its port bound for the life of the process, so a sign-in on a fixed port
+    (a redirect URI registered with its port) failed with EADDRINUSE from then on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with signed_in_setup(journal_path) as (_, tm):
+        for steps in range(12):  # a cancel after each step of the listener's start
+            flow = asyncio.ensure_future(
+                tm.sign_in_browser(open_browser=lambda url: True, port=port)
+            )
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            flow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flow
+            assert port_is_closed(f"http://127.0.0.1:{port}/callback"), steps
+        tokens = await tm.sign_in_browser(open_browser=Browser(), port=port)
+        assert tm.tokens == tokens
+
+
+async def test_a_plain_http_login_page_on_another_host_is_refused(journal_path: Path) -> None:
+    """The person types a password on the authorization page: http to another host was
+    accepted there, where the manager refused it for every URL it sends a secret to."""
+    remote = tj.OAuth2Protocol(
+        "https://auth.example.com/token",
+        client_id=CLIENT,
+        authorization_url="http://auth.example.com/authorize",
+    )
+    with pytest.raises(ValueError, match=r"refusing plain HTTP to auth\.example\.com"):
+        tj.TokenManager("https://auth.example.com", journal_path, protocol=remote)
+    tj.TokenManager(
+        "https://auth.example.com", journal_path, protocol=remote, allow_insecure_http=True
+    )
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf])
+async def test_a_timeout_that_is_no_finite_positive_number_is_refused(
+    journal_path: Path, timeout: float
+) -> None:
+    async with signed_in_setup(journal_path) as (_, tm):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            await tm.sign_in_browser(open_browser=lambda url: True, timeout=timeout)

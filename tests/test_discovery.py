@@ -236,6 +236,20 @@ async def test_plain_http_discovery_of_a_remote_issuer_is_refused() -> None:
         await tj.OAuth2Protocol.discover("http://sso.example.com", client_id="c")
 
 
+@pytest.mark.parametrize("issuer", ["https://sso.example.com/?tenant=1", "https://a/#x"])
+async def test_an_issuer_with_a_query_or_a_fragment_is_refused(issuer: str) -> None:
+    """RFC 8414 2: an issuer has neither; the well-known URLs were built inside the query
+    (https://host/?tenant=1/.well-known/openid-configuration)."""
+    with pytest.raises(ValueError, match="no query or fragment"):
+        await tj.OAuth2Protocol.discover(issuer, client_id="c")
+
+
+async def test_discovery_tells_the_protocol_that_redirects_name_the_issuer() -> None:
+    async with serving() as server:
+        protocol = await tj.OAuth2Protocol.discover(server.url, client_id="tokenjournal-demo")
+    assert protocol.iss_in_redirects is True
+
+
 async def test_a_discovered_protocol_signs_in_and_refreshes(journal_path: Path) -> None:
     async with serving() as server:
         protocol = await tj.OAuth2Protocol.discover(server.url, client_id=CLIENT)

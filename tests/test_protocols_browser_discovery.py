@@ -45,6 +45,25 @@ def test_every_refusal_of_a_discovery_document_is_exact() -> None:
     )
 
 
+@pytest.mark.parametrize("url", ["https://", "https:///token", "http://:443/t", "https:token"])
+def test_an_endpoint_without_a_host_is_no_url(url: str) -> None:
+    """A prefix check let "https://" pass: the browser sign-in then sent the person to an
+    address with no server in it."""
+    bad = F(K.MALFORMED, "malformed_body", 200, "authorization_endpoint is not an http(s) URL")
+    assert parse_metadata(200, {}, doc(authorization_endpoint=url), ISSUER) == bad
+    with pytest.raises(ValueError, match=r"^OAuth2Protocol.token_url must be an http\(s\) URL$"):
+        tj.OAuth2Protocol(url, client_id="c")
+
+
+def test_a_server_that_always_names_itself_in_redirects_says_so_in_its_document() -> None:
+    """RFC 9207 2.4: authorization_response_iss_parameter_supported, true and only true."""
+    for value, expected in ((True, True), (False, False), ("true", False), (None, False)):
+        body = doc(authorization_response_iss_parameter_supported=value)
+        metadata = parse_metadata(200, {}, body, ISSUER)
+        assert isinstance(metadata, tj.ServerMetadata)
+        assert metadata.iss_in_redirects is expected
+
+
 def test_a_3xx_is_no_document_and_a_404_sends_discovery_to_the_next_url() -> None:
     # A redirect the HTTP client did not follow is not a document: the 2xx range ends at 299.
     assert parse_metadata(300, {}, doc(), ISSUER) == F(
@@ -221,6 +240,19 @@ def test_a_redirect_from_another_issuer_is_a_mix_up() -> None:
         K.REJECTED, "issuer_mismatch", 400, "the redirect names another issuer"
     )
     assert p.parse_redirect({**query, "iss": ISSUER + "/"}, "s") == "c"
+
+
+def test_a_redirect_without_iss_is_refused_only_from_a_server_that_always_sends_it() -> None:
+    query = {"code": "c", "state": "s"}
+    assert browser(issuer=ISSUER).parse_redirect(query, "s") == "c"
+    assert browser(issuer=ISSUER, iss_in_redirects=True).parse_redirect(query, "s") == F(
+        K.REJECTED,
+        "issuer_mismatch",
+        400,
+        "the redirect names no issuer, though the server always names it",
+    )
+    strict = browser(issuer=ISSUER, iss_in_redirects=True)
+    assert strict.parse_redirect({**query, "iss": ISSUER}, "s") == "c"
 
 
 def test_an_error_redirect_is_permanent_with_the_servers_words() -> None:

@@ -42,6 +42,9 @@ def _check_issuer(issuer: str, allow_insecure_http: bool) -> None:
     url = URL(issuer) if isinstance(issuer, str) else None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"issuer must be an http(s) URL, got {issuer!r}")
+    if url.raw_query_string or url.raw_fragment or "?" in issuer or "#" in issuer:
+        # RFC 8414 2: an issuer has neither; the well-known URLs would be built inside one.
+        raise ValueError(f"issuer must have no query or fragment, got {issuer!r}")
     if url.scheme == "http" and not is_loopback(url.host) and not allow_insecure_http:
         raise ValueError(
             f"refusing discovery over plain HTTP from {url.host}: whoever is on the network "

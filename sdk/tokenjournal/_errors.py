@@ -43,6 +43,13 @@ def clean_description(description: object) -> str | None:
     return text or None
 
 
+def clean_code(code: object) -> str:
+    """A server's error code fit for a message or a log line: printable, at most
+    :data:`CODE_LIMIT` characters. The manager has cleaned the codes of its exchanges; a
+    browser redirect's ``error`` reaches an error by no exchange at all."""
+    return printable(code, limit=CODE_LIMIT)
+
+
 def _with_description(message: str, description: str | None) -> str:
     return f"{message} ({description})" if description else message
 
@@ -65,9 +72,9 @@ class SessionEnded(TokenJournalError):
     def __init__(
         self, code: str, message: str | None = None, *, description: str | None = None
     ) -> None:
-        self.code = code
+        self.code = clean_code(code)
         self.description = clean_description(description)
-        text = message or f"session ended by the server: {code}; sign in again"
+        text = message or f"session ended by the server: {self.code}; sign in again"
         super().__init__(_with_description(text, self.description))
 
 
@@ -118,9 +125,9 @@ class SignInFailed(TokenJournalError):
     def __init__(
         self, code: str, message: str | None = None, *, description: str | None = None
     ) -> None:
-        self.code = code
+        self.code = clean_code(code)
         self.description = clean_description(description)
-        text = message or f"sign-in refused by the server: {code}"
+        text = message or f"sign-in refused by the server: {self.code}"
         super().__init__(_with_description(text, self.description))
 
 

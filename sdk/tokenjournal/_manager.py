@@ -155,10 +155,16 @@ class _Claim:
 
 
 def _auth_urls(auth_url: str, protocol: AuthProtocol) -> list[str]:
-    """Every URL the manager sends a secret to (refresh token, password, device code)."""
+    """Every URL the manager sends a secret to (refresh token, password, device code), or
+    sends a person to type one into (the browser sign-in's authorization page)."""
     urls = [auth_url, protocol.auth_url]
     if isinstance(protocol, OAuth2Protocol):
-        urls += [u for u in (protocol.device_authorization_url, protocol.revocation_url) if u]
+        others = (
+            protocol.device_authorization_url,
+            protocol.revocation_url,
+            protocol.authorization_url,
+        )
+        urls += [u for u in others if u]
     return urls
 
 
@@ -566,8 +572,8 @@ class TokenManager:
         self._require_open()
         if not isinstance(self.protocol, OAuth2Protocol):
             raise TypeError("sign_in_browser needs an OAuth2Protocol with authorization_url")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not 0 < timeout < math.inf:  # nan too: it would time out at once
+            raise ValueError("timeout must be a finite number of seconds > 0")
 
         async def exchange(request: HttpRequest, secrets: Iterable[str]) -> TokenSet | Failure:
             return await self._exchange(
@@ -575,7 +581,7 @@ class TokenManager:
             )
 
         tokens = await run_browser_flow(
-            BrowserIO(exchange, self._pause),
+            BrowserIO(exchange, self._pause, self._closing),
             self.protocol,
             open_browser=open_browser,
             port=port,

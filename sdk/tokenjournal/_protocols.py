@@ -189,12 +189,17 @@ def _visible_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
+def _http_url(value: object) -> bool:
+    """An absolute http(s) URL with a host (``https://`` alone names no server)."""
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
 def _web_address(text: str) -> bool:
     """An absolute http(s) URL of printable ASCII, with no space: one a person may be shown."""
-    if not _visible_ascii(text) or " " in text:
-        return False
-    parts = urlsplit(text)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    return _visible_ascii(text) and " " not in text and _http_url(text)
 
 
 def _description(data: Mapping[str, Any] | None, key: str) -> str | None:
@@ -489,6 +494,9 @@ class ServerMetadata:
     grant_types_supported: tuple[str, ...] = ()
     code_challenge_methods_supported: tuple[str, ...] = ()
     document: str = field(default="{}", repr=False, compare=False)
+    #: RFC 9207's ``authorization_response_iss_parameter_supported``: every redirect of
+    #: this server names it in ``iss``.
+    iss_in_redirects: bool = False
 
 
 def metadata_urls(issuer: str) -> tuple[str, ...]:
@@ -535,9 +543,7 @@ def parse_metadata(
     urls: dict[str, str | None] = {}
     for name in _ENDPOINTS:
         value = data.get(name)
-        if value is not None and not (
-            isinstance(value, str) and value.lower().startswith(("https://", "http://"))
-        ):
+        if value is not None and not _http_url(value):
             return Failure(
                 FailureKind.MALFORMED, "malformed_body", status, f"{name} is not an http(s) URL"
             )
@@ -554,6 +560,7 @@ def parse_metadata(
         _strings(data.get("grant_types_supported")),
         _strings(data.get("code_challenge_methods_supported")),
         body.decode("utf-8"),
+        data.get("authorization_response_iss_parameter_supported") is True,
     )
 
 
@@ -625,8 +632,10 @@ class OAuth2Protocol:
 
     ``authorization_url`` is where the browser sign-in sends the person (RFC 6749 4.1, with
     PKCE); ``issuer`` is the server's issuer identifier, checked against the ``iss`` of a
-    browser redirect (RFC 9207) when the server sends one. :meth:`discover` fills every URL
-    from the server's metadata.
+    browser redirect (RFC 9207) when the server sends one; with ``iss_in_redirects`` (the
+    server says it always sends one) a redirect without ``iss`` is refused too, or an
+    attacker's mix-up would only have to leave it out. :meth:`discover` fills every URL, and
+    ``iss_in_redirects``, from the server's metadata.
     """
 
     token_url: str
@@ -639,6 +648,7 @@ class OAuth2Protocol:
     extra_params: Mapping[str, str] | None = field(default=None, compare=False)
     authorization_url: str | None = None
     issuer: str | None = None
+    iss_in_redirects: bool = False
 
     @classmethod
     async def discover(
@@ -689,6 +699,7 @@ class OAuth2Protocol:
             "revocation_url": metadata.revocation_endpoint,
             "authorization_url": metadata.authorization_endpoint,
             "issuer": metadata.issuer,
+            "iss_in_redirects": metadata.iss_in_redirects,
         }
         fields.update(options)
         return cls(**fields)
@@ -701,9 +712,7 @@ class OAuth2Protocol:
             "authorization_url",
         ):
             url = getattr(self, name)
-            if url is not None and not (
-                isinstance(url, str) and url.lower().startswith(("https://", "http://"))
-            ):
+            if url is not None and not _http_url(url):
                 raise ValueError(f"OAuth2Protocol.{name} must be an http(s) URL")
         if not isinstance(self.client_id, str) or not self.client_id:
             raise ValueError("OAuth2Protocol.client_id must be a non-empty string")
@@ -864,9 +873,9 @@ class OAuth2Protocol:
 
         ``state`` is checked first, in constant time: a redirect that does not carry ours
         is someone else's (CSRF) and nothing else in it is believed (``state_mismatch``).
-        An ``iss`` that is not our issuer is a mix-up attack (RFC 9207,
-        ``issuer_mismatch``). An ``error`` (``access_denied``, ...) is PERMANENT with the
-        server's ``error_description``.
+        An ``iss`` that is not our issuer, or none from a server that always sends it, is a
+        mix-up attack (RFC 9207, ``issuer_mismatch``). An ``error`` (``access_denied``,
+        ...) is PERMANENT with the server's ``error_description``.
         """
         got = query.get("state", "")
         if not hmac.compare_digest(got.encode("utf-8", "replace"), state.encode("utf-8")):
@@ -874,6 +883,13 @@ class OAuth2Protocol:
                 FailureKind.REJECTED, "state_mismatch", 400, "the redirect's state is not ours"
             )
         iss = query.get("iss")
+        if iss is None and self.iss_in_redirects:
+            return Failure(
+                FailureKind.REJECTED,
+                "issuer_mismatch",
+                400,
+                "the redirect names no issuer, though the server always names it",
+            )
         if iss is not None and self.issuer is not None and not _same_issuer(iss, self.issuer):
             return Failure(
                 FailureKind.REJECTED, "issuer_mismatch", 400, "the redirect names another issuer"

@@ -978,11 +978,12 @@ def _authorize_page(
 
 
 def _authorize_fields(
-    state: ServerState, params: dict[str, str]
+    state: ServerState, params: dict[str, str], issuer: str
 ) -> tuple[dict[str, str], web.Response | None]:
     """The request's fields, or the answer that ends it: an error page when the client or
     the redirect URI cannot be trusted (RFC 6749 4.1.2.1: never redirect then), else a
-    redirect carrying the error."""
+    redirect carrying the error. Every redirect names ``issuer`` (RFC 9207 2: error
+    responses too, as the metadata promises)."""
     fields = {
         k: params[k]
         for k in (*_AUTHORIZE_FIELDS, "response_type", "code_challenge_method", "prompt")
@@ -995,6 +996,7 @@ def _authorize_fields(
     if redirect_uri is None or not loopback_redirect(redirect_uri):
         return fields, _error_page("The redirect URI must be http to a loopback address.")
     echo = {"state": fields["state"]} if "state" in fields else {}
+    echo["iss"] = issuer
     if params.get("response_type", "code") != "code":
         error = {"error": "unsupported_response_type", **echo}
         return fields, _redirect(redirect_uri, error)
@@ -1012,11 +1014,12 @@ def _authorize_fields(
 async def authorize_page(request: web.Request) -> web.StreamResponse:
     """`GET /oauth/authorize` (RFC 6749 4.1.1): the login and consent page."""
     state = request.app[STATE]
-    fields, ended = _authorize_fields(state, dict(request.query))
+    fields, ended = _authorize_fields(state, dict(request.query), issuer_of(request))
     if ended is not None:
         return ended
     if fields.get("prompt") == "none":  # no login session here: ask the app to prompt
         echo = {"state": fields["state"]} if "state" in fields else {}
+        echo["iss"] = issuer_of(request)
         return _redirect(fields["redirect_uri"], {"error": "login_required", **echo})
     return _authorize_page(state, fields)
 
@@ -1026,7 +1029,7 @@ async def authorize_decision(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     form = await request.post()
     params = {k: v for k, v in form.items() if isinstance(v, str)}
-    fields, ended = _authorize_fields(state, params)
+    fields, ended = _authorize_fields(state, params, issuer_of(request))
     if ended is not None:
         return ended
     redirect_uri = fields["redirect_uri"]
