@@ -179,6 +179,17 @@ def test_a_missing_key_file_is_made_0600_with_32_random_bytes(tmp_path: Path) ->
     assert tj.Seal.from_key_file(tmp_path / "other.key").key_id != made.key_id
 
 
+def test_a_key_file_loaded_with_create_false_is_never_made(tmp_path: Path) -> None:
+    """An old key (``reseal --previous-key-file``) is loaded: a mistyped path is an error."""
+    path = tmp_path / "old.key"
+    with pytest.raises(ValueError, match=f"key file {path} does not exist"):
+        tj.Seal.from_key_file(path, create=False)
+    assert not path.exists()
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    assert tj.Seal.from_key_file(path, create=False).key_id == tj.Seal(KEY).key_id
+
+
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
 def test_a_key_file_of_the_wrong_size_is_refused(tmp_path: Path, size: int) -> None:
     path = tmp_path / "journal.key"

@@ -111,27 +111,34 @@ class Seal:
 
     @classmethod
     def from_key_file(
-        cls, path: str | os.PathLike[str], *, previous: Iterable[Seal | bytes] = ()
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        previous: Iterable[Seal | bytes] = (),
+        create: bool = True,
     ) -> Seal:
         """The key in ``path``: 32 random bytes, created (mode 0600) if the file is missing.
 
         An existing file must hold exactly 32 bytes and give other users no access
         (``chmod 600``, or ``640`` for a group of your service); anything else is refused.
+        ``create=False`` only loads: a missing file raises ``ValueError`` (an old key, which
+        a new random one could never replace).
         """
         where = Path(os.path.expanduser(os.fspath(path)))
-        try:
-            fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ValueError(f"cannot create the key file {where}: {exc.strerror}") from None
-        else:
+        if create:
             try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, os.urandom(KEY_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ValueError(f"cannot create the key file {where}: {exc.strerror}") from None
+            else:
+                try:
+                    os.fchmod(fd, 0o600)
+                    os.write(fd, os.urandom(KEY_BYTES))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         try:
             with open(where, "rb") as file:
                 mode = os.fstat(file.fileno()).st_mode
@@ -142,6 +149,8 @@ class Seal:
                     )
                 size = os.fstat(file.fileno()).st_size
                 key = file.read(KEY_BYTES + 1)
+        except FileNotFoundError:
+            raise ValueError(f"key file {where} does not exist") from None
         except OSError as exc:
             raise ValueError(f"cannot read the key file {where}: {exc.strerror}") from None
         if len(key) != KEY_BYTES:

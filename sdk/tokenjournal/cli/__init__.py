@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -41,6 +42,9 @@ examples:
 
 Run `tokenjournal COMMAND --help` for the options of one command."""
 
+#: Ctrl-C's exit status (128 + SIGINT), what every command returns when interrupted.
+EXIT_INTERRUPTED: Final = 128 + signal.SIGINT
+
 #: In the order ``--help`` lists them. Imported when the parser is built, not with this
 #: package, so that ``python -m tokenjournal.cli._demo_client`` starts without them.
 COMMANDS: Final = ("demo", "serve", "status", "reseal", "conformance", "bench")
@@ -57,8 +61,8 @@ def _not_built_in(sub: Subparsers, name: str) -> None:
     parser.set_defaults(handler=handler, any_arguments=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Import every subcommand (the server and the demo take a while) and parse."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=MAIN_DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=Formatter
     )
@@ -74,16 +78,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if rest and not getattr(ns, "any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handler: Handler | None = getattr(ns, "handler", None)
-    if handler is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    # SIGTERM (timeout, CI, systemd) and SIGHUP clean up exactly like Ctrl-C.
-    with stop_signals_interrupt() as received:
-        try:
-            return handler(ns)
-        except KeyboardInterrupt:
-            return received.exit_status
+    return parser, ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (130 when Ctrl-C stops it)."""
+    try:
+        parser, ns = _parse(argv)
+        handler: Handler | None = getattr(ns, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        # SIGTERM (timeout, CI, systemd) and SIGHUP clean up exactly like Ctrl-C.
+        with stop_signals_interrupt() as received:
+            try:
+                return handler(ns)
+            except KeyboardInterrupt:
+                return received.exit_status
+    except KeyboardInterrupt:  # while the commands load (the slow part of a start): quiet
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ from .._protocols import (
 from .._terminal import printable
 from .._tokens import Failure, FailureKind, TokenSet, fingerprint
 from .._transport import NetworkFailure, Raw, send
-from ._args import EXIT_USAGE, PROG, Formatter, Subparsers, at_least, positive
+from ._args import EXIT_USAGE, PROG, Formatter, Subparsers, at_least, finite_positive
 from ._table import render_table
 
 Protocol = Literal["mana", "oauth2"]
@@ -88,16 +89,31 @@ class ConformanceOptions:
 
     def __post_init__(self) -> None:
         url = URL(self.url)
+        _refuse_userinfo(url, "the server URL")  # first: the messages below quote the URL
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"the server URL must be http(s)://host[:port], got {self.url!r}")
+        if self.token_url is not None:
+            _refuse_userinfo(URL(self.token_url), "--token-url")
         if self.protocol not in ("mana", "oauth2"):
             raise ValueError("protocol must be 'mana' or 'oauth2'")
         if self.concurrency < 2:
             raise ValueError("concurrency must be at least 2")
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if self.grace is not None and self.grace < 0:
-            raise ValueError("grace must be >= 0")
+        if not 0 < self.timeout < math.inf:
+            raise ValueError("timeout must be a positive finite number")
+        if self.grace is not None and not 0 <= self.grace < math.inf:
+            raise ValueError("grace must be a finite number >= 0")
+
+
+def _refuse_userinfo(url: URL, what: str) -> None:
+    """Refuse ``user:password@`` in a URL: the report would print it, and a password on a
+    command line is readable by every user of the machine (``ps``) and kept in shell history.
+    The message never repeats it."""
+    if url.raw_user is not None or url.raw_password is not None:
+        raise ValueError(
+            f"{what} holds a user name or password (user:password@host), which the report "
+            "would print; use --email/--username and --password-env VAR instead (a password "
+            "on a command line is visible to every user in ps, and kept in shell history)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,7 +659,7 @@ EPILOG: Final = """\
 examples:
   tokenjournal conformance http://127.0.0.1:8787 --test-clock
   tokenjournal conformance http://127.0.0.1:8787 --protocol oauth2 --test-clock
-  tokenjournal conformance https://sso.example.com/realms/acme --protocol oauth2 \
+  tokenjournal conformance https://sso.example.com/realms/acme --protocol oauth2 \\
       --client-id myapp --username me --password-env MY_PASSWORD   # endpoints by discovery
   tokenjournal conformance https://auth.example.com --email me@example.com \\
       --password-env MY_PASSWORD
@@ -727,7 +743,7 @@ def register(sub: Subparsers) -> None:
     )
     conf.add_argument(
         "--timeout",
-        type=positive,
+        type=finite_positive,
         default=15.0,
         metavar="SECONDS",
         help="per request (default 15)",

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Final, TextIO
 
-from .._errors import TokenJournalError
+from .._errors import JournalError, TokenJournalError
 from .._journal import SQLiteJournal
 from .._seal import Seal
 from .._terminal import printable
 from ._args import Formatter, Subparsers
+from .status import journal_file
 
 EXIT_FAILED: Final = 1
 
@@ -45,7 +48,12 @@ examples:
 
 def make_seal(ns: argparse.Namespace) -> Seal:
     """The seal the options describe (the new key, and the previous ones)."""
-    previous = [Seal.from_key_file(p) for p in ns.previous_key_file or ()]
+    previous: list[Seal] = []
+    for path in ns.previous_key_file or ():
+        try:  # loaded, never made: a mistyped path is an error, not a new random key
+            previous.append(Seal.from_key_file(path, create=False))
+        except ValueError as exc:
+            raise ValueError(f"--previous-key-file: {exc}") from None
     previous += [Seal.from_env(n) for n in ns.previous_key_env or ()]
     if ns.key_file is not None:
         return Seal.from_key_file(ns.key_file, previous=previous)
@@ -56,12 +64,33 @@ def make_seal(ns: argparse.Namespace) -> Seal:
     return Seal.from_keyring(ns.keyring, previous=previous)
 
 
+def _holds_no_journal(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file (or an empty one) at schema 0 with no tables: a
+    journal-to-be, which opening it writable would make. Read-only; unreadable: ``False``
+    (the journal's own open says what is wrong)."""
+    uri = path.absolute().as_uri() + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=0)) as conn:
+            version, objects = conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version),"
+                " (SELECT count(*) FROM sqlite_master)"
+            ).fetchone()
+    except sqlite3.Error:
+        return False
+    return int(version) == 0 and int(objects) == 0
+
+
 async def reseal(path: str | Path, seal: Seal) -> int:
     """Open the journal with ``seal`` (which seals a plain one in place) and re-seal every
-    row under its key; returns how many rows changed."""
-    journal = SQLiteJournal(path, seal=seal)
-    if not journal.path.is_file():
-        raise TokenJournalError(f"journal {journal.path} does not exist")
+    row under its key; returns how many rows changed.
+
+    Never makes a journal: a path that holds none (missing, not a file, empty) is refused
+    as ``status`` refuses it, and nothing is written.
+    """
+    shown = journal_file(path)
+    if await asyncio.to_thread(_holds_no_journal, shown):
+        raise JournalError(f"journal {shown} is not a tokenjournal journal (schema 0)")
+    journal = SQLiteJournal(shown, seal=seal)
     await journal.open()  # rows an old key sealed are re-sealed as it opens
     try:
         return journal.sealed_at_open + await journal.reseal()
@@ -109,7 +138,7 @@ def register(sub: Subparsers) -> None:
         "--previous-key-file",
         action="append",
         metavar="PATH",
-        help="a key file the journal may still be sealed with (repeatable)",
+        help="a key file the journal may still be sealed with (repeatable; must exist)",
     )
     parser.add_argument(
         "--previous-key-env",

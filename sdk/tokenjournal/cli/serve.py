@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Final
 
+from .._terminal import printable
 from ..server import add_serve_arguments, config_from_args, run
+from ..server._serve import DatabaseUnusable
 from ._args import EXIT_USAGE, PROG, Formatter, Subparsers
 
 DESCRIPTION: Final = """\
@@ -43,17 +45,19 @@ def register(sub: Subparsers) -> None:
 
 
 def command(ns: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM/SIGHUP: 0, 2 for a bad setting, 1 if it cannot listen."""
+    """Serve until SIGINT/SIGTERM/SIGHUP: 0, 2 for a bad setting, 1 if it cannot open its
+    database or listen. A failure is one line on stderr, as every command reports one."""
     try:
         config = config_from_args(ns)
         run(config, ns.host, ns.port)
     except (ValueError, TypeError) as exc:
-        print(f"{PROG} serve: {exc}", file=sys.stderr)
+        print(f"{PROG} serve: {printable(exc, limit=4096)}", file=sys.stderr)
         return EXIT_USAGE
+    except DatabaseUnusable as exc:  # --db: a folder, not SQLite, a client journal, ...
+        print(f"{PROG} serve: {printable(exc, limit=4096)}", file=sys.stderr)
+        return 1
     except OSError as exc:  # the port is taken, the address is not ours, ...
-        print(
-            f"{PROG} serve: cannot listen on {ns.host}:{ns.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+        where = printable(f"{ns.host}:{ns.port}", limit=4096)
+        print(f"{PROG} serve: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0

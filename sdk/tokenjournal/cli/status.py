@@ -143,6 +143,22 @@ def _account_status(record: AccountRecord, now: float) -> AccountStatus:
     )
 
 
+def journal_file(path: str | os.PathLike[str]) -> Path:
+    """The existing journal file at ``path`` (``~`` expanded), as every command names it.
+
+    Raises :class:`~tokenjournal.JournalError` when nothing is there or it is not a regular
+    file (a folder, a FIFO, a device). Checked before SQLite sees the path: aiosqlite leaves
+    its worker thread to report a failed connect to the event loop later, which may be gone
+    by then (a noisy thread error), and a FIFO would block the open.
+    """
+    shown = SQLiteJournal(path, read_only=True).path
+    if shown.exists() and not shown.is_file():
+        raise JournalError(f"journal {shown} is not a file")
+    if not shown.exists():
+        raise JournalError(f"journal {shown} does not exist")
+    return shown
+
+
 async def read_journal(
     path: str | os.PathLike[str], *, wait: float = DEFAULT_WAIT, now: float | None = None
 ) -> JournalStatus:
@@ -151,13 +167,7 @@ async def read_journal(
     Raises :class:`~tokenjournal.JournalError` when the file is missing, locked for longer
     than ``wait`` seconds, corrupt, not a journal, or of a newer schema.
     """
-    shown = SQLiteJournal(path, read_only=True, busy_timeout=wait).path
-    # Checked before SQLite sees it: aiosqlite leaves its worker thread to report a failed
-    # connect to the event loop later, which may be gone by then (a noisy thread error).
-    if shown.exists() and not shown.is_file():
-        raise JournalError(f"journal {shown} is not a file")
-    if not shown.exists():
-        raise JournalError(f"journal {shown} does not exist")
+    shown = journal_file(path)
     journal = SQLiteJournal(shown, read_only=True, busy_timeout=wait)
     await journal.open()
     try:
@@ -204,6 +214,12 @@ def span(seconds: float) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def ago(seconds: float) -> str:
+    """An age: ``3s ago``, or ``5m 00s in the future`` for a moment after now (a clock that
+    was stepped back since, or a tampered journal)."""
+    return f"{span(seconds)} in the future" if seconds < 0 else f"{span(seconds)} ago"
+
+
 def relative(epoch: float, now: float) -> str:
     """``in 5m 00s`` or ``3s ago``."""
     delta = epoch - now if math.isfinite(epoch) and math.isfinite(now) else math.nan
@@ -223,12 +239,12 @@ def _access_line(a: AccountStatus, now: float) -> str:
     if a.state != "signed_in":
         return "-"
     if a.access_expires_at is None:
-        return f"{a.access_fingerprint}, no expiry given (refreshed on a 401)"
+        return f"{printable(a.access_fingerprint)}, no expiry given (refreshed on a 401)"
     if not math.isfinite(a.access_expires_at):
-        return f"{a.access_fingerprint}, expiry unreadable"
+        return f"{printable(a.access_fingerprint)}, expiry unreadable"
     verb = "expires" if a.access_expires_at > now else "expired"
     return (
-        f"{a.access_fingerprint}, {verb} {when(a.access_expires_at)} "
+        f"{printable(a.access_fingerprint)}, {verb} {when(a.access_expires_at)} "
         f"({relative(a.access_expires_at, now)})"
     )
 
@@ -243,7 +259,7 @@ def _intent_line(a: AccountStatus) -> str:
         "device_code": "device sign-in pending",
     }.get(i.kind, printable(i.kind))
     return (
-        f"{what}; started {when(i.started_at)} ({span(i.age)} ago), "
+        f"{what}; started {when(i.started_at)} ({ago(i.age)}), "
         f"refresh token {printable(i.refresh_fingerprint)}, generation {i.generation}"
     )
 
@@ -264,7 +280,7 @@ def _at_rest(key_id: str | None) -> str:
 
 
 def _outbox_line(o: OutboxStats) -> str:
-    oldest = "-" if o.oldest_age is None else f"{span(o.oldest_age)} ago"
+    oldest = "-" if o.oldest_age is None else ago(o.oldest_age)
     return (
         f"  {printable(o.account)}/{printable(o.name)}: {o.pending} pending "
         f"({o.in_flight} in flight), {o.dead} dead, {o.delivered} delivered, "
@@ -287,7 +303,7 @@ def render_text(status: JournalStatus) -> str:
             f"account {printable(a.account)}",
             f"  state       {_state_line(a, now)}",
             f"  access      {_access_line(a, now)}",
-            f"  refresh     {a.refresh_fingerprint}",
+            f"  refresh     {printable(a.refresh_fingerprint)}",
             f"  at rest     {_at_rest(a.sealed_by) if a.state == 'signed_in' else '-'}",
             f"  generation  {a.generation}",
             f"  intent      {_intent_line(a)}",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import sqlite3
 from typing import Any, Final
 
 from aiohttp import web
@@ -22,11 +24,36 @@ def _pair(text: str) -> tuple[str, str]:
     return name, secret
 
 
+#: The ports a socket can bind (0: any free one, the OS picks).
+MAX_PORT: Final = 65535
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"a port is 0-{MAX_PORT} (0: any free port), got {value}")
+    return value
+
+
+class DatabaseUnusable(Exception):
+    """The ``--db`` file cannot hold the server's store: a folder, not SQLite, a client
+    journal, a newer schema, no permission. The message is one line naming the file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot use {path} as the server's database: {reason}")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `serve` options (host, port, TTLs, modes, accounts, clients) to `parser`."""
     defaults = ServerConfig()
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8787, help="port, 0 for any (default 8787)")
+    parser.add_argument(
+        "--port", type=port_number, default=8787, help="port 0-65535, 0 for any (default 8787)"
+    )
     parser.add_argument("--db", default=defaults.db_path, help="SQLite file (default :memory:)")
     parser.add_argument(
         "--access-ttl",
@@ -186,7 +213,12 @@ async def _serve(config: ServerConfig, host: str, port: int) -> None:
     runner = web.AppRunner(
         create_app(config), shutdown_timeout=5.0, keepalive_timeout=config.header_timeout
     )
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the store
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        path = config.db_path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DatabaseUnusable(path, reason.removeprefix(f"{path}: ")) from exc
     listener: asyncio.Server | None = None
     try:
         loop = asyncio.get_running_loop()
@@ -215,9 +247,17 @@ async def _serve(config: ServerConfig, host: str, port: int) -> None:
 def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8787) -> None:
     """Serve until SIGINT, SIGTERM or SIGHUP (blocking). Prints one line with the URL.
 
-    Raises `ValueError` before binding anything if `config.test_mode` is on and `host` is
-    not a loopback address. Tokens never appear in its output or logs.
+    Raises `ValueError` before binding anything if `port` is not 0-65535, or if
+    `config.test_mode` is on and `host` is not a loopback address; `DatabaseUnusable` if
+    the store cannot be opened at `config.db_path`. Tokens never appear in its output or
+    logs.
     """
     check_bind(config, host)
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"a port is 0-{MAX_PORT} (0: any free port), got {port}")
+    path = config.db_path
+    if path != ":memory:" and os.path.exists(path) and not os.path.isfile(path):
+        # A folder, a FIFO (whose open would block), a device: SQLite would not say which.
+        raise DatabaseUnusable(path, "it is not a file")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(config, host, port))
