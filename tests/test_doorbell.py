@@ -4,7 +4,6 @@ commits, not at its next poll of the journal (docs/architecture.md 1.3)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +15,7 @@ from aioresponses import CallbackResult, aioresponses
 import tokenjournal as tj
 from tokenjournal import _doorbell as doorbell
 from tokenjournal._clock import SystemClock
-from tokenjournal._journal import AccountRecord, Lease
+from tokenjournal._journal import AccountRecord, Lease, this_host
 
 from .conftest import DEMO
 
@@ -36,7 +35,7 @@ class NeverSleeps(SystemClock):
 
 
 def lease(holder: str, host: str | None = None) -> Lease:
-    return Lease(holder, 1, host or socket.gethostname(), 0.0)
+    return Lease(holder, 1, host or this_host(), 0.0)
 
 
 @linux_only

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -366,6 +367,7 @@ def test_what_names_no_one_process_is_no_holder(pid: int) -> None:
     """kill(0, 0) asks about our own process group, kill(-1, 0) about every process: an
     edited lease's pid 0 passed for alive; a pid past pid_t raised OverflowError."""
     assert pid_alive(pid) is False
+    assert pid_alive(1) is True  # the lowest pid that names a process: init, always there
 
 
 def test_a_holder_we_may_not_signal_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -862,14 +864,30 @@ async def test_a_journal_without_a_device_id_says_so(tmp_path: Path) -> None:
 def test_a_holder_is_named_after_host_pid_and_a_random_tag() -> None:
     first, second = Holder.for_this_process(), Holder.for_this_process()
     host, pid, tag = first.id.rsplit(":", 2)
+    namespace = os.stat("/proc/self/ns/pid").st_ino
     assert (host, int(pid), first.pid, first.host) == (
         socket.gethostname(),
         os.getpid(),
         os.getpid(),
-        socket.gethostname(),
+        f"{socket.gethostname()} pid:{namespace}",
     )
     assert len(tag) == 8 and int(tag, 16) >= 0
     assert first.id != second.id
+
+
+def test_a_lease_from_another_pid_namespace_of_the_same_host_name_waits_for_its_expiry() -> None:
+    """Two containers sharing a host name and a journal (a pod's volume, --network host):
+    the holder's pid named nobody in the waiter's PID namespace, so its live lease was
+    taken and the same refresh token sent twice at once (reuse detection ends the session).
+    The host of a lease now names the PID namespace: across namespaces, only the expiry
+    counts."""
+    me = Holder.for_this_process()
+    elsewhere = Lease("pod-peer", DEAD_PID, f"{socket.gethostname()} pid:1", NOW + 10)
+    assert elsewhere.host != me.host
+    assert lease_is_live(elsewhere, me, NOW) is True
+    assert lease_is_live(replace(elsewhere, expires_at=NOW), me, NOW) is False
+    here = replace(elsewhere, host=me.host)
+    assert lease_is_live(here, me, NOW) is False  # same namespace: a dead pid is no holder
 
 
 # --------------------------------------------------------------------------- reading rows

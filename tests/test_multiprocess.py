@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +33,7 @@ from tests.harness.mpbench import (
     main as mpbench_main,
 )
 from tokenjournal import SessionState, TokenManager, fingerprint
-from tokenjournal._journal import AccountRecord, Holder, SQLiteJournal, Started
+from tokenjournal._journal import AccountRecord, Holder, SQLiteJournal, Started, this_host
 from tokenjournal.server import ReferenceServer
 from tokenjournal.testing import FakeClock, reference_server
 
@@ -301,7 +300,7 @@ async def test_a_lease_on_one_account_never_blocks_another(journal_path: Path) -
     ):
         await ta.sign_in(**DEMO)
         await tb.sign_in(**DEMO)
-        other = Holder("another-process", os.getpid(), socket.gethostname())  # alive
+        other = Holder("another-process", os.getpid(), this_host())  # alive
         journal = SQLiteJournal(journal_path)
         await journal.open()
         try:

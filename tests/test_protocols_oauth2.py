@@ -472,9 +472,11 @@ def test_device_authorization_that_a_terminal_could_not_show_safely_is_malformed
     assert isinstance(good, tj.DeviceCode)
     body[field] = value
     failure = proto().parse_device_authorization(200, {}, json.dumps(body).encode(), NOW)
-    assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.MALFORMED
-    assert failure.message == (
-        "user_code must be printable ASCII and verification_uri an http(s) URL"
+    assert failure == tj.Failure(
+        tj.FailureKind.MALFORMED,
+        "malformed_body",
+        200,
+        "user_code must be printable ASCII and verification_uri an http(s) URL",
     )
 
 

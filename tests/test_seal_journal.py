@@ -954,3 +954,25 @@ async def test_a_cancelled_rotation_stops_at_the_next_row_and_keeps_the_old_seal
     assert await old.sealed_by() == tj.Seal(KEY).key_id
     assert {a: (await old.load(a)).tokens for a in pairs} == pairs
     await old.close()
+
+
+async def test_a_sealed_row_whose_mark_was_cleared_is_refused_not_sealed_again(
+    journal_path: Path,
+) -> None:
+    """A hand edit or a partial restore cleared sealed_by: the open with the key took the
+    sealed text for plain and sealed it again, so "tjs1:..." became the tokens themselves
+    (sent as the bearer and the refresh token), and nothing ever said so."""
+    journal = tj.SQLiteJournal(journal_path, seal=tj.Seal(KEY))
+    await journal.open()
+    pair = tj.TokenSet("alice-acc-0123456789", "alice-ref-0123456789")
+    await journal.store_tokens("alice", pair, 1.0)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(journal_path)) as db, db:
+        db.execute("UPDATE accounts SET sealed_by = NULL")
+        before = db.execute("SELECT access_token, refresh_token FROM accounts").fetchone()
+    again = tj.SQLiteJournal(journal_path, seal=tj.Seal(NEW_KEY, previous=[tj.Seal(KEY)]))
+    with pytest.raises(tj.JournalError, match="sealed_by is empty beside a value sealed by"):
+        await again.open()
+    await again.close()
+    with contextlib.closing(sqlite3.connect(journal_path)) as db:
+        assert db.execute("SELECT access_token, refresh_token FROM accounts").fetchone() == before

@@ -20,7 +20,7 @@ import socket
 import sys
 from typing import Final
 
-from ._journal import Lease
+from ._journal import Lease, this_host
 
 #: Waiting processes a bell holds at once; more than this poll the journal instead.
 BACKLOG: Final = 512
@@ -67,7 +67,7 @@ async def rung(lease: Lease, account: str) -> bool:
     """Wait for ``lease``'s holder to ring; ``False`` at once if its bell cannot be reached
     (another host, no abstract sockets, not listening: it finished, died or never had one)."""
     name = address(lease.holder, account)
-    if name is None or lease.host != socket.gethostname():
+    if name is None or lease.host != this_host():
         return False
     try:
         reader, writer = await asyncio.open_unix_connection(name)

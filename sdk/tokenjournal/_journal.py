@@ -80,8 +80,22 @@ class Holder:
         return cls(
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
             os.getpid(),
-            socket.gethostname(),
+            this_host(),
         )
+
+
+@functools.cache  # on a waiter's path; a process never leaves its PID namespace
+def this_host() -> str:
+    """Where a lease's pid means something: the host name, with the PID namespace where the
+    system has one. Containers may share a host name and a journal (a pod's shared volume,
+    ``--network host``) but not their process ids: a holder's pid read in another namespace
+    names nobody there, and its live lease would be taken. Across namespaces a lease is
+    left to its expiry."""
+    name = socket.gethostname()
+    try:
+        return f"{name} pid:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (macOS, a locked-down container): the host name alone
+        return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +191,9 @@ def pid_alive(pid: int) -> bool:
     if not 0 < pid <= MAX_PID:
         return False
     try:
-        os.kill(pid, 0)
+        # A mutant sending a real signal here would hang up the mutation runner itself,
+        # whose pid the tests' lease holders carry: not mutated.
+        os.kill(pid, 0)  # pragma: no mutate
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -1416,6 +1432,11 @@ class SQLiteJournal:
                     raise _Abandoned  # a Ctrl-C: roll back now, not after every row
                 r = _Row(str(owner), t.noun)
                 if sealed_by is None:  # a plain outbox body is bytes; sealed, it is base64
+                    if any(is_sealed(v) for v in values):
+                        # A hand edit or a partial restore cleared the mark: sealing the
+                        # sealed text again would make "tjs1:..." the token itself.
+                        kid = next(key_id_of(v) for v in values if is_sealed(v))
+                        raise r.bad("sealed_by", f"is empty beside a value sealed by {kid}")
                     values = [_b64(v) if isinstance(v, bytes) else v for v in values]
                 plain = [
                     _opened(r, seal if sealed_by is not None else None, t.table, c, generation, v)

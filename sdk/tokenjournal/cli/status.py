@@ -16,7 +16,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from .._errors import JournalError, TokenJournalError
-from .._journal import AccountRecord, SQLiteJournal, pid_alive
+from .._journal import AccountRecord, SQLiteJournal, pid_alive, this_host
 from .._numbers import MAX_EPOCH
 from .._outbox import OutboxStats
 from .._terminal import printable
@@ -111,7 +110,7 @@ def _account_status(record: AccountRecord, now: float) -> AccountStatus:
     lease = None
     if record.lease is not None:
         lz = record.lease
-        local = lz.host == socket.gethostname()
+        local = lz.host == this_host()
         lease = LeaseStatus(
             lz.holder,
             lz.pid,
