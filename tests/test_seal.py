@@ -8,7 +8,9 @@ import os
 import pickle
 import resource
 import stat
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -204,8 +206,71 @@ def test_a_key_file_other_users_may_read_or_write_is_refused(tmp_path: Path, mod
     path = tmp_path / "journal.key"
     path.write_bytes(KEY)
     path.chmod(mode)
-    with pytest.raises(ValueError, match="by every user"):
+    with pytest.raises(ValueError, match="open to other users or writable by its group"):
         tj.Seal.from_key_file(path)
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o660, 0o670, 0o610])
+def test_a_key_file_its_group_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """A group member could swap in a key they know before the first seal."""
+    path = tmp_path / "journal.key"
+    path.write_bytes(KEY)
+    path.chmod(mode)
+    with pytest.raises(ValueError, match="writable by its group"):
+        tj.Seal.from_key_file(path)
+
+
+def test_a_key_file_of_another_user_a_link_or_a_fifo_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlink planted at the key's path named the attacker's own file; a FIFO there
+    hung every start in open(); a file another user owns could hold a key they chose."""
+    theirs = tmp_path / "theirs.key"
+    theirs.write_bytes(KEY)
+    theirs.chmod(0o600)
+    (tmp_path / "link.key").symlink_to(theirs)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        tj.Seal.from_key_file(tmp_path / "link.key")
+    os.mkfifo(tmp_path / "fifo.key", 0o600)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        tj.Seal.from_key_file(tmp_path / "fifo.key")
+    real = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real + 1)  # the file is now someone else's
+    with pytest.raises(ValueError, match=f"belongs to user {real}, not to"):
+        tj.Seal.from_key_file(theirs)
+
+
+def test_a_new_key_file_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file was created empty, then written: a process killed in between left a short
+    key that every later start refused ("holds 0 bytes"), and a second process starting at
+    once read the empty file."""
+    path = tmp_path / "journal.key"
+    real_write = os.write
+
+    def dies(fd: int, data: bytes) -> int:
+        raise KeyboardInterrupt  # the process ends between creating and writing the key
+
+    monkeypatch.setattr(os, "write", dies)
+    with pytest.raises(KeyboardInterrupt):
+        tj.Seal.from_key_file(path)
+    monkeypatch.setattr(os, "write", real_write)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    assert len(tj.Seal.from_key_file(path).key_id) > 0
+    assert path.stat().st_size == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_first_starts_at_once_all_get_the_one_key(tmp_path: Path) -> None:
+    for round_ in range(20):
+        path = tmp_path / f"journal-{round_}.key"
+        start = threading.Barrier(8)
+
+        def load(path: Path = path, start: threading.Barrier = start) -> str:
+            start.wait()
+            return tj.Seal.from_key_file(path).key_id
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda _: load(), range(8)))
+        assert len(set(ids)) == 1, round_
 
 
 def test_a_key_file_for_a_service_group_is_accepted(tmp_path: Path) -> None:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -125,37 +128,29 @@ class Seal:
         a new random one could never replace).
         """
         where = Path(os.path.expanduser(os.fspath(path)))
-        if create:
-            try:
-                fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise ValueError(f"cannot create the key file {where}: {exc.strerror}") from None
-            else:
-                try:
-                    os.fchmod(fd, 0o600)
-                    os.write(fd, os.urandom(KEY_BYTES))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        if create and not os.path.lexists(where):
+            _create_key_file(where)
         try:
-            with open(where, "rb") as file:
-                mode = os.fstat(file.fileno()).st_mode
-                if mode & (stat.S_IROTH | stat.S_IWOTH):
-                    raise ValueError(
-                        f"key file {where} is readable or writable by every user "
-                        f"(mode {stat.S_IMODE(mode):o}); chmod 600 it and make a new key"
-                    )
-                size = os.fstat(file.fileno()).st_size
-                key = file.read(KEY_BYTES + 1)
+            # No symlink (another user's file in our name), no FIFO (an open that never
+            # returns): only a regular file we own, which nobody else may write.
+            fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ValueError(f"key file {where} does not exist") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"key file {where} is a symbolic link; name the file") from None
             raise ValueError(f"cannot read the key file {where}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            _refuse_unsafe_key_file(where, info)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as file:
+            key = file.read(KEY_BYTES + 1)
         if len(key) != KEY_BYTES:
             raise ValueError(
-                f"key file {where} holds {size} bytes, not {KEY_BYTES}: not a seal key"
+                f"key file {where} holds {info.st_size} bytes, not {KEY_BYTES}: not a seal key"
             )
         return cls(key, previous=previous)
 
@@ -280,6 +275,55 @@ class Seal:
         if value is None:
             return "-"
         return hmac.new(self._key.fingerprint_key, value.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+def _create_key_file(where: Path) -> None:
+    """A new key at ``where``, whole or not at all: written to a temporary file in the same
+    folder, synced, then linked into place. A crash leaves no short key (which every later
+    start would refuse), and of two processes starting at once the second reads the
+    first's key instead of its half-written file."""
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".tokenjournal-key-", dir=where.parent)
+    except OSError as exc:
+        raise ValueError(f"cannot create the key file {where}: {exc.strerror}") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temporary, where)
+    except FileExistsError:
+        pass  # another process made it first: theirs is the key
+    except OSError as exc:
+        raise ValueError(f"cannot create the key file {where}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+    folder = os.open(where.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the new name survives a power cut too
+    finally:
+        os.close(folder)
+
+
+def _refuse_unsafe_key_file(where: Path, info: os.stat_result) -> None:
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"cannot read the key file {where}: Is a directory")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"key file {where} is not a regular file")
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IXOTH | stat.S_IWGRP | stat.S_IXGRP):
+        raise ValueError(
+            f"key file {where} is open to other users or writable by its group "
+            f"(mode {stat.S_IMODE(mode):o}); chmod 600 (or 640) it and make a new key"
+        )
+    if info.st_uid != os.geteuid():
+        raise ValueError(
+            f"key file {where} belongs to user {info.st_uid}, not to this process's user "
+            f"({os.geteuid()}): another user could have chosen the key"
+        )
 
 
 def is_sealed(value: object) -> bool:
