@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,84 @@ async def test_events_iterators_end_when_the_manager_closes(journal_path: Path) 
     await tm.close()
     await asyncio.wait_for(consumer, 2)  # ends by itself, after what was emitted
     assert tj.EventKind.SIGNED_IN in seen
+
+
+async def test_events_end_even_when_close_is_cut_short(journal_path: Path) -> None:
+    """A shutdown timeout cancelled close() while it waited for a refresh, before it ended
+    the streams: the app's `async for` over events() then hung the very shutdown it was
+    meant not to hang."""
+    tm = tj.TokenManager(AUTH, journal_path)
+    await tm.open()
+    await tm.set_tokens(tj.TokenSet("a", "r", datetime.now(UTC) - timedelta(seconds=1)))
+    answered = asyncio.Event()
+
+    async def hang(url: object, **_: object) -> None:
+        await answered.wait()
+
+    stream = tm.events()
+    consumer = asyncio.ensure_future(_kinds(stream))
+    with aioresponses() as mock:
+        mock.post(f"{AUTH}/auth/refresh", callback=hang, repeat=True)
+        caller = asyncio.ensure_future(tm.access_token())
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tm.close(), 0.05)
+        assert tj.EventKind.STATE in await asyncio.wait_for(consumer, 2)
+        answered.set()
+        await asyncio.wait_for(tm.close(), 10)
+        await asyncio.gather(caller, return_exceptions=True)
+
+
+async def _kinds(stream: AsyncIterator[tj.TokenEvent]) -> list[tj.EventKind]:
+    return [event.kind async for event in stream]
+
+
+async def test_events_of_a_closed_manager_end_at_once_and_start_when_asked(
+    journal_path: Path,
+) -> None:
+    """events() subscribed on its first read, so `s = tm.events(); await tm.sign_in(...)`
+    missed the sign-in; on a closed manager it waited for ever (a supervisor restarting
+    its reader during a shutdown)."""
+    tm = tj.TokenManager(AUTH, journal_path)
+    await tm.open()
+    stream = tm.events()  # asked before the sign-in, read after it
+    await tm.set_tokens(tj.TokenSet("a", "r"))
+    await tm.close()
+    assert await asyncio.wait_for(_kinds(stream), 2) == [
+        tj.EventKind.STATE,
+        tj.EventKind.SIGNED_IN,
+    ]
+    assert await asyncio.wait_for(_kinds(tm.events()), 2) == []
+    await tm.open()  # open again: a stream waits for events as before
+    late = tm.events()
+    await tm.set_tokens(tj.TokenSet("a2", "r2"))
+    await tm.close()
+    assert tj.EventKind.SIGNED_IN in await asyncio.wait_for(_kinds(late), 2)
+
+
+async def test_subscriptions_are_each_their_own_and_never_async(journal_path: Path) -> None:
+    """An async def callback was called and its coroutine dropped (never run); the same
+    function subscribed twice was one entry to each unsubscribe, so one handle called
+    twice took the other subscription away. An events() iterator dropped unread no longer
+    stays subscribed."""
+    tm = tj.TokenManager(AUTH, journal_path)
+
+    async def coroutine_callback(event: tj.TokenEvent) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="called, not awaited"):
+        tm.subscribe(coroutine_callback)
+    seen: list[tj.TokenEvent] = []
+    first = tm.subscribe(seen.append)
+    tm.subscribe(seen.append)
+    first()
+    first()
+    unread = tm.events()
+    del unread
+    async with tm:
+        await tm.set_tokens(tj.TokenSet("a", "r"))
+    assert [e.kind for e in seen] == [tj.EventKind.STATE, tj.EventKind.SIGNED_IN]
+    assert len(tm._hub._callbacks) == 1  # the dropped iterator let go at the first event
 
 
 @pytest.mark.parametrize("how", ["exception", "no_close"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -59,16 +61,33 @@ class EventHub:
     """Fans events out to callbacks; a failing callback is logged and never breaks the SDK."""
 
     def __init__(self) -> None:
-        self._callbacks: list[Callback] = []
-        self._streams: set[asyncio.Queue[TokenEvent | None]] = set()
+        # Each subscription is its own entry: the same function subscribed twice is two
+        # subscriptions, and one's unsubscribe never takes the other away.
+        self._callbacks: list[tuple[object, Callback]] = []
+        self._streams: weakref.WeakSet[asyncio.Queue[TokenEvent | None]] = weakref.WeakSet()
+        #: Set when the manager closes (:meth:`end_streams`), cleared when it opens: a
+        #: stream asked for meanwhile ends at once instead of waiting for ever.
+        self.ended = False
 
     def subscribe(self, callback: Callback) -> Callable[[], None]:
-        """Call ``callback(event)`` for every event; returns the function that unsubscribes."""
-        self._callbacks.append(callback)
+        """Call ``callback(event)`` for every event; returns the function that unsubscribes.
+
+        The callback is called, never awaited: an ``async def`` one would only make a
+        coroutine nobody runs, so it is refused (schedule a task from a plain function).
+        """
+        if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            getattr(callback, "__call__", None)  # noqa: B004  (an object with async __call__)
+        ):
+            raise TypeError(
+                "an event callback is called, not awaited: pass a plain function "
+                "(it may start a task), or read tm.events() with async for"
+            )
+        entry = (object(), callback)
+        self._callbacks.append(entry)
 
         def unsubscribe() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
+            if entry in self._callbacks:
+                self._callbacks.remove(entry)
 
         return unsubscribe
 
@@ -82,32 +101,49 @@ class EventHub:
             event.fingerprint,
             event.code,
         )
-        for callback in list(self._callbacks):
+        for _, callback in list(self._callbacks):
             try:
                 callback(event)
             except Exception:
                 log.exception("a tokenjournal event callback raised; ignored")
 
     def end_streams(self) -> None:
-        """End every open :meth:`stream` once it has yielded what was already emitted."""
-        for queue in self._streams:
+        """End every open :meth:`stream` once it has yielded what was already emitted, and
+        every stream asked for until the manager opens again."""
+        self.ended = True
+        for queue in list(self._streams):
             queue.put_nowait(None)
 
-    async def stream(self) -> AsyncIterator[TokenEvent]:
-        """Every event from now on, as an async iterator; it ends when the consumer stops
-        or the manager closes (:meth:`end_streams`), so ``async for`` never hangs a shutdown."""
+    def stream(self) -> AsyncIterator[TokenEvent]:
+        """Every event from now on (from this call, not from the first read), as an async
+        iterator; it ends when the consumer stops or the manager closes
+        (:meth:`end_streams`), so ``async for`` never hangs a shutdown. An iterator dropped
+        unread unsubscribes at the next event."""
         queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        if self.ended:
+            queue.put_nowait(None)
+            return _drained(queue, lambda: None)
+        held = weakref.ref(queue)  # the iterator holds the queue; the hub must not
 
         def put(event: TokenEvent) -> None:
-            if queue.qsize() >= QUEUE_LIMIT:
-                queue.get_nowait()
-            queue.put_nowait(event)
+            waiting = held()
+            if waiting is None:
+                unsubscribe()
+                return
+            if waiting.qsize() >= QUEUE_LIMIT:
+                waiting.get_nowait()
+            waiting.put_nowait(event)
 
         unsubscribe = self.subscribe(put)
         self._streams.add(queue)
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._streams.discard(queue)
-            unsubscribe()
+        return _drained(queue, unsubscribe)
+
+
+async def _drained(
+    queue: asyncio.Queue[TokenEvent | None], unsubscribe: Callable[[], None]
+) -> AsyncIterator[TokenEvent]:
+    try:
+        while (event := await queue.get()) is not None:
+            yield event
+    finally:
+        unsubscribe()

@@ -330,6 +330,7 @@ class TokenManager:
             self._http = aiohttp.ClientSession(trace_configs=self._trace_configs())
             self._closing = asyncio.Event()
             self._open = True
+            self._hub.ended = False
             self._resume(record)
             for outbox in self._outboxes.values():
                 outbox.start()  # the first try now (docs/architecture.md section 8)
@@ -373,21 +374,25 @@ class TokenManager:
         async with self._lifecycle:
             self._open = False  # no new work from here on
             self._closing.set()  # the rescue and every backoff pause wake up now
-            tasks = (self._task, self._rescue, *self._background)
-            pending = [t for t in tasks if t is not None and not t.done()]
-            if pending:
-                _, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
-                for task in still:  # its intent stays in the journal for the next start
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            if self._http is not None:
-                await self._http.close()
-                self._http = None
-            if self._outbox_session is not None:
-                await self._outbox_session.close()
-                self._outbox_session = None
-            await self.journal.close()
-            self._hub.end_streams()
+            try:
+                tasks = (self._task, self._rescue, *self._background)
+                pending = [t for t in tasks if t is not None and not t.done()]
+                if pending:
+                    _, still = await asyncio.wait(pending, timeout=CLOSE_WAIT)
+                    for task in still:  # its intent stays in the journal for the next start
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                if self._http is not None:
+                    await self._http.close()
+                    self._http = None
+                if self._outbox_session is not None:
+                    await self._outbox_session.close()
+                    self._outbox_session = None
+                await self.journal.close()
+            finally:
+                # Even when this close is cut short (a shutdown timeout): the app's
+                # `async for event in tm.events()` must end with it, not hang the shutdown.
+                self._hub.end_streams()
 
     # ------------------------------------------------------------------ public surface
 
@@ -411,7 +416,8 @@ class TokenManager:
         return self._hub.subscribe(callback)
 
     def events(self) -> AsyncIterator[TokenEvent]:
-        """Every event from now on, as an async iterator."""
+        """Every event from now on (from this call), as an async iterator; it ends when the
+        manager closes (at once if it is closed)."""
         return self._hub.stream()
 
     def outbox(
@@ -560,11 +566,14 @@ class TokenManager:
         loopback redirect to 127.0.0.1 (RFC 8252, RFC 7636); returns the new pair.
 
         ``open_browser(url)`` shows the authorization page (``webbrowser.open`` by default;
-        a coroutine function is awaited; ``False`` logs the URL to open by hand). ``port``
-        is the listener's (0: any free one), ``timeout`` how long to wait for the browser
-        to come back, ``prompt`` OpenID Connect's (``login``, ``consent``,
-        ``select_account``). Refusals, a wrong ``state`` and the timeout raise
-        :class:`SignInFailed` with ``.code`` and ``.description``; the code exchange is
+        a plain function runs in a worker thread, a coroutine function on the loop;
+        ``False`` logs the URL to open by hand). ``port`` is the listener's (0: any free
+        one), ``timeout`` how long to wait for the browser to come back (and for the opener
+        to return), ``prompt`` OpenID Connect's (``login``, ``consent``,
+        ``select_account``). A redirect of another sign-in (another ``state``) is refused
+        and the wait goes on. Refusals, the timeout (``state_mismatch`` if only such
+        redirects came) raise :class:`SignInFailed` with ``.code`` and ``.description``;
+        ``close()`` ends the wait with ``RuntimeError``; the code exchange is
         retried like any sign-in. The pair is journaled only once the exchange returned it:
         a crash or a failure anywhere before leaves the account as it was.
         See :mod:`tokenjournal._browser`.
