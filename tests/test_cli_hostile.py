@@ -4,6 +4,7 @@ in URLs, Ctrl-C at start. Each test pins a defect a hostile review of the CLI fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import itertools
@@ -91,7 +92,7 @@ def test_status_escapes_every_journal_string_a_tampered_journal_holds(
     fingerprint columns were printed raw)."""
     path = build(tmp_path / "tokens.db", tj.Seal(KEY), account=f"{RED}alice")
     build(tmp_path / "tokens.db", tj.Seal(KEY), account="bob")
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute(
             "UPDATE accounts SET access_fp = ?, refresh_fp = ?, sealed_by = ?", (ESC, RED, RED)
         )
@@ -348,9 +349,8 @@ def test_reseal_refuses_an_sqlite_file_without_a_journal_in_it(
 ) -> None:
     """Schema 0, no tables (a creation that never got past its first page): no journal."""
     journal = tmp_path / "tokens.db"
-    db = sqlite3.connect(journal)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.close()
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
     before = digest(journal)
     status, reseal = _status_and_reseal(capsys, tmp_path, journal)
     assert reseal == status == f"journal {journal} is not a tokenjournal journal (schema 0)\n"

@@ -432,14 +432,17 @@ def test_device_authorization_defaults_and_google_spelling() -> None:
     )
 
 
+DEVICE_ANSWER: dict[str, object] = {
+    "device_code": "dc",
+    "user_code": "U",
+    "verification_uri": "https://x",
+    "expires_in": 600,
+}
+
+
 @pytest.mark.parametrize("missing", ["device_code", "user_code", "verification_uri", "expires_in"])
 def test_device_authorization_without_a_required_field_is_malformed(missing: str) -> None:
-    body = {
-        "device_code": "dc",
-        "user_code": "U",
-        "verification_uri": "https://x",
-        "expires_in": 600,
-    }
+    body = dict(DEVICE_ANSWER)
     del body[missing]
     failure = proto().parse_device_authorization(200, {}, json.dumps(body).encode(), NOW)
     assert isinstance(failure, tj.Failure) and failure.kind is tj.FailureKind.MALFORMED
@@ -462,12 +465,7 @@ def test_device_authorization_that_a_terminal_could_not_show_safely_is_malformed
 ) -> None:
     """The app shows user_code and the URIs to a person, often on a terminal: a hostile
     server could clear a kiosk's screen, retitle it or hide part of the address."""
-    body = {
-        "device_code": "dc",
-        "user_code": "BCDF-GHJK",
-        "verification_uri": "https://x/device",
-        "expires_in": 600,
-    }
+    body = {**DEVICE_ANSWER, "user_code": "BCDF-GHJK", "verification_uri": "https://x/device"}
     good = proto().parse_device_authorization(200, {}, json.dumps(body).encode(), NOW)
     assert isinstance(good, tj.DeviceCode)
     body[field] = value
