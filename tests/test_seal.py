@@ -259,6 +259,55 @@ def test_a_new_key_file_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.M
     assert path.stat().st_size == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_new_key_is_made_beside_its_name_and_a_killed_making_leaves_a_named_leftover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary key is made in the key's own folder (a link cannot cross file systems,
+    and /tmp may be another one), under a name that says what it is, hidden."""
+    linked: list[tuple[str, str]] = []
+    real_link = os.link
+
+    def link(src: str, dst: Path) -> None:
+        linked.append((os.path.dirname(src), os.path.basename(src)))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    tj.Seal.from_key_file(tmp_path / "journal.key")
+    ((folder, name),) = linked
+    assert folder == str(tmp_path) and name.startswith(".tokenjournal-key-")
+
+    def killed(src: str, dst: Path) -> None:
+        raise KeyboardInterrupt  # killed before the link, and before any clean-up
+
+    monkeypatch.setattr(os, "link", killed)
+    monkeypatch.setattr(os, "unlink", lambda path: None)
+    with pytest.raises(KeyboardInterrupt):
+        tj.Seal.from_key_file(tmp_path / "other.key")
+    (leftover,) = [p.name for p in tmp_path.iterdir() if p.name != "journal.key"]
+    assert leftover.startswith(".tokenjournal-key-")
+
+
+def test_a_key_that_cannot_be_linked_or_opened_says_where_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    path = tmp_path / "journal.key"
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "link", refuse)
+        with pytest.raises(ValueError) as err:
+            tj.Seal.from_key_file(path)
+    assert str(err.value) == f"cannot create the key file {path}: Permission denied"
+    assert list(tmp_path.iterdir()) == []  # the temporary key is gone with the failure
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ValueError) as err:
+        tj.Seal.from_key_file(path, create=False)
+    assert str(err.value) == f"cannot read the key file {path}: Permission denied"
+
+
 def test_first_starts_at_once_all_get_the_one_key(tmp_path: Path) -> None:
     for round_ in range(20):
         path = tmp_path / f"journal-{round_}.key"
