@@ -234,10 +234,22 @@ def test_a_key_file_of_another_user_a_link_or_a_fifo_is_refused(
     os.mkfifo(tmp_path / "fifo.key", 0o600)
     with pytest.raises(ValueError, match="is not a regular file"):
         tj.Seal.from_key_file(tmp_path / "fifo.key")
-    real = os.geteuid()
-    monkeypatch.setattr(os, "geteuid", lambda: real + 1)  # the file is now someone else's
-    with pytest.raises(ValueError, match=f"belongs to user {real}, not to"):
+    real = os.fstat
+
+    def owned_by(uid: int) -> None:
+        def fstat(fd: int) -> os.stat_result:
+            info = real(fd)
+            return os.stat_result((*info[:4], uid, *info[5:]))
+
+        monkeypatch.setattr(os, "fstat", fstat)
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a service's own user
+    owned_by(4242)  # another (non-root) user's file
+    with pytest.raises(ValueError, match=r"belongs to user 4242, neither .* \(1000\) nor root"):
         tj.Seal.from_key_file(theirs)
+    for owner in (0, 1000):  # root's 640 for the service's group, or the service's own
+        owned_by(owner)
+        assert tj.Seal.from_key_file(theirs).key_id == tj.Seal(KEY).key_id
 
 
 def test_a_new_key_file_is_whole_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,7 +122,8 @@ class Seal:
     ) -> Seal:
         """The key in ``path``: 32 random bytes, created (mode 0600) if the file is missing.
 
-        An existing file must hold exactly 32 bytes and give other users no access
+        An existing file must hold exactly 32 bytes, be a regular file (not a link) of this
+        process's user or of root, and give other users no access and its group no write
         (``chmod 600``, or ``640`` for a group of your service); anything else is refused.
         ``create=False`` only loads: a missing file raises ``ValueError`` (an old key, which
         a new random one could never replace).
@@ -319,10 +320,10 @@ def _refuse_unsafe_key_file(where: Path, info: os.stat_result) -> None:
             f"key file {where} is open to other users or writable by its group "
             f"(mode {stat.S_IMODE(mode):o}); chmod 600 (or 640) it and make a new key"
         )
-    if info.st_uid != os.geteuid():
+    if info.st_uid not in (os.geteuid(), 0):  # root's 640 for a service's group is fine
         raise ValueError(
-            f"key file {where} belongs to user {info.st_uid}, not to this process's user "
-            f"({os.geteuid()}): another user could have chosen the key"
+            f"key file {where} belongs to user {info.st_uid}, neither this process's user "
+            f"({os.geteuid()}) nor root: another user could have chosen the key"
         )
 
 
