@@ -267,6 +267,9 @@ def test_a_real_sigint_while_the_commands_load_exits_130_without_a_traceback() -
     """The signal itself, raised (no timing) as the first subcommand module is imported."""
     code = (
         "import importlib, signal, sys\n"
+        # A background job (CI under nohup, `cmd &`) starts with SIGINT ignored, and then
+        # Python installs no KeyboardInterrupt handler: give it the one a terminal gives.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import tokenjournal.cli as cli\n"
         "real = importlib.import_module\n"
         "def loading(name, package=None):\n"
