@@ -124,6 +124,15 @@ class TokenStore:
         # isolation_level=None: no implicit transactions, every write is an explicit
         # BEGIN IMMEDIATE ... COMMIT in `_tx`.
         self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._prepare(path)
+        except BaseException:
+            # Not a store (random bytes, a client journal, a newer schema): the connection
+            # must not outlive the refusal (`tokenjournal serve --db` says why and exits).
+            self._db.close()
+            raise
+
+    def _prepare(self, path: str) -> None:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA secure_delete = ON")
@@ -133,7 +142,6 @@ class TokenStore:
             self._db.execute("PRAGMA busy_timeout = 5000")
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            self._db.close()
             raise RuntimeError(
                 f"{path}: token store schema {version} is newer than this server ({SCHEMA_VERSION})"
             )
