@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest_server import DEVICE, get, post, refresh, serve, signin
@@ -226,7 +226,10 @@ def _raw_post(host: str, port: int, path: str, body: bytes, ctype: str) -> tuple
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": ctype})
         resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
+        raw = resp.read()
+        # A 204 (a logout of an unknown token) has no body: hypothesis found one by chance
+        # in a CI run (/auth/logout, {"refreshToken": "0"}), and json.loads(b"") failed.
+        return resp.status, json.loads(raw) if raw or resp.status != 204 else None
     finally:
         conn.close()
 
@@ -255,6 +258,7 @@ mana_shaped = st.fixed_dictionaries(
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(path=st.sampled_from(MANA_ROUTES), body=mana_shaped | json_values)
+@example(path="/auth/logout", body={"refreshToken": "0"})  # a 204: no body (a CI run's find)
 def test_random_json_never_breaks_the_server(
     threaded_server: tuple[str, int, ReferenceServer], path: str, body: Any
 ) -> None:
