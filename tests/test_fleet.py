@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.__main__ import NAMES, parse, scenarios
+from tests.fleet.__main__ import NAMES, device_pacing, parse, scenarios
 from tests.fleet.model import main as model_main
 from tests.fleet.model import recovery
 from tests.fleet.report import _densest, _recovered_after
@@ -82,6 +82,19 @@ def test_the_model_refuses_what_it_cannot_price(
         model_main(argv)
     assert exit_.value.code == 2
     assert "must be above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "pacing"),
+    [
+        ([], (30.0, 3.0)),
+        (["--policy", "fleet"], (90.0, 40.0)),  # RetryPolicy.fleet()
+        (["--policy", "fleet", "--short"], (30.0, 40.0)),  # scaled to 5-minute tokens
+        (["--policy", "fleet", "--max-delay", "60"], (60.0, 40.0)),
+    ],
+)
+def test_the_devices_pace_as_the_policy_named(argv: list[str], pacing: tuple[float, float]) -> None:
+    assert device_pacing(parse(argv)) == pacing
 
 
 def test_the_fleet_runs_every_scenario_it_names() -> None:

@@ -20,7 +20,6 @@ from tokenjournal._manager import (
     BACKGROUND_LEAD,
     OFFLINE_FACTOR,
     OFFLINE_FLOOR,
-    OFFLINE_GROWTH,
     REFRESH_SPREAD,
     wide_spread,
 )
@@ -61,8 +60,10 @@ async def _until(condition: Any, seconds: float = 5.0) -> bool:
     return bool(condition())
 
 
-async def _signed_in(server: ReferenceServer, path: Path, clock: FakeClock) -> tj.TokenManager:
-    tm = tj.TokenManager(server.url, path, clock=clock)
+async def _signed_in(
+    server: ReferenceServer, path: Path, clock: FakeClock, retry: tj.RetryPolicy | None = None
+) -> tj.TokenManager:
+    tm = tj.TokenManager(server.url, path, clock=clock, retry=retry)
     await tm.open()
     await tm.sign_in(**DEMO)
     return tm
@@ -123,14 +124,22 @@ async def test_a_cut_refresh_is_in_doubt_and_rescued(
         await tm.close()
 
 
+@pytest.mark.parametrize(
+    "retry", [tj.RetryPolicy(), tj.RetryPolicy.fleet()], ids=["default", "fleet"]
+)
 async def test_the_pause_grows_with_the_time_offline_up_to_its_cap(
-    server: ReferenceServer, journal_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    server: ReferenceServer,
+    journal_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    retry: tj.RetryPolicy,
 ) -> None:
-    """Full jitter over min(10 x max_delay, max(max_delay, 3 x time offline)): a device that has
-    been away for long does not come back at the same instant as all the others."""
+    """Full jitter over min(10 x max_delay, max(max_delay, offline_growth x time offline)): a
+    device that has been away for long does not come back at the same instant as all the
+    others; the fleet's policy reaches its longest pause (15 minutes) at the second."""
     monkeypatch.setattr(_manager.random, "random", lambda: 1.0)  # the top of each jitter
     line = Line(clock, monkeypatch)
-    tm = await _signed_in(server, journal_path, clock)
+    tm = await _signed_in(server, journal_path, clock, retry)
     line.sent.clear()
     try:
         clock.advance(TTL + 1)
@@ -142,7 +151,10 @@ async def test_the_pause_grows_with_the_time_offline_up_to_its_cap(
             pauses.append(tm._quiet_until - clock.monotonic())
             clock.advance(pauses[-1])
         assert pauses[0] == pytest.approx(tm.retry.max_delay)  # offline for no time yet
-        assert pauses[1] == pytest.approx(OFFLINE_GROWTH * pauses[0])  # 3 x the time offline
+        # offline_growth x the time offline (3 x 30 s; 40 x 90 s, capped at 10 x 90 s)
+        expected = min(retry.offline_growth * pauses[0], OFFLINE_FACTOR * retry.max_delay)
+        assert pauses[1] == pytest.approx(expected)
+        assert pauses[1] == pytest.approx(90.0 if retry.offline_growth == 3.0 else 900.0)
         assert all(b >= a - 1e-6 for a, b in itertools.pairwise(pauses))
         assert max(pauses) == pytest.approx(OFFLINE_FACTOR * tm.retry.max_delay)
         # One request per pause: the device's rate while away falls as the outage goes on.

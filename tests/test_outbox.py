@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -342,6 +343,10 @@ async def test_outbox_options_are_checked_and_one_object_per_name(
     for bad in ({"max_items": 0}, {"when_full": "never"}, {"concurrency": 0}):
         with pytest.raises(ValueError):
             tm.outbox("b", **bad)
+    # Infinite: the pause between tries grew without bound; refused here, not in delivery.
+    for backoff in (0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="max_backoff must be > 0 and finite"):
+            tm.outbox("b", max_backoff=backoff)
     with pytest.raises(RuntimeError, match="not open"):
         await outbox.enqueue("POST", server.url)
 

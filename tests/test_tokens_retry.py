@@ -175,11 +175,28 @@ def test_which_failures_are_retried(kind: FailureKind) -> None:
     assert Failure(kind, "x", 400).retryable is kind.retryable is (kind in retried)
 
 
-@pytest.mark.parametrize("field", ["max_elapsed", "base_delay", "max_delay", "attempt_timeout"])
+@pytest.mark.parametrize(
+    "field", ["max_elapsed", "base_delay", "max_delay", "attempt_timeout", "offline_growth"]
+)
 def test_every_duration_of_the_policy_must_be_positive(field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        tj.RetryPolicy(**{field: 0.0})
+    endless = field == "max_elapsed"  # no deadline: the refresh tries until max_attempts
+    message = f"^{field} must be positive{'' if endless else ' and finite'}$"
+    for bad in (0.0, -1.0, math.nan):  # NaN passed "<= 0" and poisoned every wait
+        with pytest.raises(ValueError, match=message):
+            tj.RetryPolicy(**{field: bad})
+    if endless:
+        assert tj.RetryPolicy(max_elapsed=math.inf).max_elapsed == math.inf
+    else:  # a pause that never ends
+        with pytest.raises(ValueError, match=message):
+            tj.RetryPolicy(**{field: math.inf})
     tj.RetryPolicy(max_attempts=1)
+
+
+def test_the_fleet_policy_is_the_default_with_longer_offline_pauses() -> None:
+    fleet, default = tj.RetryPolicy.fleet(), tj.RetryPolicy()
+    assert (fleet.max_delay, fleet.offline_growth) == (90.0, 40.0)
+    assert default.offline_growth == 3.0
+    assert dataclasses.replace(fleet, max_delay=default.max_delay, offline_growth=3.0) == default
 
 
 @pytest.mark.parametrize(

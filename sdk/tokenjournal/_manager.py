@@ -97,14 +97,12 @@ RESCUE_MAX_GAP: Final = 30.0
 SIGN_OUT_BUDGET: Final = 10.0
 #: After a refresh ran out of tries (the server or the network away), the next one waits
 #: min(OFFLINE_FACTOR x retry.max_delay (300 s by default), max(retry.max_delay,
-#: OFFLINE_GROWTH x time offline)), full jitter above a floor of OFFLINE_FLOOR x
+#: retry.offline_growth x time offline)), full jitter above a floor of OFFLINE_FLOOR x
 #: retry.max_delay, and callers meanwhile get the last error at once, without a request: one
 #: device notices a return within a minute or two of a short outage, and a fleet that lost
 #: its server for minutes comes back spread over minutes instead of in one wave
 #: (docs/architecture.md 1.5.1).
 OFFLINE_FACTOR: Final = 10.0
-#: 3, not 2: the fleet's peak at recovery falls under 3x its steady rate (docs/fleet.md).
-OFFLINE_GROWTH: Final = 3.0
 #: The floor (10 s by default): a device whose server is away sends at most one request per
 #: floor however often its app calls (the first caller's burst of retries aside, once); a
 #: draw near 0 would let it try again at the next call.
@@ -452,8 +450,8 @@ class TokenManager:
             raise ValueError('when_full must be "reject" or "drop_oldest"')
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        if not max_backoff > 0:
-            raise ValueError("max_backoff must be > 0")
+        if not 0 < max_backoff < math.inf:  # infinite: an item's pauses would grow for ever
+            raise ValueError("max_backoff must be > 0 and finite")
         limits = OutboxLimits(max_items, max_bytes, when_full)
         existing = self._outboxes.get(name)
         if existing is not None:
@@ -821,7 +819,7 @@ class TokenManager:
                 self._offline_since = now
             longest = OFFLINE_FACTOR * self.retry.max_delay
             offline = now - self._offline_since
-            cap = min(longest, max(self.retry.max_delay, OFFLINE_GROWTH * offline))
+            cap = min(longest, max(self.retry.max_delay, self.retry.offline_growth * offline))
             life = self._tokens.lifetime if self._tokens is not None else None
             if life is not None and life > 0:
                 cap = min(cap, life)  # never idle longer than a pair lives: it would lapse

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,13 +47,35 @@ class RetryPolicy:
     #: Full jitter on the backoff curve (spreads a fleet's retries); ``False`` gives the bare
     #: curve, for waits a standard fixes (RFC 8628 device polling).
     jitter: bool = True
+    #: After a refresh ran out of tries, the next waits a random share of up to
+    #: ``offline_growth`` x the time offline so far (at least ``max_delay``, at most 10 x it):
+    #: 3 notices the end of a short outage within a minute or two. A fleet that must spare its
+    #: server after long outages grows faster: see :meth:`fleet` (docs/fleet.md).
+    offline_growth: float = 3.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        for name in ("max_elapsed", "base_delay", "max_delay", "attempt_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        for name in ("max_elapsed", "base_delay", "max_delay", "attempt_timeout", "offline_growth"):
+            value = getattr(self, name)
+            # NaN passes "<= 0" and would poison every wait; an infinite pause never ends.
+            # No deadline is fine: the refresh then tries until max_attempts.
+            endless = name == "max_elapsed"
+            if not value > 0 or (value == math.inf and not endless):
+                raise ValueError(f"{name} must be positive" + ("" if endless else " and finite"))
+
+    @classmethod
+    def fleet(cls) -> RetryPolicy:
+        """Pacing for a fleet that must spare its auth server after a long outage.
+
+        Measured with 10,000 devices (docs/fleet.md): the requests at the server's return
+        after a 10-minute outage peak at 2.8 x the steady refresh rate, where the default
+        reads 4.6 x. The price: a device whose token lapsed while the server was away waits
+        about six minutes on average after its return (p99 14; the default: two, p99 five),
+        after a short outage as after a long one, alone or in a fleet, since from its second
+        failed try on it pauses a random 30 s to 15 minutes. Everything else is the default.
+        """
+        return cls(max_delay=90.0, offline_growth=40.0)
 
     def backoff_delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
         """The delay after ``attempt`` (1-based) failed tries, from ``backoff`` (full jitter

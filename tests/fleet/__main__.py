@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import tokenjournal as tj
+
 from .report import figures, plot, table
 from .run import Event, Scenario, Settings, run_scenario
 
@@ -88,11 +90,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", default="", help=f"comma-separated scenarios, of: {', '.join(NAMES)}")
     p.add_argument(
+        "--policy",
+        choices=("default", "fleet"),
+        default="default",
+        help="the devices' RetryPolicy: RetryPolicy() or RetryPolicy.fleet() (longer offline "
+        "pauses, for a lower peak after a long outage); its max_delay is scaled down for "
+        "tokens shorter than 15 minutes",
+    )
+    p.add_argument(
         "--max-delay",
         type=float,
         default=None,
-        help="the devices' RetryPolicy.max_delay (default 30 s, scaled down for tokens shorter "
-        "than 15 minutes); the longest offline pause is 10x it",
+        help="the devices' RetryPolicy.max_delay instead of the policy's (30 s by default); the "
+        "longest offline pause is 10x it",
     )
     p.add_argument(
         "--short",
@@ -125,6 +135,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
+def device_pacing(ns: argparse.Namespace) -> tuple[float, float]:
+    """The devices' ``RetryPolicy`` (max_delay, offline_growth) for ``--policy``."""
+    policy = tj.RetryPolicy.fleet() if ns.policy == "fleet" else tj.RetryPolicy()
+    # Time scales with the token's life: a 5-minute token (--short) gets a third of the
+    # policy's longest delay, so the offline pacing keeps its proportion to it.
+    max_delay = ns.max_delay or policy.max_delay * min(1.0, ns.ttl / 900.0)
+    return max_delay, policy.offline_growth
+
+
 async def main(ns: argparse.Namespace) -> int:
     # The server's own log would fill the screen: every connection killed by an outage
     # is an error to it. The figures say what happened.
@@ -134,14 +153,14 @@ async def main(ns: argparse.Namespace) -> int:
         print(f"fleet [{time.monotonic() - began:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     began = time.monotonic()
-    # Time scales with the token's life: a 5-minute token (--short) gets a third of the
-    # default policy's longest delay, so the offline pacing keeps its proportion to it.
+    max_delay, offline_growth = device_pacing(ns)
     s = Settings(
         ns.devices,
         ns.workers,
         ns.speed,
         ttl=ns.ttl,
-        max_delay=ns.max_delay or 30.0 * min(1.0, ns.ttl / 900.0),
+        max_delay=max_delay,
+        offline_growth=offline_growth,
         progress=progress,
     )
     chosen = [x for x in ns.only.split(",") if x]

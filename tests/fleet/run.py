@@ -57,6 +57,7 @@ class Settings:
     use_every: float = 30.0
     retry_after: int = 5
     max_delay: float = 30.0  # the devices' RetryPolicy.max_delay (offline pacing: 10x it)
+    offline_growth: float = 3.0  # the devices' RetryPolicy.offline_growth
     journal_root: str = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     progress: Callable[[str], None] = field(default=lambda message: None)
 
@@ -113,7 +114,7 @@ async def run_scenario(s: Settings, sc: Scenario) -> dict[str, Any]:
                 "--until", str(sc.until), "--use-every", str(s.use_every),
                 "--skew-share", str(sc.skew_share), "--grace", str(s.grace),
                 "--stagger", str(s.ttl * 0.8 if sc.stagger else 0.0),
-                "--max-delay", str(s.max_delay),
+                "--max-delay", str(s.max_delay), "--offline-growth", str(s.offline_growth),
             ]  # fmt: skip
             victims = round(s.devices * sc.kill_share)
             slices = _slices(s.devices - victims, s.workers)

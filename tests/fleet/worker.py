@@ -75,6 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skew-share", type=float, default=0.0, help="devices a day off")
     p.add_argument("--grace", type=float, default=300.0)
     p.add_argument("--max-delay", type=float, default=30.0, help="the retry policy's")
+    p.add_argument("--offline-growth", type=float, default=3.0, help="the retry policy's")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="open existing journals, no sign-in")
     p.add_argument("--stagger", type=float, default=0.0, help="spread the first refresh")
@@ -130,7 +131,7 @@ async def main(ns: argparse.Namespace) -> None:
                 ns.url,
                 ns.dir / f"device-{i}.db",
                 grace_period=ns.grace,
-                retry=tj.RetryPolicy(max_delay=ns.max_delay),
+                retry=tj.RetryPolicy(max_delay=ns.max_delay, offline_growth=ns.offline_growth),
                 clock=clock,
                 timeline=line,
                 skew=skew,
