@@ -209,6 +209,43 @@ def test_a_close_that_times_out_leaves_no_caller_waiting_for_ever(
     server.set_faults([])
 
 
+def test_sys_exit_in_an_event_callback_ends_the_manager_and_leaves_no_caller_waiting(
+    server: ThreadedReferenceServer, journal_path: Path
+) -> None:
+    """A SystemExit from a callback on the loop thread stopped the loop: the call that
+    caused the event and every later one (no timeout) waited for ever. Now the first gets
+    the SystemExit (or RuntimeError), later ones RuntimeError, and the manager is closed."""
+
+    def on_event(event: tj.TokenEvent) -> None:
+        if event.kind is tj.EventKind.SIGNED_IN:
+            sys.exit(3)
+
+    tm = tjs.TokenManager(server.url, journal_path)
+    tm.open()
+    tm.subscribe(on_event)
+    outcome: list[object] = []
+
+    def caller() -> None:
+        for call in (lambda: tm.sign_in(**DEMO), tm.access_token, tm.refresh):
+            try:
+                outcome.append(call())
+            except BaseException as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "a call waited for ever on the stopped loop"
+    assert isinstance(outcome[0], SystemExit | RuntimeError), outcome
+    for later in outcome[1:]:
+        assert isinstance(later, RuntimeError) and "loop thread ended" in str(later)
+    tm.close(timeout=5)  # waits for the loop thread, which closed the manager
+    assert not tm._thread or not tm._thread.is_alive()
+    assert tm.manager.fresh_token() is None  # closed: no token from memory either
+    with tjs.TokenManager(server.url, journal_path) as again:  # the pair was journaled
+        assert again.state is tj.SessionState.VALID
+
+
 def test_subscribe_with_call_hands_the_event_to_the_apps_thread(
     server: ThreadedReferenceServer, journal_path: Path
 ) -> None:

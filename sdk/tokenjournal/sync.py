@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import webbrowser
@@ -49,11 +50,15 @@ __all__ = ["Deliver", "Outbox", "TokenManager"]
 
 T = TypeVar("T")
 
+log = logging.getLogger("tokenjournal")
+
 #: How long ``close()`` waits for the loop thread to finish the async ``close()`` (which itself
 #: lets an in-flight refresh commit for up to ``CLOSE_WAIT``) when no timeout is given.
 CLOSE_TIMEOUT: Final = 30.0
 #: How long a close() that timed out waits for what it cancels to finish its cleanup.
 LEFTOVER_WAIT: Final = 2.0
+#: A loop thread stopped by a SystemExit closes the manager through at most this many more.
+MAX_RERAISES: Final = 100
 
 #: Hands a callback and its event to the app's own thread: ``root.after_idle`` for Tk,
 #: ``lambda f, e: QTimer.singleShot(0, lambda: f(e))`` for Qt.
@@ -114,6 +119,7 @@ class TokenManager:
         self._pid = os.getpid()  # fork() copies this object but not its loop thread
         self._closed = False
         self._lock = threading.Lock()  # open() and close() one at a time
+        self._ended = threading.Event()  # the loop thread stopped on its own (_run_loop)
 
     def __repr__(self) -> str:
         return f"sync.{self.manager!r}"
@@ -142,7 +148,7 @@ class TokenManager:
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
                 thread = threading.Thread(
-                    target=_run_loop,
+                    target=self._run_loop,
                     args=(loop, ready),
                     name=f"tokenjournal-{self.manager.account}",
                     daemon=True,  # never keeps the process alive (the journal survives it)
@@ -164,6 +170,9 @@ class TokenManager:
             loop, thread = self._loop, self._thread
             self._closed = True  # no new calls from here on
             if loop is None or thread is None or not thread.is_alive():
+                return
+            if self._ended.is_set():  # the thread is closing the manager itself
+                thread.join(timeout)
                 return
             closed = False
             try:
@@ -211,7 +220,9 @@ class TokenManager:
         """A valid access token: from memory when fresh (no thread hop), else from the one
         shared refresh. A caller that times out leaves the refresh running for the others."""
         self._check_caller()  # even when fresh: the same call must not sometimes hang
-        token = self.manager.fresh_token() if not self._closed else None
+        # _ended is set before any caller the dying loop releases: none of them sees a token.
+        usable = not (self._closed or self._ended.is_set())
+        token = self.manager.fresh_token() if usable else None
         if token is not None:
             return token
         return self._call(self.manager.access_token, timeout)
@@ -300,8 +311,11 @@ class TokenManager:
         """Call ``callback(TokenEvent)`` on every event; returns the unsubscribe function.
 
         Without ``call`` the callback runs on the manager's loop thread: it must be quick and
-        must not call this manager's blocking methods. With ``call`` it is handed over as
-        ``call(callback, event)``, e.g. ``call=root.after_idle`` runs it on Tk's thread.
+        must not call this manager's blocking methods. A ``sys.exit()`` there cannot end the
+        process from that thread: it closes the manager instead (the call that caused the
+        event raises the ``SystemExit``, later calls ``RuntimeError``). With ``call`` it is
+        handed over as ``call(callback, event)``, e.g. ``call=root.after_idle`` runs it on
+        Tk's thread.
         """
         if call is None:
             return self.manager.subscribe(callback)
@@ -313,6 +327,34 @@ class TokenManager:
         return self.manager.subscribe(hand_over)
 
     # ------------------------------------------------------------------ internals
+
+    def _run_loop(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        except BaseException:
+            # A SystemExit raised on this thread (sys.exit() in an event callback) stopped
+            # the loop: the callers waiting on it, and every later call, would wait for ever
+            # for a loop that never runs again. They get RuntimeError now (cancelled; later
+            # calls refused), and the manager is closed here (a refresh's intent stays for
+            # the next start, invariant 6).
+            self._ended.set()
+            log.exception("a tokenjournal.sync manager's loop thread ended: it is closed")
+            for step in (_cancel_the_rest, self.manager.close, loop.shutdown_default_executor):
+                task = loop.create_task(asyncio.wait_for(step(), LEFTOVER_WAIT))
+                # Each task the SystemExit reaches (the caller awaiting the callback's work)
+                # raises it out of the loop once more: run on until the step is done.
+                for _ in range(MAX_RERAISES):
+                    with contextlib.suppress(BaseException):
+                        loop.run_until_complete(task)
+                    if task.done():
+                        break
+            loop.close()
+        finally:
+            # Whatever is left (close() timed out) is abandoned with the thread; the journal's
+            # intent, if any, is replayed by the next start (invariant 6).
+            asyncio.set_event_loop(None)
 
     def _check_caller(self) -> None:
         thread = self._thread
@@ -330,6 +372,17 @@ class TokenManager:
 
     def _call(self, start: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
         """Run ``start()`` on the loop thread and wait up to ``timeout`` for its result."""
+        return _wait(self._running_loop(), start, timeout)
+
+    def submit(self, start: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
+        """Run ``start()`` (a coroutine of :attr:`manager`) on the loop thread; its future.
+
+        For adapters that must not block: ``await asyncio.wrap_future(tm.submit(...))``.
+        """
+        return asyncio.run_coroutine_threadsafe(start(), self._running_loop())
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop thread's loop, or ``RuntimeError`` saying why there is none."""
         self._check_caller()
         loop = self._loop
         if loop is None or self._closed:
@@ -338,17 +391,12 @@ class TokenManager:
                 if not self._closed
                 else "the sync TokenManager is closed"
             )
-        return _wait(loop, start, timeout)
-
-    def submit(self, start: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
-        """Run ``start()`` (a coroutine of :attr:`manager`) on the loop thread; its future.
-
-        For adapters that must not block: ``await asyncio.wrap_future(tm.submit(...))``.
-        """
-        self._check_caller()
-        if self._loop is None or self._closed:
-            raise RuntimeError("the sync TokenManager is not open")
-        return asyncio.run_coroutine_threadsafe(start(), self._loop)
+        if self._ended.is_set():
+            raise RuntimeError(
+                "the sync TokenManager's loop thread ended (an event callback raised "
+                "SystemExit?) and closed it: make a new one"
+            )
+        return loop
 
 
 def _wait(
@@ -451,14 +499,3 @@ async def _cancel_the_rest() -> None:
     for task in rest:
         task.cancel()
     await asyncio.gather(*rest, return_exceptions=True)
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-    asyncio.set_event_loop(loop)
-    loop.call_soon(ready.set)
-    try:
-        loop.run_forever()
-    finally:
-        # Whatever is left (close() timed out) is abandoned with the thread; the journal's
-        # intent, if any, is replayed by the next start (invariant 6).
-        asyncio.set_event_loop(None)
