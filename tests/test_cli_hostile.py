@@ -360,6 +360,24 @@ def test_reseal_refuses_an_sqlite_file_without_a_journal_in_it(
     assert digest(journal) == before
 
 
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty"])
+def test_reseal_of_no_journal_makes_no_new_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Regression: --key-file of a file not there yet made a new random key before the
+    journal was refused (a mistyped --journal left a key that seals nothing)."""
+    journal = tmp_path / "tokens.db"
+    if kind == "folder":
+        journal.mkdir()
+    elif kind == "empty":
+        journal.touch(0o600)
+    key = tmp_path / "new.key"
+    code, out, err = run_main(capsys, "reseal", "--journal", str(journal), "--key-file", str(key))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"tokenjournal reseal: journal {journal} ")
+    assert not key.exists()
+
+
 def test_reseal_still_seals_a_plain_journal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -80,6 +80,15 @@ def _holds_no_journal(path: Path) -> bool:
     return int(version) == 0 and int(objects) == 0
 
 
+def _journal_to_reseal(path: str | Path) -> Path:
+    """The journal file at ``path``; :class:`~tokenjournal.JournalError` when there is none
+    (missing, not a file, empty or a journal-to-be), as ``status`` says it."""
+    shown = journal_file(path)
+    if _holds_no_journal(shown):
+        raise JournalError(f"journal {shown} is not a tokenjournal journal (schema 0)")
+    return shown
+
+
 async def reseal(path: str | Path, seal: Seal) -> int:
     """Open the journal with ``seal`` (which seals a plain one in place) and re-seal every
     row under its key; returns how many rows changed.
@@ -87,9 +96,7 @@ async def reseal(path: str | Path, seal: Seal) -> int:
     Never makes a journal: a path that holds none (missing, not a file, empty) is refused
     as ``status`` refuses it, and nothing is written.
     """
-    shown = journal_file(path)
-    if await asyncio.to_thread(_holds_no_journal, shown):
-        raise JournalError(f"journal {shown} is not a tokenjournal journal (schema 0)")
+    shown = await asyncio.to_thread(_journal_to_reseal, path)
     journal = SQLiteJournal(shown, seal=seal)
     await journal.open()  # rows an old key sealed are re-sealed as it opens
     try:
@@ -105,6 +112,9 @@ def run_reseal(
     out = out or sys.stdout
     err = err or sys.stderr
     try:
+        # First the refusals that need no key: a mistyped --journal must not leave behind
+        # the new random key that --key-file makes when its file is missing.
+        _journal_to_reseal(ns.journal)
         seal = make_seal(ns)
         changed = asyncio.run(reseal(ns.journal, seal))
     except (TokenJournalError, ValueError, RuntimeError, OSError) as exc:
