@@ -163,6 +163,7 @@ async def main(ns: argparse.Namespace) -> int:
         offline_growth=offline_growth,
         progress=progress,
     )
+    progress(f"devices' pacing: max_delay {max_delay:g} s, offline_growth {offline_growth:g}")
     chosen = [x for x in ns.only.split(",") if x]
     raws, rows = [], []
     for sc in scenarios(s.ttl, s.grace, ns.short, s.devices):
